@@ -1,0 +1,120 @@
+"""Image encoding and decoding shared by every stage (Pillow).
+
+Conventions used across the package:
+- an RGB image is a ``uint8`` array of shape (H, W, 3);
+- an alpha matte is a ``float32`` array of shape (H, W) in [0, 1];
+- on disk, alpha is a single-channel PNG, 8-bit (mode ``L``) or 16-bit (mode ``I;16``).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from factory.errors import InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8. Raises ``InputError`` naming the file if it is not one.
+
+    Grey and palette images are converted; images with transparency are rejected, because a
+    green-screen image with an alpha channel is ambiguous (which colour is under the transparency?).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                raise InputError(f"{path}: has an alpha channel; give an opaque RGB image")
+            if im.mode not in ("RGB", "L", "P", "I;16", "I", "CMYK", "YCbCr"):
+                raise InputError(f"{path}: unsupported image mode {im.mode}")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Decode encoded image bytes to RGB uint8 (raises ``InputError`` on corrupt data)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def read_alpha(path: str | Path) -> np.ndarray:
+    """Read a matte (8- or 16-bit, grey or RGB with equal channels) as float32 in [0, 1]."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return alpha_from_image(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable alpha matte ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_alpha(data: bytes) -> np.ndarray:
+    """Decode encoded matte bytes to float32 in [0, 1]."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return alpha_from_image(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"not a readable alpha matte ({type(exc).__name__}: {exc})") from exc
+
+
+def alpha_from_image(im: Image.Image) -> np.ndarray:
+    """Convert an opened Pillow image holding a matte to float32 in [0, 1]."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        return np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
+    if im.mode == "F":
+        return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+    if im.mode in ("RGB", "RGBA"):
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32)[..., 0]
+    else:
+        arr = np.asarray(im.convert("L"), dtype=np.float32)
+    return arr / 255.0
+
+
+def quantize_alpha(alpha: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Round a [0, 1] matte to ``uint8`` (bits=8) or ``uint16`` (bits=16)."""
+    if bits not in (8, 16):
+        raise InputError(f"alpha bit depth must be 8 or 16, not {bits}")
+    top = 255.0 if bits == 8 else 65535.0
+    out = np.rint(np.clip(np.asarray(alpha, dtype=np.float64), 0.0, 1.0) * top)
+    return out.astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode an RGB uint8 array as PNG. Level 1 is ~5x faster than the default for ~10 % more bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=compress_level
+    )
+    return buf.getvalue()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """Encode an RGB uint8 array as JPEG (4:4:4 chroma, so green edges are not smeared)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(
+        buf, format="JPEG", quality=quality, subsampling=0
+    )
+    return buf.getvalue()
+
+
+def encode_alpha_png(alpha: np.ndarray, bits: int = 8, compress_level: int = 1) -> bytes:
+    """Encode a [0, 1] matte as a single-channel PNG of 8 or 16 bits."""
+    q = quantize_alpha(alpha, bits)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(q)).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

@@ -1,0 +1,362 @@
+"""Manifests: what to draw, how, and the defaults for filtering and export.
+
+A manifest is a YAML file validated by the pydantic models below. Relative paths inside it
+(class lists, axis files, template files, ControlNet images) are resolved against the manifest's
+own folder. ``load_manifest`` returns a :class:`Manifest` whose prompt sources are already read,
+so that the rest of the pipeline never touches the YAML or the prompt files again, and so that
+the run store can keep an exact, self-contained copy of the manifest as run (``resolved_dict``).
+
+Errors are raised as one-line :class:`~factory.errors.InputError` naming the file, the key and
+what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.errors import InputError
+
+#: Pure green: the reference canvas colour when a manifest names none.
+DEFAULT_CANVAS_COLOR = (0, 255, 0)
+
+#: Template slots filled by the plan itself rather than by ``slots:`` or a prompt source.
+BUILTIN_SLOTS = frozenset({"a", "phrase", "class_name", "category"})
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObjectClass(_Strict):
+    """One object class of a class-list manifest."""
+
+    class_name: str = Field(min_length=1)
+    category: str = "object"
+    phrase: str = ""  # how the class reads in a prompt; empty means class_name
+
+    @property
+    def prompt_phrase(self) -> str:
+        return self.phrase or self.class_name
+
+
+class GridSource(_Strict):
+    """A demographic grid: the cartesian product of ``cells`` axes, plus ``extra`` axes drawn per row."""
+
+    axes: dict[str, list[str]]
+    cells: list[str] = Field(min_length=1)
+    extra: list[str] = []
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> GridSource:
+        for name in [*self.cells, *self.extra]:
+            if name not in self.axes:
+                raise ValueError(f"axis '{name}' is not defined under axes")
+        for name, values in self.axes.items():
+            if not values:
+                raise ValueError(f"axis '{name}' has no values")
+            if len(set(values)) != len(values):
+                raise ValueError(f"axis '{name}' has duplicate values")
+        if len(set(self.cells) | set(self.extra)) != len(self.cells) + len(self.extra):
+            raise ValueError("an axis is listed twice in cells/extra")
+        return self
+
+    @property
+    def n_cells(self) -> int:
+        n = 1
+        for name in self.cells:
+            n *= len(self.axes[name])
+        return n
+
+
+class PromptSource(_Strict):
+    """Either a class list or a grid, plus templates and slot values."""
+
+    classes: list[ObjectClass] | None = None
+    grid: GridSource | None = None
+    templates: list[str] = Field(min_length=1)
+    slots: dict[str, list[str]] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptSource:
+        if (self.classes is None) == (self.grid is None):
+            raise ValueError("give exactly one of 'classes' or 'grid'")
+        if self.classes is not None:
+            if not self.classes:
+                raise ValueError("the class list is empty")
+            seen: set[str] = set()
+            for cls in self.classes:
+                name = cls.class_name.strip().lower()
+                if name in seen:
+                    raise ValueError(f"duplicate class '{cls.class_name}'")
+                seen.add(name)
+        for name, values in self.slots.items():
+            if not values:
+                raise ValueError(f"slot '{name}' has no values")
+        provided = set(BUILTIN_SLOTS) | set(self.slots)
+        if self.grid is not None:
+            provided |= set(self.grid.axes)
+        for template in self.templates:
+            for slot in template_slots(template):
+                if slot not in provided:
+                    raise ValueError(f"template slot '{{{slot}}}' has no values (template: {template!r})")
+        return self
+
+
+class LoraSpec(_Strict):
+    path: str
+    scale: float = 1.0
+
+
+class ControlNetSpec(_Strict):
+    """A ControlNet and its per-row conditioning images, assigned to rows in turn."""
+
+    model: str
+    images: list[str] = Field(min_length=1)
+    scale: float = 1.0
+
+
+class ModelSpec(_Strict):
+    """Where the weights come from. ``source``: ``tiny``, a local folder or file, or a hub id."""
+
+    source: str = "tiny"
+    loras: list[LoraSpec] = []
+    controlnet: ControlNetSpec | None = None
+    allow_pickle: bool = False
+    safety_checker: bool = False
+
+
+class SamplerSettings(_Strict):
+    steps: int = Field(30, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    width: int = Field(512, ge=8, le=4096)
+    height: int = Field(512, ge=8, le=4096)
+    scheduler: Literal["dpmpp", "ddim", "euler", "euler_a", "pndm", "unipc"] = "dpmpp"
+    batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8, got {v}")
+        return v
+
+
+class CanvasSettings(_Strict):
+    """The green canvas: its reference colour (for GSG and GreenPost) and the optional noise shift."""
+
+    color: tuple[int, int, int] = DEFAULT_CANVAS_COLOR
+    noise_shift: float = Field(0.0, ge=0.0, le=1.0)  # TKG-DM style initial-noise shift strength
+    token: str = "green"  # the prompt word whose cross-attention marks the background
+
+    @field_validator("color")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(c < 0 or c > 255 for c in v):
+            raise ValueError("colour components must be 0..255")
+        return v
+
+
+class FilterDefaults(_Strict):
+    min_gsg: float = Field(0.8, ge=0.0, le=1.0)
+    min_coverage: float = Field(0.01, ge=0.0, le=1.0)
+    max_coverage: float = Field(0.95, ge=0.0, le=1.0)
+    drop_border: bool = False
+    drop_key_color: bool = True
+    dedup_distance: int = Field(4, ge=-1, le=64)  # perceptual-hash Hamming distance; -1 disables
+    per_class_cap: int | None = Field(None, ge=1)
+
+
+class ExportDefaults(_Strict):
+    format: Literal["webdataset", "folder"] = "webdataset"
+    image_format: Literal["png", "jpg"] = "png"
+    alpha_bits: Literal[8, 16] = 8
+    maxcount: int = Field(1000, ge=1)
+    maxsize: int = Field(1_000_000_000, ge=1)
+    split: dict[str, float] = {"val": 0.05}
+    shuffle_seed: int = 0
+
+
+class Manifest(_Strict):
+    name: str
+    description: str = ""
+    prompts: PromptSource
+    negative_prompt: str = ""
+    model: ModelSpec = ModelSpec()
+    sampler: SamplerSettings = SamplerSettings()
+    canvas: CanvasSettings = CanvasSettings()
+    seed: int = Field(0, ge=0, le=2**62)
+    filter: FilterDefaults = FilterDefaults()
+    export: ExportDefaults = ExportDefaults()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be lowercase letters, digits, '-' or '_' (it names runs and keys)")
+        return v
+
+    @property
+    def kind(self) -> Literal["classes", "grid"]:
+        return "classes" if self.prompts.classes is not None else "grid"
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The manifest with every prompt source inlined: a self-contained copy of what was run."""
+        return self.model_dump(mode="json", exclude_defaults=False)
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the samples (prompts, sampler, canvas, seed); not model, filter, export.
+
+        The model is checked separately (the run store compares model identities) and filter or
+        export defaults may change without invalidating generated samples.
+        """
+        data = self.model_dump(mode="json", include={"name", "prompts", "negative_prompt", "sampler", "canvas", "seed"})
+        data["sampler"].pop("batch_size", None)  # batch size never changes an image
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def template_slots(template: str) -> list[str]:
+    """The ``{slot}`` names a template uses (format-string syntax)."""
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"template {template!r} is not a valid format string: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read, resolve and validate a manifest file. Every failure is a one-line ``InputError``."""
+    path = Path(path)
+    raw = _read_yaml(path, "manifest")
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a manifest must be a YAML mapping, got {type(raw).__name__}")
+    raw = _resolve_sources(raw, path)
+    return _validate(raw, path)
+
+
+def manifest_from_dict(data: dict[str, Any], origin: str = "<manifest>") -> Manifest:
+    """Validate an already resolved manifest (e.g. the copy kept in a run directory)."""
+    return _validate(data, Path(origin))
+
+
+def _validate(raw: dict[str, Any], path: Path) -> Manifest:
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        raise InputError(f"{path}: {where}: {msg}{more}") from exc
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.exists():
+        raise InputError(f"{path}: {what} file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: {what} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc})") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path}: not valid YAML{where}: {problem}") from exc
+
+
+def _resolve_sources(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Replace file references (class CSV, axes YAML, template YAML) with their content."""
+    raw = dict(raw)
+    base = path.parent
+    prompts = raw.get("prompts")
+    if not isinstance(prompts, dict):
+        return raw  # validation reports it
+    prompts = dict(prompts)
+    if isinstance(prompts.get("classes"), str):
+        prompts["classes"] = _read_classes(_rel(base, prompts["classes"]), path)
+    grid = prompts.get("grid")
+    if isinstance(grid, dict) and isinstance(grid.get("axes"), str):
+        grid = dict(grid)
+        axes_path = _rel(base, grid["axes"])
+        axes = _read_yaml(axes_path, "axes")
+        if not isinstance(axes, dict):
+            raise InputError(f"{axes_path}: axes file must map axis names to lists of values")
+        grid["axes"] = axes
+        prompts["grid"] = grid
+    if isinstance(prompts.get("templates"), str):
+        tpath = _rel(base, prompts["templates"])
+        tdata = _read_yaml(tpath, "templates")
+        if not isinstance(tdata, dict) or "templates" not in tdata:
+            raise InputError(f"{tpath}: a templates file needs a 'templates:' list")
+        prompts["templates"] = tdata["templates"]
+        file_slots = tdata.get("slots") or {}
+        inline_slots = prompts.get("slots") or {}
+        if isinstance(file_slots, dict) and isinstance(inline_slots, dict):
+            prompts["slots"] = {**file_slots, **inline_slots}
+        if "negative_prompt" not in raw and "negative_prompt" in tdata:
+            raw["negative_prompt"] = tdata["negative_prompt"]
+    raw["prompts"] = prompts
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("controlnet"), dict):
+        model = dict(model)
+        cn = dict(model["controlnet"])
+        if isinstance(cn.get("images"), list):
+            cn["images"] = [str(_rel(base, p)) if isinstance(p, str) else p for p in cn["images"]]
+        if isinstance(cn.get("model"), str) and _looks_local(cn["model"]):
+            cn["model"] = str(_rel(base, cn["model"]))
+        model["controlnet"] = cn
+        raw["model"] = model
+    return raw
+
+
+def _looks_local(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(".safetensors")
+
+
+def _rel(base: Path, ref: str) -> Path:
+    p = Path(ref).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _read_classes(path: Path, manifest: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise InputError(f"{manifest}: prompts.classes: class list {path} not found")
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "class_name" not in reader.fieldnames:
+                raise InputError(f"{path}: a class list is a CSV with a 'class_name' column")
+            rows = []
+            for row in reader:
+                item = {k: (v or "").strip() for k, v in row.items() if k in ("class_name", "category", "phrase")}
+                if not item.get("class_name"):
+                    raise InputError(f"{path}: line {reader.line_num}: empty class_name")
+                if not item.get("category"):
+                    item.pop("category", None)
+                rows.append(item)
+            return rows
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read class list ({exc})") from exc

@@ -1,0 +1,272 @@
+"""The plan: a manifest expanded into exactly N reproducible sample rows.
+
+Rules that make a plan reproducible and extendable:
+
+- Row ``i`` depends only on the manifest, its seed and ``i``, never on N. Growing N appends rows
+  and leaves the first ones unchanged, so a run can be extended.
+- Classes (or grid cells) are visited round-robin in an order fixed by the seed, so any N spreads
+  them evenly (counts differ by at most one).
+- Every per-row choice (template, slot values, extra axes, sample seed) comes from a keyed hash
+  (BLAKE2b) of ``(seed, i, what)``: platform- and library-version-independent, unlike a shared RNG
+  stream.
+- The Parquet file is written with fixed options and no timestamps, so the same inputs give the
+  same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory.errors import InputError
+from factory.manifest import Manifest
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),  # the class, or the grid cell label
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("negative_prompt", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("attributes", pa.string(), nullable=False),  # JSON object, sorted keys
+        pa.field("control_image", pa.string(), nullable=True),
+    ]
+)
+
+#: Keys are ``<manifest>-<index, 8 digits>-<slug>``; the index width is fixed so keys never change.
+KEY_INDEX_WIDTH = 8
+_SLUG_RE = re.compile(r"[^a-z0-9]+")
+_MAX_SLUG = 40
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One sample to draw. ``attributes`` holds the class or grid-cell values and slot choices."""
+
+    index: int
+    key: str
+    class_name: str
+    category: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    attributes: dict[str, str]
+    control_image: str | None = None
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> PlanRow:
+        attrs = rec["attributes"]
+        return cls(
+            index=int(rec["index"]),
+            key=rec["key"],
+            class_name=rec["class_name"],
+            category=rec["category"],
+            prompt=rec["prompt"],
+            negative_prompt=rec["negative_prompt"],
+            seed=int(rec["seed"]),
+            attributes=json.loads(attrs) if isinstance(attrs, str) else dict(attrs),
+            control_image=rec.get("control_image"),
+        )
+
+
+def slugify(text: str) -> str:
+    """A lowercase ``[a-z0-9_]`` slug: safe in file names, tar members and webdataset keys."""
+    slug = _SLUG_RE.sub("_", text.lower()).strip("_")
+    return slug[:_MAX_SLUG].rstrip("_") or "x"
+
+
+def row_key(manifest_name: str, index: int, label: str) -> str:
+    """The sample key: unique (the index), stable, no dots."""
+    return f"{manifest_name}-{index:0{KEY_INDEX_WIDTH}d}-{slugify(label)}"
+
+
+def _hash_int(*parts: object) -> int:
+    """A 63-bit integer from a keyed hash of ``parts``; the building block of every choice."""
+    h = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "big") & (2**63 - 1)
+
+
+def _choose(values: list[str], *parts: object) -> str:
+    return values[_hash_int(*parts) % len(values)]
+
+
+def _fill_articles(text: str) -> str:
+    """Replace each ``{a}`` marker (rendered as a sentinel) with 'a' or 'an' for the next word."""
+
+    def article(match: re.Match[str]) -> str:
+        word = match.group(1)
+        lower = word.lower()
+        vowel = lower[:1] in "aeiou" and not lower.startswith(("uni", "use", "eu", "one", "ur"))
+        vowel = vowel or lower.startswith(("hour", "honest", "heir"))
+        return ("an " if vowel else "a ") + word
+
+    out = re.sub(r"\x00\s*(\S+)", article, text)
+    return out.replace("\x00", "a")
+
+
+class _Cells:
+    """The groups visited round-robin: classes, or the cells of a grid."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        seed = manifest.seed
+        if manifest.prompts.classes is not None:
+            items = [
+                {"class_name": c.class_name, "category": c.category, "phrase": c.prompt_phrase}
+                for c in manifest.prompts.classes
+            ]
+            labels = [c.class_name for c in manifest.prompts.classes]
+        else:
+            grid = manifest.prompts.grid
+            assert grid is not None
+            items = []
+            labels = []
+            for combo in itertools.product(*(grid.axes[a] for a in grid.cells)):
+                attrs = dict(zip(grid.cells, combo))
+                items.append(attrs)
+                labels.append("-".join(combo))
+        # A seeded order, fixed for the manifest: sort by a keyed hash of the label.
+        order = sorted(range(len(items)), key=lambda i: (_hash_int(seed, "order", labels[i]), i))
+        self.items = [items[i] for i in order]
+        self.labels = [labels[i] for i in order]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def build_rows(manifest: Manifest, n: int, start: int = 0) -> list[PlanRow]:
+    """Rows ``start .. n-1`` of the manifest's plan."""
+    if n <= 0:
+        raise InputError(f"N must be a positive integer, got {n}")
+    cells = _Cells(manifest)
+    prompts = manifest.prompts
+    seed = manifest.seed
+    grid = prompts.grid
+    images = manifest.model.controlnet.images if manifest.model.controlnet else None
+    rows: list[PlanRow] = []
+    for i in range(start, n):
+        cell = i % len(cells)
+        item = cells.items[cell]
+        label = cells.labels[cell]
+        template_id = _hash_int(seed, i, "template") % len(prompts.templates)
+        template = prompts.templates[template_id]
+        values: dict[str, str] = {}
+        attributes: dict[str, str] = {}
+        if prompts.classes is not None:
+            values.update(item)
+            attributes.update({"class_name": item["class_name"], "category": item["category"]})
+            class_name, category = item["class_name"], item["category"]
+        else:
+            assert grid is not None
+            values.update(item)
+            attributes.update(item)
+            for axis in grid.extra:
+                attributes[axis] = values[axis] = _choose(grid.axes[axis], seed, i, axis)
+            for axis, axis_values in grid.axes.items():  # axes used by a template but in neither list
+                values.setdefault(axis, _choose(axis_values, seed, i, axis))
+            class_name, category = label, "portrait"
+            values.update({"class_name": label, "category": category, "phrase": label})
+        for slot, slot_values in prompts.slots.items():
+            if slot not in values:
+                values[slot] = _choose(slot_values, seed, i, slot)
+                attributes[slot] = values[slot]
+        values["a"] = "\x00"
+        prompt = " ".join(_fill_articles(template.format(**values)).split())
+        attributes["template"] = str(template_id)
+        rows.append(
+            PlanRow(
+                index=i,
+                key=row_key(manifest.name, i, label),
+                class_name=class_name,
+                category=category,
+                prompt=prompt,
+                negative_prompt=manifest.negative_prompt,
+                seed=_hash_int(seed, i, "seed"),
+                attributes=attributes,
+                control_image=images[i % len(images)] if images else None,
+            )
+        )
+    return rows
+
+
+def rows_to_table(rows: list[PlanRow]) -> pa.Table:
+    return pa.table(
+        {
+            "index": [r.index for r in rows],
+            "key": [r.key for r in rows],
+            "class_name": [r.class_name for r in rows],
+            "category": [r.category for r in rows],
+            "prompt": [r.prompt for r in rows],
+            "negative_prompt": [r.negative_prompt for r in rows],
+            "seed": [r.seed for r in rows],
+            "attributes": [json.dumps(r.attributes, sort_keys=True) for r in rows],
+            "control_image": [r.control_image for r in rows],
+        },
+        schema=PLAN_SCHEMA,
+    )
+
+
+def build_plan(manifest: Manifest, n: int) -> pa.Table:
+    """The plan of ``n`` rows as an Arrow table (schema :data:`PLAN_SCHEMA`)."""
+    return rows_to_table(build_rows(manifest, n))
+
+
+def table_rows(table: pa.Table) -> list[PlanRow]:
+    return [PlanRow.from_record(rec) for rec in table.to_pylist()]
+
+
+def write_plan(table: pa.Table, path: str | Path) -> None:
+    """Write a plan atomically, with options that make the bytes a function of the content."""
+    from factory.store import atomic_write_parquet  # the store owns atomic writes
+
+    atomic_write_parquet(table, Path(path))
+
+
+def read_plan(path: str | Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InputError(f"{path}: not a readable plan ({exc})") from exc
+    return table.select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    rows: int
+    groups: int
+    kind: str
+    min_per_group: int
+    max_per_group: int
+    groups_total: int  # classes or cells in the manifest (more than ``groups`` when N is small)
+
+    def lines(self) -> list[str]:
+        plural, single = ("classes", "class") if self.kind == "classes" else ("grid cells", "grid cell")
+        return [
+            f"rows: {self.rows}",
+            f"{plural}: {self.groups} of {self.groups_total}",
+            f"per {single}: min {self.min_per_group}, max {self.max_per_group}",
+        ]
+
+
+def summarize(table: pa.Table, manifest: Manifest) -> PlanSummary:
+    counts = Counter(table.column("class_name").to_pylist())
+    total = len(manifest.prompts.classes) if manifest.prompts.classes is not None else manifest.prompts.grid.n_cells  # type: ignore[union-attr]
+    return PlanSummary(
+        rows=table.num_rows,
+        groups=len(counts),
+        kind=manifest.kind,
+        min_per_group=min(counts.values()) if counts else 0,
+        max_per_group=max(counts.values()) if counts else 0,
+        groups_total=total,
+    )

@@ -1,0 +1,241 @@
+"""The run store: atomic writes, journal and fold, resume rules, refusal of another manifest/model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from factory.errors import InputError
+from factory.manifest import load_manifest
+from factory.plan import table_rows
+from factory.store import (
+    INDEX_FILE,
+    RunStore,
+    SampleResult,
+    remember_latest_run,
+    resolve_run,
+)
+from tests.conftest import SMALL_MANIFEST, write_manifest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_result(row, status: str = "done", payload: bytes = b"x") -> SampleResult:
+    """A test double for the sampler + finish stages: tiny fake files, made-up scores."""
+    plan = {**row.__dict__, "attributes": json.dumps(row.attributes, sort_keys=True)}
+    if status != "done":
+        return SampleResult(plan=plan, status=status, error="boom: NaN output", fields={"model": "fake"})
+    files = {
+        ".png": b"PNG" + payload + row.key.encode(),
+        ".alpha.png": b"ALPHA" + payload,
+        ".fg.png": b"FG" + payload,
+        ".json": json.dumps({"key": row.key}).encode(),
+    }
+    return SampleResult(plan=plan, status="done", files=files, fields={"model": "fake", "gsg": 0.9, "width": 8, "height": 8})
+
+
+@pytest.fixture
+def store(small_manifest: Path, tmp_path: Path):
+    s = RunStore.prepare(tmp_path / "run", load_manifest(small_manifest), 10, "fake:1")
+    yield s
+    s.release_lock()
+
+
+def test_prepare_layout(store: RunStore) -> None:
+    root = store.root
+    assert (root / "run.json").is_file() and (root / "manifest.yaml").is_file()
+    assert store.plan().num_rows == 10
+    info = json.loads((root / "run.json").read_text())
+    assert info["manifest"] == "small" and info["model"] == "fake:1" and info["n"] == 10
+    # the manifest as run is self-contained and loads back
+    assert store.manifest().fingerprint() == info["fingerprint"]
+    index = store.index()
+    assert index.num_rows == 10 and set(index["status"].to_pylist()) == {"planned"}
+
+
+def test_save_index_and_resume(store: RunStore) -> None:
+    rows = table_rows(store.plan())
+    store.save([fake_result(r) for r in rows[:4]])
+    store.save([fake_result(rows[4], "failed")])
+    index = store.index()
+    statuses = dict(zip(index["key"].to_pylist(), index["status"].to_pylist()))
+    assert [statuses[r.key] for r in rows[:6]] == ["done"] * 4 + ["failed", "planned"]
+    row4 = [r for r in index.to_pylist() if r["key"] == rows[4].key][0]
+    assert row4["error"] == "boom: NaN output"
+    done_row = [r for r in index.to_pylist() if r["key"] == rows[0].key][0]
+    assert done_row["image_bytes"] == len(fake_result(rows[0]).files[".png"]) and done_row["gsg"] == pytest.approx(0.9)
+    state = store.resume()
+    assert state.done == 4 and state.failed_before == 1
+    assert state.pending["key"].to_pylist() == [r.key for r in rows[4:]]
+    # files are where the store says, complete
+    assert store.sample_path(rows[0].index, rows[0].key, ".png").read_bytes().startswith(b"PNG")
+
+
+def test_retry_of_failed_sample_wins(store: RunStore) -> None:
+    row = table_rows(store.plan())[0]
+    store.save([fake_result(row, "failed")])
+    store.save([fake_result(row)])
+    assert store.index()["status"][0].as_py() == "done"
+    store.fold()
+    assert store.index()["status"][0].as_py() == "done"
+
+
+def test_fold_rewrites_index_and_drops_chunks(store: RunStore) -> None:
+    rows = table_rows(store.plan())
+    for r in rows[:5]:
+        store.save([fake_result(r)])
+    before = store.index()
+    assert len(list((store.root / "index").glob("chunk-*.parquet"))) == 5
+    store.fold()
+    assert list((store.root / "index").glob("chunk-*.parquet")) == []
+    folded = pq.read_table(store.root / INDEX_FILE)
+    assert folded.num_rows == 10 and folded.schema.metadata[b"covers"] == b"5"
+    assert store.index().drop_columns(["updated_at"]).equals(before.drop_columns(["updated_at"]))
+    store.save([fake_result(rows[5])])  # journal numbering continues after the fold
+    assert sorted(p.name for p in (store.root / "index").glob("chunk-*"))[0] == "chunk-000000006.parquet"
+    assert store.resume().done == 6
+
+
+def test_stale_chunks_after_crash_between_fold_steps_are_ignored(store: RunStore) -> None:
+    rows = table_rows(store.plan())
+    store.save([fake_result(rows[0], "failed")])
+    chunk = next((store.root / "index").glob("chunk-*.parquet"))
+    saved = chunk.read_bytes()
+    store.save([fake_result(rows[0])])
+    store.fold()
+    chunk.write_bytes(saved)  # as if the process died before deleting the folded chunk
+    assert store.index()["status"][0].as_py() == "done"
+
+
+def test_damaged_and_orphan_files(store: RunStore) -> None:
+    rows = table_rows(store.plan())
+    store.save([fake_result(r) for r in rows[:3]])
+    store.sample_path(rows[1].index, rows[1].key, ".alpha.png").unlink()  # damaged: file gone
+    store.sample_path(rows[2].index, rows[2].key, ".fg.png").write_bytes(b"truncated")  # wrong size
+    folder = store.sample_dir(rows[5].index)
+    (folder / f"{rows[5].key}.png").write_bytes(b"orphan")  # written, never committed
+    (folder / f".tmp-{rows[6].key}.png.123.abc").write_bytes(b"partial")
+    state = store.resume()
+    assert state.damaged == 2 and state.done == 1
+    assert state.pending["key"].to_pylist()[:2] == [rows[1].key, rows[2].key]
+    names = set(os.listdir(folder))
+    assert not any(n.startswith(".tmp-") for n in names)
+    assert not any(n.startswith((rows[1].key, rows[2].key, rows[5].key)) for n in names)
+    assert {f"{rows[0].key}{s}" for s in (".png", ".alpha.png", ".fg.png", ".json")} <= names
+
+
+def test_refuses_other_manifest_and_model(store: RunStore, tmp_path: Path) -> None:
+    store.release_lock()
+    other = load_manifest(write_manifest(tmp_path, SMALL_MANIFEST.replace("seed: 7", "seed: 9"), "o.yaml"))
+    same = store.manifest()
+    before = sorted(p.name for p in store.root.iterdir())
+    with pytest.raises(InputError, match="made by a different manifest.*--restart"):
+        RunStore.prepare(store.root, other, 10, "fake:1")
+    with pytest.raises(InputError, match="made with a different model"):
+        RunStore.prepare(store.root, same, 10, "fake:2")
+    assert sorted(p.name for p in store.root.iterdir()) == before
+    s2 = RunStore.prepare(store.root, other, 10, "fake:2", restart=True)
+    s2.release_lock()
+    assert json.loads((store.root / "run.json").read_text())["model"] == "fake:2"
+
+
+def test_refuses_non_run_directory(small_manifest: Path, tmp_path: Path) -> None:
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "precious.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a run directory"):
+        RunStore.prepare(tmp_path / "stuff", load_manifest(small_manifest), 4, "fake:1")
+    assert (tmp_path / "stuff" / "precious.txt").read_text() == "keep me"
+
+
+def test_extend_and_shrink_n(store: RunStore) -> None:
+    rows = table_rows(store.plan())
+    store.save([fake_result(r) for r in rows])
+    store.release_lock()
+    manifest = store.manifest()
+    bigger = RunStore.prepare(store.root, manifest, 15, "fake:1")
+    state = bigger.resume()
+    assert state.done == 10 and state.pending.num_rows == 5
+    assert state.pending["key"].to_pylist() == bigger.plan()["key"].to_pylist()[10:]
+    bigger.release_lock()
+    smaller = RunStore.prepare(store.root, manifest, 4, "fake:1")
+    assert smaller.index().num_rows == 4 and smaller.resume().pending.num_rows == 0
+    # samples beyond N are kept, not deleted: growing again finds them done
+    smaller.release_lock()
+    again = RunStore.prepare(store.root, manifest, 10, "fake:1")
+    assert again.resume().done == 10
+    again.release_lock()
+
+
+def test_one_writer(store: RunStore) -> None:
+    other = RunStore(store.root)
+    with pytest.raises(InputError, match="another factory process"):
+        other.acquire_lock()
+
+
+def test_latest_run_pointer(store: RunStore, tmp_path: Path) -> None:
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    with pytest.raises(InputError, match="no run found"):
+        resolve_run(None, cwd=cwd)
+    remember_latest_run(store.root, cwd=cwd)
+    assert resolve_run(None, cwd=cwd) == store.root.resolve()
+    with pytest.raises(InputError, match="not a run directory"):
+        resolve_run(tmp_path, cwd=cwd)
+
+
+WRITER = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[3])
+from factory.manifest import load_manifest
+from factory.plan import table_rows
+from factory.store import RunStore
+from tests.test_store import fake_result
+store = RunStore.prepare(sys.argv[1], load_manifest(sys.argv[2]), 60, "fake:1")
+store.fold_every = 3
+state = store.resume()
+rows = table_rows(state.pending)
+print("started", flush=True)
+for i in range(0, len(rows), 2):
+    store.save([fake_result(r, payload=b"y" * 2000) for r in rows[i:i+2]])
+store.fold()
+print("finished", flush=True)
+"""
+
+
+def test_sigkill_at_random_moments_then_resume(small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "killed"
+    rng = random.Random(1234)
+    finished = False
+    for attempt in range(12):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(run), str(small_manifest), str(REPO)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() == "started" and attempt < 11:
+            time.sleep(rng.uniform(0.0, 0.15))
+            proc.send_signal(signal.SIGKILL)
+        out = proc.communicate()[0]
+        finished = finished or "finished" in out
+        # whatever the moment of death, the index is readable
+        RunStore.open(run).index()
+    assert finished
+    store = RunStore.open(run)
+    index = store.index()
+    assert index.num_rows == 60 and set(index["status"].to_pylist()) == {"done"}
+    assert len(set(index["key"].to_pylist())) == 60
+    files = [p for p in (run / "samples").rglob("*") if p.is_file()]
+    assert len(files) == 60 * 4  # no orphans, no temporaries
+    for rec in index.to_pylist():
+        assert store.sample_path(rec["index"], rec["key"], ".png").stat().st_size == rec["image_bytes"]
