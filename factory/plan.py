@@ -6,9 +6,10 @@ Rules that make a plan reproducible and extendable:
   and leaves the first ones unchanged, so a run can be extended.
 - Classes (or grid cells) are visited round-robin in an order fixed by the seed, so any N spreads
   them evenly (counts differ by at most one).
-- Every per-row choice (template, slot values, extra axes, sample seed) comes from a keyed hash
-  (BLAKE2b) of ``(seed, i, what)``: platform- and library-version-independent, unlike a shared RNG
-  stream.
+- Per-row choices (template, slot values, extra axes) are balanced too: the k-th visit of a class
+  or cell takes value ``(k + offset) % len(values)``, where the offset is a keyed hash (BLAKE2b) of
+  ``(seed, cell, what)``. Sample seeds are a keyed hash of ``(seed, i)``. Hashes are platform- and
+  library-version-independent, unlike a shared RNG stream.
 - The Parquet file is written with fixed options and no timestamps, so the same inputs give the
   same bytes.
 """
@@ -97,8 +98,9 @@ def _hash_int(*parts: object) -> int:
     return int.from_bytes(h.digest(), "big") & (2**63 - 1)
 
 
-def _choose(values: list[str], *parts: object) -> str:
-    return values[_hash_int(*parts) % len(values)]
+def _rotate(values: list[str], visit: int, *parts: object) -> str:
+    """The value for the ``visit``-th visit of a cell: a round-robin from a hashed offset."""
+    return values[(visit + _hash_int(*parts)) % len(values)]
 
 
 def _fill_articles(text: str) -> str:
@@ -107,7 +109,7 @@ def _fill_articles(text: str) -> str:
     def article(match: re.Match[str]) -> str:
         word = match.group(1)
         lower = word.lower()
-        vowel = lower[:1] in "aeiou" and not lower.startswith(("uni", "use", "eu", "one", "ur"))
+        vowel = lower[:1] in "aeiou" and not lower.startswith(("uni", "use", "usu", "uti", "uku", "eu", "one", "ura", "uri"))
         vowel = vowel or lower.startswith(("hour", "honest", "heir"))
         return ("an " if vowel else "a ") + word
 
@@ -156,10 +158,10 @@ def build_rows(manifest: Manifest, n: int, start: int = 0) -> list[PlanRow]:
     images = manifest.model.controlnet.images if manifest.model.controlnet else None
     rows: list[PlanRow] = []
     for i in range(start, n):
-        cell = i % len(cells)
+        cell, visit = i % len(cells), i // len(cells)
         item = cells.items[cell]
         label = cells.labels[cell]
-        template_id = _hash_int(seed, i, "template") % len(prompts.templates)
+        template_id = (visit + _hash_int(seed, label, "template")) % len(prompts.templates)
         template = prompts.templates[template_id]
         values: dict[str, str] = {}
         attributes: dict[str, str] = {}
@@ -172,14 +174,14 @@ def build_rows(manifest: Manifest, n: int, start: int = 0) -> list[PlanRow]:
             values.update(item)
             attributes.update(item)
             for axis in grid.extra:
-                attributes[axis] = values[axis] = _choose(grid.axes[axis], seed, i, axis)
+                attributes[axis] = values[axis] = _rotate(grid.axes[axis], visit, seed, label, axis)
             for axis, axis_values in grid.axes.items():  # axes used by a template but in neither list
-                values.setdefault(axis, _choose(axis_values, seed, i, axis))
+                values.setdefault(axis, _rotate(axis_values, visit, seed, label, axis))
             class_name, category = label, "portrait"
             values.update({"class_name": label, "category": category, "phrase": label})
         for slot, slot_values in prompts.slots.items():
             if slot not in values:
-                values[slot] = _choose(slot_values, seed, i, slot)
+                values[slot] = _rotate(slot_values, visit, seed, label, slot)
                 attributes[slot] = values[slot]
         values["a"] = "\x00"
         prompt = " ".join(_fill_articles(template.format(**values)).split())

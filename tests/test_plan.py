@@ -46,6 +46,7 @@ def test_articles() -> None:
     assert _fill_articles("\x00 owl on green") == "an owl on green"
     assert _fill_articles("\x00 fox") == "a fox"
     assert _fill_articles("\x00 unicorn and \x00 hour") == "a unicorn and an hour"
+    assert _fill_articles("\x00 urn, \x00 usual day") == "an urn, a usual day"
 
 
 def test_keys_are_stable_and_safe() -> None:
@@ -103,10 +104,17 @@ def test_portrait_grid_1000() -> None:
     cells = m.prompts.grid.n_cells
     assert len(counts) == min(cells, 1000)
     assert max(counts.values()) - min(counts.values()) <= 1
-    # each axis value appears evenly too (a consequence of the round-robin over the product)
-    for axis in m.prompts.grid.cells:
-        values = Counter(json.loads(a)[axis] for a in table["attributes"].to_pylist())
+    # every value of every axis appears, and extra axes rotate within each cell (balanced)
+    attrs = [json.loads(a) for a in table["attributes"].to_pylist()]
+    for axis in [*m.prompts.grid.cells, *m.prompts.grid.extra]:
+        values = Counter(a[axis] for a in attrs)
         assert set(values) == set(m.prompts.grid.axes[axis])
+    nationality = Counter(a["nationality"] for a in attrs)
+    assert max(nationality.values()) <= 1.5 * min(nationality.values())
+    per_cell: dict[str, list[str]] = {}
+    for a, cell in zip(attrs, table["class_name"].to_pylist()):
+        per_cell.setdefault(cell, []).append(a["nationality"])
+    assert all(len(set(v)) == len(v) for v in per_cell.values())  # no repeats before the list is used up
 
 
 # ---------------------------------------------------------------------------------- the command
