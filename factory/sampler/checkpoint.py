@@ -1,0 +1,233 @@
+"""The DiffuMatting checkpoint folder: what ``factory train`` writes and ``--model`` loads.
+
+Layout (format version 1)::
+
+    CKPT/
+      diffumatting.json            # the descriptor below; its presence marks the folder
+      unet/                        # diffusers UNet2DConditionModel.save_pretrained (safetensors)
+        config.json
+        diffusion_pytorch_model.safetensors
+      matting_head.safetensors     # optional: the ConR head (self-describing, see head.py)
+      base/                        # optional: embedded non-UNet parts (see "base" below)
+        vae/ text_encoder/ tokenizer/ scheduler/
+
+``diffumatting.json``::
+
+    {
+      "format": "diffumatting-checkpoint",
+      "format_version": 1,
+      "created_by": "factory 0.1.0",
+      "created_at": "2025-01-01T00:00:00Z",
+      "unet": "unet",
+      "head": {"file": "matting_head.safetensors", "in_channels": 128, "hidden_channels": 64,
+               "kernel_size": 3, "features": "vae.decoder.conv_out:input"}   # or null
+      "base": {"kind": "embedded", "path": "base"}                          # one of:
+              | {"kind": "tiny", "seed": 0}
+              | {"kind": "diffusers", "path": "/abs/path/to/sd15"}
+              | {"kind": "hub", "id": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+              | {"kind": "single_file", "path": "/abs/path/model.safetensors"},
+      "base_identity": "...",        # model identity of the base when saved (informative)
+      "training": {...}              # free-form: steps, losses, data, manifest... (informative)
+    }
+
+``base`` says where the VAE, text encoder, tokenizer and scheduler come from. By default
+:func:`save_checkpoint` *embeds* them (``base/``) when the base is the tiny model or itself an
+embedded checkpoint base (a few MB, and the checkpoint then stands alone), and *references* a
+real SD1.5 base (a diffusers folder, hub id or single file: about 0.8 GB saved) — loading then
+needs that base, with a one-line error naming it when it is missing. ``embed_base=True`` forces
+embedding. Only safetensors are written and read.
+
+Saving is atomic: everything is written to a temporary sibling folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from factory import __version__
+from factory.errors import InputError
+from factory.sampler.components import ModelComponents, load_base_folder, place, save_base_folder
+from factory.sampler.head import HEAD_FEATURES, MattingHead, load_head, save_head
+
+CHECKPOINT_FILE = "diffumatting.json"
+CHECKPOINT_FORMAT = "diffumatting-checkpoint"
+CHECKPOINT_VERSION = 1
+UNET_DIR = "unet"
+HEAD_FILE = "matting_head.safetensors"
+BASE_DIR = "base"
+BASE_KINDS = ("embedded", "tiny", "diffusers", "hub", "single_file")
+
+#: Loads the non-UNet parts of a referenced base ``{"kind": ..., ...}`` (supplied by sources.py).
+BaseResolver = Callable[[dict[str, Any], torch.dtype], ModelComponents]
+
+
+def is_diffumatting_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a ``diffumatting.json``."""
+    return (Path(path) / CHECKPOINT_FILE).is_file()
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's descriptor, validated. One-line ``InputError`` on any problem."""
+    path = Path(path)
+    file = path / CHECKPOINT_FILE
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{file}: not a readable DiffuMatting checkpoint descriptor ({exc})") from exc
+    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{file}: not a DiffuMatting checkpoint descriptor (format must be {CHECKPOINT_FORMAT!r})")
+    version = cfg.get("format_version")
+    if not isinstance(version, int) or version < 1 or version > CHECKPOINT_VERSION:
+        raise InputError(f"{file}: unsupported checkpoint format_version {version!r} (this factory reads 1..{CHECKPOINT_VERSION})")
+    base = cfg.get("base")
+    if not isinstance(base, dict) or base.get("kind") not in BASE_KINDS:
+        raise InputError(f"{file}: 'base' must be an object with kind one of {', '.join(BASE_KINDS)}")
+    if not (path / cfg.get("unet", UNET_DIR) / "config.json").is_file():
+        raise InputError(f"{path}: checkpoint has no {cfg.get('unet', UNET_DIR)}/config.json")
+    head = cfg.get("head")
+    if head is not None and not (path / head.get("file", HEAD_FILE)).is_file():
+        raise InputError(f"{path}: descriptor lists a matting head but {head.get('file', HEAD_FILE)} is missing")
+    return cfg
+
+
+def save_checkpoint(
+    path: str | Path,
+    components: ModelComponents,
+    *,
+    head: MattingHead | None | bool = True,
+    training: dict[str, Any] | None = None,
+    embed_base: bool | None = None,
+    base_identity: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``components.unet`` (and a head) as a DiffuMatting checkpoint folder at ``path``.
+
+    ``head``: True (default) saves ``components.head`` if there is one, a ``MattingHead`` saves
+    that one, None/False saves none. ``embed_base``: see the module docstring (None = automatic).
+    ``training`` is stored as is (must be JSON-serialisable). An existing checkpoint at ``path`` is
+    replaced only with ``overwrite``; any other existing, non-empty path is an error.
+    """
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        if not (overwrite and is_diffumatting_checkpoint(path)):
+            what = "a checkpoint (pass overwrite)" if is_diffumatting_checkpoint(path) else "not an empty folder"
+            raise InputError(f"{path}: exists and is {what}")
+    the_head = components.head if head is True else (head if isinstance(head, MattingHead) else None)
+    base = dict(components.base)
+    if not base or base.get("kind") not in BASE_KINDS:
+        raise ValueError(f"components.base must describe the base model, got {base!r}")
+    if embed_base is None:
+        embed_base = base["kind"] in ("tiny", "embedded")
+    elif not embed_base and base["kind"] == "embedded":
+        raise ValueError("the base is embedded in another checkpoint: it must be embedded again (embed_base=True)")
+    cfg: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "created_by": f"factory {__version__}",
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "unet": UNET_DIR,
+        "head": None if the_head is None else {"file": HEAD_FILE, **the_head.config, "features": HEAD_FEATURES},
+        "base": {"kind": "embedded", "path": BASE_DIR} if embed_base else base,
+        "base_identity": base_identity,
+        "training": training or {},
+    }
+    if embed_base:  # provenance: where the embedded parts originally came from
+        cfg["embedded_from"] = base.get("origin") if base["kind"] == "embedded" else base
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        components.unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+        if the_head is not None:
+            save_head(the_head, tmp / HEAD_FILE)
+        if embed_base:
+            save_base_folder(components, tmp / BASE_DIR)
+        (tmp / CHECKPOINT_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    resolve_base: BaseResolver | None = None,
+) -> ModelComponents:
+    """Load a DiffuMatting checkpoint: its UNet and head over its base's other parts.
+
+    Embedded and ``tiny`` bases load here; other references need ``resolve_base`` (sources.py
+    passes its loader), and a missing base gives a one-line ``InputError`` naming it.
+    """
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    cfg = read_checkpoint_config(path)
+    base = cfg["base"]
+    origin = dict(cfg.get("embedded_from") or {}) if base["kind"] == "embedded" else dict(base)
+    notes: list[str] = []
+    if base["kind"] == "embedded":
+        base_path = path / base.get("path", BASE_DIR)
+        parts = load_base_folder(base_path, torch_dtype)
+        loaded_base = {"kind": "embedded", "path": str(base_path), "origin": origin}
+    elif base["kind"] == "tiny":
+        from factory.sampler.tiny import build_tiny_components
+
+        parts = build_tiny_components(int(base.get("seed", 0)))
+        loaded_base = dict(base)
+    else:
+        if resolve_base is None:
+            raise InputError(f"{path}: its base model ({base}) can only be loaded through factory.sampler.sources")
+        try:
+            loaded = resolve_base(base, torch_dtype)
+        except InputError as exc:
+            raise InputError(f"{path}: checkpoint base model is not available: {exc}") from exc
+        parts = {k: getattr(loaded, k) for k in ("vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor")}
+        loaded_base, notes = dict(base), list(loaded.notes)
+    native_size = None
+    if origin.get("kind") == "tiny":
+        from factory.sampler.tiny import TINY_NOTE, TINY_SAMPLE_SIZE
+
+        notes, native_size = [TINY_NOTE], (TINY_SAMPLE_SIZE, TINY_SAMPLE_SIZE)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            path / cfg.get("unet", UNET_DIR), use_safetensors=True, local_files_only=True, torch_dtype=torch_dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot load the checkpoint's UNet ({str(exc).splitlines()[0]})") from exc
+    head = None
+    if cfg.get("head") is not None:
+        head = place(load_head(path / cfg["head"].get("file", HEAD_FILE)), dtype=torch_dtype)
+        expected = int(parts["vae"].config.block_out_channels[0])
+        if head.in_channels != expected:
+            raise InputError(f"{path}: matting head expects {head.in_channels} feature channels, the VAE gives {expected}")
+    return ModelComponents(
+        kind="diffumatting",
+        ref=str(path),
+        unet=unet.eval(),
+        vae=parts["vae"].eval(),
+        text_encoder=parts["text_encoder"].eval(),
+        tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"],
+        head=head,
+        safety_checker=parts.get("safety_checker"),
+        feature_extractor=parts.get("feature_extractor"),
+        base=loaded_base,
+        native_size=native_size,
+        notes=notes,
+    )
