@@ -1,9 +1,10 @@
 """The DiffuMatting sampler: Stable Diffusion on a green canvas, with a matting head.
 
-Modules: ``pipeline`` (the sampler), ``sources`` (model sources and identities), ``tiny`` (the
-random test model), ``head`` (the ConR matting head and the single decode pass), ``attention``
-(cross-attention capture), ``checkpoint`` (the DiffuMatting checkpoint format), ``canvas`` (the
-initial-noise shift), ``schedulers``, ``components``, ``fingerprint``.
+Modules: ``pipeline`` (the sampler, ``auto_batch_size``), ``sources`` (model sources and
+identities, LoRAs, ControlNet), ``hub`` (the local Hugging Face cache), ``tiny`` (the random test
+model), ``head`` (the ConR matting head and the single decode pass), ``attention`` (cross-attention
+capture), ``checkpoint`` (the DiffuMatting checkpoint format), ``canvas`` (the initial-noise shift),
+``schedulers``, ``components``, ``fingerprint``.
 
 Importing this package imports torch but not diffusers (diffusers loads with the first model).
 """
@@ -12,7 +13,7 @@ from factory.sampler.attention import AttentionCapture, average_maps, background
 from factory.sampler.checkpoint import is_diffumatting_checkpoint, load_checkpoint, save_checkpoint
 from factory.sampler.components import ModelComponents
 from factory.sampler.head import MattingHead, decode, load_head, save_head
-from factory.sampler.pipeline import DiffuMattingSampler, Generated, load_sampler
+from factory.sampler.pipeline import DiffuMattingSampler, Generated, auto_batch_size, load_sampler
 from factory.sampler.sources import load_components, model_identity, resolve_source
 from factory.sampler.tiny import build_tiny_components, build_tiny_pipeline
 
@@ -22,6 +23,7 @@ __all__ = [
     "Generated",
     "MattingHead",
     "ModelComponents",
+    "auto_batch_size",
     "average_maps",
     "background_mask",
     "build_tiny_components",

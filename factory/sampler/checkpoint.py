@@ -35,7 +35,9 @@ Layout (format version 1)::
 embedded checkpoint base (a few MB, and the checkpoint then stands alone), and *references* a
 real SD1.5 base (a diffusers folder, hub id or single file: about 0.8 GB saved) — loading then
 needs that base, with a one-line error naming it when it is missing. ``embed_base=True`` forces
-embedding. Only safetensors are written and read.
+embedding. Components with LoRAs fused in (``components.loras``, which may have changed the text
+encoder too) are embedded automatically as well, and the LoRAs are recorded under ``"loras"``.
+Only safetensors are written and read.
 
 Saving is atomic: everything is written to a temporary sibling folder that is renamed into place.
 """
@@ -124,8 +126,8 @@ def save_checkpoint(
     base = dict(components.base)
     if not base or base.get("kind") not in BASE_KINDS:
         raise ValueError(f"components.base must describe the base model, got {base!r}")
-    if embed_base is None:
-        embed_base = base["kind"] in ("tiny", "embedded")
+    if embed_base is None:  # LoRAs may have changed the text encoder: the base's own would be wrong
+        embed_base = base["kind"] in ("tiny", "embedded") or bool(components.loras)
     elif not embed_base and base["kind"] == "embedded":
         raise ValueError("the base is embedded in another checkpoint: it must be embedded again (embed_base=True)")
     cfg: dict[str, Any] = {
@@ -139,6 +141,8 @@ def save_checkpoint(
         "base_identity": base_identity,
         "training": training or {},
     }
+    if components.loras:  # fused into the saved weights; recorded for provenance
+        cfg["loras"] = list(components.loras)
     if embed_base:  # provenance: where the embedded parts originally came from
         cfg["embedded_from"] = base.get("origin") if base["kind"] == "embedded" else base
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ DiffuMatting checkpoints).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ import torch
 
 from factory.errors import InputError
 from factory.sampler.head import MattingHead
+
+log = logging.getLogger(__name__)
 
 #: Component folders of a diffusers Stable Diffusion folder that the sampler needs.
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -33,7 +37,9 @@ class ModelComponents:
     ``base`` says how to get the VAE, text encoder, tokenizer and scheduler again, e.g.
     ``{"kind": "tiny", "seed": 0}``, ``{"kind": "diffusers", "path": "/abs/sd15"}``, or
     ``{"kind": "hub", "id": "org/name"}``; see ``checkpoint.py``. ``native_size`` (w, h) caps the
-    render size (the tiny model); ``notes`` go into the sampler's metadata.
+    render size (the tiny model); ``notes`` go into the sampler's metadata. ``controlnet_scale``
+    is the ControlNet conditioning scale (with ``controlnet``); ``loras`` lists the LoRAs fused
+    into the UNet/text encoder (``{"path", "scale"}``, for the record).
     """
 
     kind: str
@@ -50,6 +56,8 @@ class ModelComponents:
     base: dict[str, Any] = field(default_factory=dict)
     native_size: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    controlnet_scale: float = 1.0
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The torch modules present (for moving to a device or dtype)."""
@@ -82,15 +90,37 @@ def place(module: torch.nn.Module, device: torch.device | str | None = None, dty
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' import-time warnings (e.g. the torchvision fallback notice)."""
+    """Silence transformers' import-time warnings (e.g. the torchvision fallback notice) and its
+    weight-loading progress bars."""
     from transformers.utils import logging as tlog
 
     level = tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
     tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
     try:
         yield
     finally:
         tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warnings and progress bars (e.g. "no LoRA keys for the text encoder")."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    bars = dlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+        if bars:
+            dlog.enable_progress_bar()
 
 
 def check_weights(folder: Path, allow_pickle: bool) -> None:
@@ -102,6 +132,64 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
                 f"{sub}: has only pickle weights ({files[0].name}), which can run code when loaded; "
                 "convert them to safetensors, or opt in with model.allow_pickle: true"
             )
+
+
+def check_flat_weights(folder: Path, allow_pickle: bool) -> None:
+    """:func:`check_weights` for a one-model folder (weights at its top, e.g. a ControlNet)."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    if not files:
+        raise InputError(f"{folder}: no model weights (.safetensors) in it")
+    if not allow_pickle and not any(p.suffix == ".safetensors" for p in files):
+        raise InputError(
+            f"{folder}: has only pickle weights ({files[0].name}), which can run code when loaded; "
+            "convert them to safetensors, or opt in with model.allow_pickle: true"
+        )
+
+
+_SHARD_RE = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def weight_variants(folder: Path, allow_pickle: bool = False) -> tuple[bool, set[str]]:
+    """``(has plain weights, variants)`` of a model folder's weight files.
+
+    ``diffusion_pytorch_model.safetensors`` and ``model-00001-of-00002.safetensors`` are plain;
+    ``diffusion_pytorch_model.fp16.safetensors`` is the variant ``fp16``. Pickle files count only
+    with ``allow_pickle``.
+    """
+    suffixes = WEIGHT_SUFFIXES if allow_pickle else (".safetensors",)
+    plain, variants = False, set()
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if not p.is_file() or p.suffix not in suffixes:
+            continue
+        stem = _SHARD_RE.sub("", p.name[: -len(p.suffix)])
+        _, dot, variant = stem.rpartition(".")
+        if dot:
+            variants.add(variant)
+        else:
+            plain = True
+    return plain, variants
+
+
+def choose_variant(folders: Iterable[Path], allow_pickle: bool = False) -> str | None:
+    """The weight ``variant`` to load a model made of ``folders`` with, or None for the plain files.
+
+    Plain (full-precision) files are preferred. Only when some component has no plain file but a
+    variant (an fp16-only download: ``*.fp16.safetensors``) is a variant chosen: the one every such
+    component has, ``fp16`` first. diffusers then loads the variant where it exists and the plain
+    file elsewhere. One-line ``InputError`` when no variant covers all the gaps.
+    """
+    gaps = []
+    for folder in folders:
+        plain, variants = weight_variants(folder, allow_pickle)
+        if not plain and variants:
+            gaps.append((folder, variants))
+    if not gaps:
+        return None
+    common = set.intersection(*(v for _, v in gaps))
+    if not common:
+        listing = "; ".join(f"{f.name}: {', '.join(sorted(v))}" for f, v in gaps)
+        raise InputError(f"{gaps[0][0].parent}: no full-precision weights and no weight variant shared by all components ({listing})")
+    return "fp16" if "fp16" in common else sorted(common)[0]
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:
@@ -130,7 +218,8 @@ def load_diffusers_folder(
     """Load a local diffusers Stable Diffusion folder (``model_index.json``), offline.
 
     Only safetensors weights are read unless ``allow_pickle``. The safety checker is loaded only
-    when asked for and present.
+    when asked for and present. A folder with only variant weights (``*.fp16.safetensors``) is
+    loaded with that variant (see :func:`choose_variant`), noted in ``notes``.
     """
     folder = Path(folder)
     index = read_model_index(folder)
@@ -141,7 +230,14 @@ def load_diffusers_folder(
     kwargs: dict[str, Any] = {}
     if not (safety_checker and has_checker):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    with quiet_transformers():
+    parts = ["unet", "vae", "text_encoder"] + (["safety_checker"] if safety_checker else [])
+    variant = choose_variant([folder / p for p in parts], allow_pickle)
+    notes = []
+    if variant is not None:
+        notes.append(f"weights: the {variant!r} variant files (the folder has no full-precision files for some components)")
+        log.info("%s: loading the %r weight variant", folder, variant)
+        kwargs["variant"] = variant
+    with quiet_transformers(), quiet_diffusers():
         from diffusers import StableDiffusionPipeline
 
         try:
@@ -165,6 +261,7 @@ def load_diffusers_folder(
         safety_checker=pipe.safety_checker if safety_checker else None,
         feature_extractor=pipe.feature_extractor if safety_checker else None,
         base={"kind": "diffusers", "path": str(folder)},
+        notes=notes,
     )
 
 

@@ -2,11 +2,14 @@
 
 Per batch of plan rows, :meth:`DiffuMattingSampler.sample`:
 
+0. reads each row's own inputs (the ControlNet conditioning image, resized to the render size);
+   a row whose image is missing or unreadable becomes a failed sample and leaves the batch;
 1. draws each row's initial noise from its own ``torch.Generator`` seeded with ``row.seed`` (on
    CPU, float32, so a row's noise never depends on the batch, its position or the device), and
    optionally shifts it towards the green canvas latent (``canvas.py``);
-2. runs a composed ``StableDiffusionPipeline`` with ``output_type="latent"`` (the rows' prompts and
-   negative prompts, the chosen scheduler, steps, guidance, size; the same per-row generators go
+2. runs a composed ``StableDiffusionPipeline`` (``StableDiffusionControlNetPipeline`` with a
+   ControlNet) with ``output_type="latent"`` (the rows' prompts and negative prompts, the chosen
+   scheduler, steps, guidance, size, conditioning images and scale; the same per-row generators go
    to stochastic schedulers);
 3. decodes the whole batch in one VAE pass that also feeds the matting head (``head.py``);
 4. runs the safety checker when enabled, and turns each sample into a :class:`Generated`, with
@@ -18,9 +21,10 @@ turns it on for models that ship one (a model without one is then an error, not 
 Flagged samples get ``error = "flagged by the safety checker"`` and are recorded as failed.
 
 Speed: bf16 on CUDA (float32 on CPU), PyTorch SDPA attention (diffusers' default processor),
-channels_last UNet and VAE on CUDA, one batched VAE decode, optional ``torch.compile`` of the UNet
-(fixed size and batch: compiled once), batch size from the settings or chosen from free GPU memory,
-halved automatically on out-of-memory.
+channels_last UNet, VAE and ControlNet on CUDA, one batched VAE decode, optional ``torch.compile``
+of the UNet and ControlNet (fixed size and batch: compiled once), batch size from the settings or
+:func:`auto_batch_size` (free GPU memory), halved automatically on out-of-memory. LoRAs arrive
+fused into the weights (``sources.apply_loras``), so they cost nothing per step.
 """
 
 from __future__ import annotations
@@ -110,14 +114,27 @@ def render_size(width: int, height: int, native: tuple[int, int] | None) -> tupl
     return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
 
 
-def auto_batch_size(device: torch.device, width: int, height: int) -> int:
-    """A batch size that should fit: from free GPU memory (about 3 GB per 512x512 image in bf16
-    with guidance, a conservative figure dominated by the VAE decode), 4 on CPU."""
-    if device.type != "cuda":
-        return 4
-    free, _total = torch.cuda.mem_get_info(device)
-    per_image = 3e9 * (width * height) / (512 * 512)
-    return int(max(1, min(32, (free * 0.8) // per_image)))
+#: GPU memory per 512x512 image in a batch (bf16, guidance, VAE decode included): conservative.
+GPU_BYTES_PER_512_IMAGE = 3e9
+MAX_AUTO_BATCH = 32
+
+
+def auto_batch_size(settings: SamplerSettings, device: str | None = None) -> int:
+    """Images per sampler call when the manifest sets none (``settings.batch_size`` is not read).
+
+    CPU: 4 up to 256x256 px, else 2 (a CPU is slow whatever the batch). CUDA: 80 % of the free
+    memory of ``device`` (default: the current GPU) over about 3 GB per 512x512 image (scaled by
+    the pixel count), 1 to 32. Measured when called: a sampler calls it with its model already on
+    the GPU; before loading, the weights' 2 GB (SD1.5, bf16) are inside the 20 % margin. On
+    out-of-memory the sampler halves the batch anyway.
+    """
+    dev = resolve_device(device)
+    pixels = settings.width * settings.height
+    if dev.type != "cuda":
+        return 4 if pixels <= 256 * 256 else 2
+    free, _total = torch.cuda.mem_get_info(dev)
+    per_image = GPU_BYTES_PER_512_IMAGE * pixels / (512 * 512)
+    return int(max(1, min(MAX_AUTO_BATCH, (free * 0.8) // per_image)))
 
 
 def object_words(row: PlanRow) -> list[str]:
@@ -163,8 +180,9 @@ class DiffuMattingSampler:
         for name, module in components.modules().items():
             place(module, self.device, torch.float32 if name == "head" else self.dtype).eval()
         if self.device.type == "cuda":  # GPU-only speed-ups, kept out of the CPU path
-            components.unet.to(memory_format=torch.channels_last)
-            components.vae.to(memory_format=torch.channels_last)
+            for module in (components.unet, components.vae, components.controlnet):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
         self.vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self.latent_hw = (self.height // self.vae_scale, self.width // self.vae_scale)
         self.latent_shape = (int(components.unet.config.in_channels), *self.latent_hw)
@@ -180,7 +198,12 @@ class DiffuMattingSampler:
             compile = False
         if compile:  # fixed size and batch: compiled once, on the first batch
             components.unet.compile(dynamic=False)
-        self.batch_size = settings.batch_size or auto_batch_size(self.device, self.width, self.height)
+            if components.controlnet is not None:
+                components.controlnet.compile(dynamic=False)
+        self.batch_size = settings.batch_size or auto_batch_size(
+            settings.model_copy(update={"width": self.width, "height": self.height}), str(self.device)
+        )
+        self._control: dict[str, Any] = {}  # row key -> conditioning image, for the batch being drawn
         self.metadata: dict[str, Any] = {
             "identity": identity,
             "source_kind": components.kind,
@@ -202,21 +225,21 @@ class DiffuMattingSampler:
             "dtype": str(dtype).removeprefix("torch."),
             "compile": compile,
             "batch_size": self.batch_size,
+            "loras": list(components.loras),
+            "controlnet": None if components.controlnet is None else {"scale": components.controlnet_scale},
             "notes": list(components.notes),
         }
         for note in components.notes:
             log.warning(note)
 
-    # -------------------------------------------------------------- extension points (phase 2)
+    # -------------------------------------------------------------- the composed pipeline
 
     def _build_pipeline(self, comps: ModelComponents, scheduler: Any) -> Any:
         """The diffusers pipeline the sampler drives (a ControlNet pipeline when there is one)."""
         with quiet_transformers():
-            from diffusers import StableDiffusionPipeline
+            from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-        if comps.controlnet is not None:
-            raise InputError("ControlNet is not supported yet")
-        pipe = StableDiffusionPipeline(
+        parts: dict[str, Any] = dict(
             vae=comps.vae,
             text_encoder=comps.text_encoder,
             tokenizer=comps.tokenizer,
@@ -226,12 +249,42 @@ class DiffuMattingSampler:
             feature_extractor=comps.feature_extractor,
             requires_safety_checker=False,
         )
+        if comps.controlnet is not None:
+            pipe = StableDiffusionControlNetPipeline(controlnet=comps.controlnet, **parts)
+        else:
+            pipe = StableDiffusionPipeline(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     def _call_kwargs(self, rows: Sequence[PlanRow]) -> dict[str, Any]:
-        """Extra pipeline arguments per batch (ControlNet images and scale in phase 2)."""
-        return {}
+        """Extra pipeline arguments per batch: each row's conditioning image and the scale."""
+        if self.components.controlnet is None:
+            return {}
+        return {"image": [self._control[r.key] for r in rows], "controlnet_conditioning_scale": self.components.controlnet_scale}
+
+    def _prepare(self, row: PlanRow) -> str | None:
+        """Per-row inputs read from disk before a batch (the ControlNet image); the error or None."""
+        if self.components.controlnet is None:
+            return None
+        if not row.control_image:
+            return "no ControlNet conditioning image for this row (model.controlnet.images)"
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(row.control_image) as im:
+                image = im.convert("RGB")
+        except FileNotFoundError:
+            return f"ControlNet conditioning image not found: {row.control_image}"
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+            return f"ControlNet conditioning image unreadable: {row.control_image} ({type(exc).__name__}: {exc})"
+        if image.size != (self.width, self.height):  # the pipeline then resizes nothing
+            image = image.resize((self.width, self.height), Image.Resampling.BICUBIC)
+        self._control[row.key] = image
+        return None
+
+    def _failed(self, error: str) -> Generated:
+        alpha = np.zeros((self.height, self.width), np.float32) if self.has_head else None
+        return Generated(np.zeros((self.height, self.width, 3), np.uint8), alpha, error)
 
     # -------------------------------------------------------------- sampling
 
@@ -244,14 +297,29 @@ class DiffuMattingSampler:
         return noise, gens
 
     def sample(self, rows: Sequence[PlanRow]) -> list[Generated]:
-        """Generate ``rows`` in batches of ``batch_size``; one :class:`Generated` per row, in order."""
+        """Generate ``rows`` in batches of ``batch_size``; one :class:`Generated` per row, in order.
+
+        A row whose own inputs fail (a missing or unreadable ControlNet image) is a failed sample
+        (``error`` set); the other rows are drawn as usual.
+        """
         rows = list(rows)
         out: list[Generated] = []
         for start in range(0, len(rows), self.batch_size):
-            out.extend(self._sample_chunk(rows[start : start + self.batch_size]))
+            chunk = rows[start : start + self.batch_size]
+            try:
+                errors = [self._prepare(r) for r in chunk]
+                for row, error in zip(chunk, errors):
+                    if error is not None:
+                        log.warning("sample %s failed: %s", row.key, error)
+                drawn = iter(self._sample_chunk([r for r, e in zip(chunk, errors) if e is None]))
+                out.extend(next(drawn) if e is None else self._failed(e) for e in errors)
+            finally:
+                self._control.clear()
         return out
 
     def _sample_chunk(self, rows: list[PlanRow]) -> list[Generated]:
+        if not rows:
+            return []
         try:
             return self._sample_batch(rows)
         except torch.cuda.OutOfMemoryError as exc:
@@ -352,4 +420,4 @@ def load_sampler(
     return DiffuMattingSampler(components, settings, canvas, identity=identity, device=dev, dtype=tdtype, compile=compile, capture=capture)
 
 
-__all__ = ["DiffuMattingSampler", "Generated", "load_sampler", "model_identity"]
+__all__ = ["DiffuMattingSampler", "Generated", "auto_batch_size", "load_sampler", "model_identity"]
