@@ -1,0 +1,203 @@
+"""Folder layout (Composition-1k style), readable by HF datasets' ``imagefolder`` loader::
+
+    OUT/train/image/KEY.png      image on green (KEY.jpg with --image-format jpg)
+    OUT/train/alpha/KEY.png      alpha matte, one channel, 8 or 16 bits
+    OUT/train/fg/KEY.png         decontaminated foreground
+    OUT/train/metadata.jsonl     one line per sample: file_name, alpha_file_name, fg_file_name, key,
+                                 class, prompt, seed, attributes (JSON text), model and scores
+    OUT/val/...                  the same for each held-out split
+
+``file_name`` and the ``*_file_name`` columns make imagefolder load three image columns
+(``image``, ``alpha``, ``fg``); the split folders ``train``, ``val``/``validation``, ``test`` are
+recognised by name (imagefolder reports ``val`` as ``validation``).
+
+Every file is written to a temporary name and renamed, so a file under a final name is complete.
+A split's ``metadata.jsonl`` is written last (the commit). Resume (same plan): samples whose three
+files are all present (copied ones with the store's size) are kept; stale files are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from factory.export.common import (
+    SLOW_ENV,
+    CorruptSample,
+    FileReader,
+    OutDir,
+    Prepared,
+    Records,
+    fail_strict,
+    load_members,
+    split_rows,
+)
+from factory.export.webdataset import SplitResult, WriteResult
+from factory.store import TMP_PREFIX
+
+SUBDIRS = ("image", "alpha", "fg")
+METADATA = "metadata.jsonl"
+
+
+def _write(path: Path, data: bytes | memoryview) -> None:
+    """Temp-then-rename without fsync (one sync for the whole export happens before the commit)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int) -> dict[str, Any]:
+    return {
+        "file_name": names["image"],
+        "alpha_file_name": names["alpha"],
+        "fg_file_name": names["fg"],
+        "key": rec["key"],
+        "index": rec["index"],
+        "class_name": rec["class_name"],
+        "category": rec["category"],
+        "prompt": rec["prompt"],
+        "negative_prompt": rec["negative_prompt"],
+        "seed": rec["seed"],
+        "attributes": rec["attributes"],
+        "model": rec.get("model"),
+        "width": rec.get("width"),
+        "height": rec.get("height"),
+        "alpha_bits": alpha_bits,
+        "gsg": rec.get("gsg"),
+        "gsg_distance": rec.get("gsg_distance"),
+        "bg_uniformity": rec.get("bg_uniformity"),
+        "canvas_color": rec.get("canvas_color"),
+        "alpha_coverage": rec.get("alpha_coverage"),
+        "touches_border": rec.get("touches_border"),
+        "contains_key_color": rec.get("contains_key_color"),
+    }
+
+
+def write_folder(
+    p: Prepared, outdir: OutDir, advance: Callable[[int, int], None], on_problem: Callable[[str], None]
+) -> WriteResult:
+    settings, store, out = p.settings, p.store, outdir.root
+    delay = float(os.environ.get(SLOW_ENV, "0") or 0)
+    result = WriteResult(records=Records(), splits={}, problems=[])
+    pending: list[tuple[Any, Path, Path]] = []  # open metadata.jsonl temporaries, renamed at the end
+    try:
+        _write_splits(p, out, advance, on_problem, result, pending, delay)
+    finally:
+        for fh, tmp, _ in pending:  # interrupted: drop the unfinished metadata files
+            fh.close()
+            tmp.unlink(missing_ok=True)
+    for path in out.iterdir():  # split folders of an older plan
+        if path.is_dir() and path.name not in result.splits and (path / METADATA).exists():
+            shutil.rmtree(path)
+    return result
+
+
+def _write_splits(
+    p: Prepared,
+    out: Path,
+    advance: Callable[[int, int], None],
+    on_problem: Callable[[str], None],
+    result: WriteResult,
+    pending: list[tuple[Any, Path, Path]],
+    delay: float,
+) -> None:
+    settings, store = p.settings, p.store
+    reader = FileReader()
+    for split in settings.split_order():
+        rows = split_rows(p.ordered, split)
+        sres = SplitResult(split)
+        result.splits[split] = sres
+        base = out / split
+        if len(rows) == 0:  # nothing in this split (e.g. every class has one sample): no folder
+            if (base / METADATA).exists():
+                shutil.rmtree(base)
+            continue
+        for sub in SUBDIRS:
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        meta_final = base / METADATA
+        meta_tmp = meta_final.with_name(f"{TMP_PREFIX}{METADATA}.{os.getpid()}")
+        meta_fh = open(meta_tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        pending.append((meta_fh, meta_tmp, meta_final))
+        wanted: dict[str, set[str]] = {sub: set() for sub in SUBDIRS}
+        for rec in rows.iter_from(0):
+            key = rec["key"]
+            names = {"image": f"image/{key}.{settings.image_ext}", "alpha": f"alpha/{key}.png", "fg": f"fg/{key}.png"}
+            paths = {sub: base / name for sub, name in names.items()}
+            sizes = _existing_sizes(paths, rec, settings)
+            if sizes is not None:
+                result.resumed_samples += 1
+                advance(1, 0)
+            else:
+                try:
+                    m = load_members(store, rec, settings, p.options.verify, reader)
+                except CorruptSample as exc:
+                    if p.options.strict:
+                        raise fail_strict(str(exc)) from exc
+                    result.problems.append(str(exc))
+                    on_problem(str(exc))
+                    advance(1, 0)
+                    continue
+                data = {"image": m.image, "alpha": m.alpha, "fg": m.fg}
+                for sub, path in paths.items():
+                    _write(path, data[sub])
+                sizes = {sub: len(d) for sub, d in data.items()}
+                written = sum(sizes.values())
+                result.bytes_written += written
+                advance(1, written)
+                if delay:
+                    time.sleep(delay)
+            for sub, path in paths.items():
+                wanted[sub].add(path.name)
+            meta_fh.write(json.dumps(metadata_row(rec, names, settings.alpha_bits), allow_nan=False) + "\n")
+            result.records.append(
+                {
+                    "key": key,
+                    "index": rec["index"],
+                    "split": split,
+                    "path": f"{split}/{names['image']}",
+                    "class_name": rec["class_name"],
+                    "category": rec["category"],
+                    "gsg": rec.get("gsg"),
+                    "alpha_coverage": rec.get("alpha_coverage"),
+                    "image_bytes": sizes["image"],
+                    "alpha_bytes": sizes["alpha"],
+                    "fg_bytes": sizes["fg"],
+                    "json_bytes": None,
+                }
+            )
+            sres.samples += 1
+            sres.bytes += sum(sizes.values())
+        for sub in SUBDIRS:  # files of samples no longer in the plan
+            for path in (base / sub).iterdir():
+                if path.name not in wanted[sub]:
+                    path.unlink()
+
+    if p.options.fsync:
+        os.sync()  # the sample files, once, before the metadata files commit them
+    for fh, tmp, final in pending:
+        fh.close()
+        os.replace(tmp, final)
+    pending.clear()
+
+
+def _existing_sizes(paths: dict[str, Path], rec: dict[str, Any], settings: Any) -> dict[str, int] | None:
+    """Sizes of a sample already written by an interrupted run of the same plan, else None."""
+    sizes = {}
+    for sub, path in paths.items():
+        try:
+            sizes[sub] = path.stat().st_size
+        except FileNotFoundError:
+            return None
+    if settings.image_format == "png" and sizes["image"] != rec["image_bytes"]:
+        return None
+    if settings.alpha_bits == rec["alpha_bits"] and sizes["alpha"] != rec["alpha_bytes"]:
+        return None
+    if sizes["fg"] != rec["fg_bytes"]:
+        return None
+    return sizes
