@@ -1,0 +1,364 @@
+"""``factory train``: settings, data, the run folder, then the loop in one or many processes.
+
+:func:`run_train` is what the CLI calls. It merges the settings (defaults < ``--config`` YAML <
+options; on ``--resume`` the run's saved settings replace the defaults), indexes the data and
+assigns prompts (errors surface before any model is loaded), checks the run folder, writes
+``OUT/train.json``, and runs the loop: in this process (one device), in every process of a
+torchrun/accelerate launch, or on ``--workers N`` Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from factory import __version__
+from factory.errors import FactoryError, InputError, RunError
+from factory.store import atomic_write_text
+from factory.train import state as S
+from factory.train.config import TrainConfig, make_config, read_config_file, resume_config
+from factory.train.data import assign_prompts, data_summary, read_captions, scan_sources
+
+
+@dataclass
+class TrainOptions:
+    """What the command line gives. ``overrides``: settings given explicitly (TrainConfig fields)."""
+
+    out: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+    config_file: Path | None = None
+    resume: bool = False
+    stop_at: int | None = None
+    workers: int = 1
+    address: str | None = None
+    progress: bool = True
+    threads: int = 0
+
+
+@dataclass
+class TrainSummary:
+    out: Path
+    start_step: int
+    step: int
+    steps: int
+    checkpoint: str | None
+    last: dict[str, Any]
+    seconds: float
+    samples: int
+    engine: str
+    world: int
+    is_main: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stopped(self) -> bool:
+        return self.step < self.steps
+
+    def lines(self) -> list[str]:
+        if not self.is_main:
+            return []
+        done = self.step - self.start_step
+        lines = [
+            f"trained {done} steps ({self.start_step} -> {self.step} of {self.steps}) on {self.samples} samples, "
+            f"{self.world} process{'es' if self.world != 1 else ''} ({self.engine}), {self.seconds:.1f} s"
+        ]
+        if self.last:
+            terms = ", ".join(f"{k} {self.last[k]:.4g}" for k in ("loss", "noise", "green", "object", "detail", "latent") if k in self.last)
+            lines.append(f"last step: {terms}")
+        if self.checkpoint:
+            lines.append(f"checkpoint: {self.checkpoint}")
+            lines.append(f"model: {self.out} (use with factory generate --model {self.out})")
+        if self.stopped:
+            lines.append(f"stopped at step {self.step}; continue with: factory train --out {self.out} --resume")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return lines
+
+
+def _abs_if_path(value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p.resolve()) if p.exists() else value
+
+
+def _abs_pattern(value: str) -> str:
+    """A data source made absolute (existing paths, and patterns relative to the current folder)."""
+    p = Path(value).expanduser()
+    if p.exists():
+        return str(p.resolve())
+    if any(c in value for c in "{*?[") and not p.is_absolute():
+        return str(Path.cwd() / p)
+    return value
+
+
+def normalise(values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(values)
+    if "data" in out and out["data"] is not None:
+        out["data"] = [_abs_pattern(str(d)) for d in out["data"]]
+    if out.get("model"):
+        out["model"] = _abs_if_path(str(out["model"]))
+    if out.get("captions"):
+        out["captions"] = str(Path(out["captions"]).expanduser().resolve())
+    return out
+
+
+def native_resolution(model: str) -> int:
+    """The training size a model was made for: 64 for the tiny model (and checkpoints made from
+    it), else the UNet's ``sample_size`` times the VAE's scale (512 for SD1.5), read from the
+    configs without loading weights; 512 when they cannot be read."""
+    from factory.sampler.checkpoint import read_checkpoint_config
+    from factory.sampler.sources import DIFFUMATTING, DIFFUSERS, TINY, resolve_source
+    from factory.sampler.tiny import TINY_SAMPLE_SIZE
+
+    src = resolve_source(model)
+    if src.kind == TINY:
+        return TINY_SAMPLE_SIZE
+    unet_dir = vae_dir = None
+    if src.kind == DIFFUMATTING:
+        desc = read_checkpoint_config(src.path)
+        base = desc["base"]
+        origin = desc.get("embedded_from") if base["kind"] == "embedded" else base
+        if (origin or {}).get("kind") == TINY:
+            return TINY_SAMPLE_SIZE
+        unet_dir = src.path / desc.get("unet", "unet")
+        if base["kind"] == "embedded":
+            vae_dir = src.path / base.get("path", "base") / "vae"
+        elif base["kind"] == DIFFUSERS:
+            vae_dir = Path(base["path"]) / "vae"
+    elif src.kind == DIFFUSERS:
+        unet_dir, vae_dir = src.path / "unet", src.path / "vae"
+    try:
+        sample = int(json.loads((unet_dir / "config.json").read_text(encoding="utf-8"))["sample_size"])  # type: ignore[operator]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512
+    try:
+        blocks = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))["block_out_channels"]  # type: ignore[operator]
+        scale = 2 ** (len(blocks) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        scale = 8
+    return sample * scale
+
+
+def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any], dict[str, Any] | None]:
+    """Settings, records with prompts, data summary, and the saved run (when resuming one)."""
+    out = opts.out
+    values: dict[str, Any] = {}
+    if opts.config_file is not None:
+        values.update(read_config_file(opts.config_file))
+    values.update({k: v for k, v in opts.overrides.items() if v is not None})
+    values = normalise(values)
+    saved = None
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    restart = False
+    if S.latest_checkpoint(out) is not None:
+        if not opts.resume:
+            raise InputError(f"{out}: already holds a training run; pass --resume to continue it, or choose another --out")
+        try:
+            saved = json.loads((out / S.TRAIN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{out / S.TRAIN_FILE}: unreadable ({exc}); cannot resume") from exc
+        cfg = resume_config(saved["config"], values, str(out))
+    elif S.is_run_folder(out):
+        # A run that never completed a checkpoint: nothing to resume exactly, so it starts over
+        # (with --resume, from its saved settings under the ones given now).
+        previous: dict[str, Any] = {}
+        if opts.resume:
+            try:
+                previous = json.loads((out / S.TRAIN_FILE).read_text(encoding="utf-8")).get("config", {})
+            except (OSError, ValueError):
+                previous = {}
+        cfg = make_config({**previous, **values})
+        restart = True
+    else:
+        if out.is_dir() and any(out.iterdir()):
+            raise InputError(f"{out}: is not empty and is not a training run; choose an empty or new --out")
+        cfg = make_config(values)
+    if cfg.resolution is None:
+        cfg = cfg.model_copy(update={"resolution": native_resolution(cfg.model)})
+    if opts.stop_at is not None and opts.stop_at < 1:
+        raise InputError(f"--stop-at must be a positive step, got {opts.stop_at}")
+    records = scan_sources(cfg.data)
+    captions = read_captions(cfg.captions) if cfg.captions else None
+    assign_prompts(records, captions, cfg.prompt_template, cfg.canvas_token, cfg.default_caption)
+    summary = data_summary(records)
+    if saved is not None and saved.get("data", {}).get("digest") not in (None, summary["digest"]):
+        raise InputError(
+            f"{out}: the training data changed since the run started ({saved['data'].get('samples')} samples then, "
+            f"{summary['samples']} now, or other files/captions); resume needs the same data"
+        )
+    if restart:
+        S.clear_run(out)
+    return cfg, records, summary, saved
+
+
+def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
+    """Train as ``opts`` says; see the module docstring. FactoryErrors for everything user-fixable.
+
+    Under torchrun/accelerate launch every process calls this: the process group is joined
+    first, rank 0 alone checks the run folder, reads the data and writes ``train.json``, and the
+    others receive its settings and sample list (or its error) by broadcast.
+    """
+    from factory.train import distributed as D
+
+    opts = TrainOptions(**{**opts.__dict__, "out": opts.out.expanduser().resolve()})
+    out = opts.out
+    if opts.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {opts.workers}")
+    env = D.launched_by_env()
+    if opts.workers > 1 and env:
+        raise InputError("--workers starts Ray Train workers; do not combine it with torchrun/accelerate launch")
+    engine = "ray" if opts.workers > 1 else ("torchrun" if env else "single")
+    dist = D.from_env(_early_device(opts)) if env else None
+    try:
+        if dist is None or dist.is_main:
+            try:
+                plan: Any = ("ok", _prepare_run(opts, engine))
+            except FactoryError as exc:
+                plan = ("error", type(exc).__name__, str(exc))
+        else:
+            plan = None
+        if dist is not None:
+            plan = dist.broadcast(plan)
+        if plan[0] == "error":
+            raise (RunError if plan[1] == "RunError" else InputError)(plan[2])
+        job, cfg, summary, start_step = plan[1]
+        return _run(opts, job, cfg, summary, start_step, engine, dist, on_step)
+    finally:
+        if dist is not None:
+            D.close(dist)
+
+
+def _early_device(opts: TrainOptions) -> str | None:
+    """The device setting, before the settings are merged (to join the process group first)."""
+    if opts.overrides.get("device"):
+        return str(opts.overrides["device"])
+    if opts.config_file is not None:
+        return read_config_file(opts.config_file).get("device")
+    return None
+
+
+def _prepare_run(opts: TrainOptions, engine: str) -> tuple[Any, TrainConfig, dict[str, Any], int]:
+    """Settings, data and the run folder's ``train.json`` (rank 0 only); the job for the loop."""
+    from factory.manifest import ModelSpec
+    from factory.sampler import model_identity
+    from factory.train.loop import TrainJob
+
+    out = opts.out
+    cfg, records, summary, saved = prepare(opts)
+    base_identity = model_identity(ModelSpec(source=cfg.model))
+    notes: list[str] = []
+    start_step = 0
+    if saved is not None:
+        found = S.latest_checkpoint(out)
+        start_step = found[0] if found else 0
+        if found is None:
+            notes.append("no complete checkpoint to resume from: started from step 0")
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    info = saved or {"format": S.RUN_FORMAT, "version": 1, "created_at": now, "history": []}
+    info.update({"factory": __version__, "config": cfg.model_dump(mode="json"), "data": summary, "base_identity": base_identity, "updated_at": now})
+    info.setdefault("history", []).append({"started_at": now, "from_step": start_step, "stop_at": opts.stop_at, "engine": engine, "workers": opts.workers})
+    atomic_write_text(out / S.TRAIN_FILE, json.dumps(info, indent=2) + "\n")
+    job = TrainJob(
+        config=cfg.model_dump(mode="json"), records=records, out=str(out), resume=saved is not None,
+        stop_at=opts.stop_at, base_identity=base_identity, notes=notes,
+    )  # fmt: skip
+    return job, cfg, summary, start_step
+
+
+def _run(opts: TrainOptions, job: Any, cfg: TrainConfig, summary: dict[str, Any], start_step: int, engine: str, dist: Any, on_step: Any) -> TrainSummary:
+    from factory.train import distributed as D
+    from factory.train.loop import train_worker
+
+    out = opts.out
+    is_main = dist is None or dist.is_main
+    t0 = time.perf_counter()
+    with _progress(opts.progress and is_main, cfg, start_step, opts.stop_at) as show:
+
+        def step_cb(rec: dict[str, Any]) -> None:
+            show(rec)
+            if on_step is not None:
+                on_step(rec)
+
+        if opts.workers > 1:
+            use_gpu = cfg.device != "cpu" and _cluster_has_gpus(opts.address)
+            D.run_ray(job, workers=opts.workers, use_gpu=use_gpu, address=opts.address, out=out, on_progress=step_cb, threads=opts.threads)
+            found = S.latest_checkpoint(out)
+            last = _last_log(out / S.LOG_FILE)
+            step = int(last.get("step", start_step)) if last else start_step
+            result_ckpt = str(found[1]) if found else None
+            world, worker_notes = opts.workers, []
+        else:
+            the_dist = dist if dist is not None else D.single(cfg.device)
+            res = train_worker(job, the_dist, step_cb if is_main else None)
+            step, result_ckpt, last, world, worker_notes = res.step, res.checkpoint, res.last, the_dist.world, res.notes
+            start_step = res.start_step
+    return TrainSummary(
+        out=out, start_step=start_step, step=step, steps=cfg.steps, checkpoint=result_ckpt, last=last,
+        seconds=time.perf_counter() - t0, samples=summary["samples"], engine=engine, world=world,
+        is_main=is_main, notes=[*job.notes, *[n for n in worker_notes if n not in job.notes]],
+    )  # fmt: skip
+
+
+def _cluster_has_gpus(address: str | None) -> bool:
+    if address:
+        return True  # decided by the cluster; run_ray checks the count
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _last_log(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+
+
+class _progress:
+    """A rich progress bar on stderr fed with each step's log record (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, cfg: TrainConfig, start: int, stop_at: int | None) -> None:
+        self.enabled = enabled
+        self.total = min(cfg.steps, stop_at) if stop_at else cfg.steps
+        self.start = start
+        self.progress: Any = None
+
+    def __enter__(self) -> Callable[[dict[str, Any]], None]:
+        if not self.enabled:
+            return lambda rec: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stage]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} s/step"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("train", total=self.total, completed=self.start, stage="-", loss="-", rate="-")
+
+        def show(rec: dict[str, Any]) -> None:
+            self.progress.update(
+                self.task, completed=int(rec.get("step", 0)), stage=rec.get("stage", "-"),
+                loss=f"{rec.get('loss', float('nan')):.4f}", rate=f"{rec.get('seconds', 0.0):.2f}",
+            )  # fmt: skip
+
+        return show
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)

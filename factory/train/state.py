@@ -1,0 +1,274 @@
+"""The training run folder (``--out``): checkpoints, the state for exact resume, logs, EMA, RNG.
+
+Layout::
+
+    OUT/
+      diffumatting.json          pointer descriptor: the latest checkpoint, so OUT is a model
+                                 (``factory generate --model OUT``); its paths lead into checkpoints/
+      train.json                 settings, data summary, base identity, engine, history
+      log.jsonl                  one line per optimizer step: every loss term, lr, grad norm, timings
+      checkpoints/step-00000500/ a DiffuMatting checkpoint (``factory.sampler.save_checkpoint``)
+        diffumatting.json  unet/  matting_head.safetensors  base/ (tiny bases only)
+        training_state/          what resume needs besides the checkpoint's weights
+          state.json             step, stage, stream position, settings and data fingerprints,
+                                 world size, EMA update count (written last: marks the state complete)
+          optimizer.pt           {"optimizer": ..., "lr_scheduler": ...} state dicts (torch.save,
+                                 read back with weights_only=True)
+          rng.json               per rank: python, numpy, torch CPU and CUDA generator states
+          head.safetensors       the matting head's raw (non-EMA) weights
+          unet.safetensors       with EMA only: the UNet's raw weights (the checkpoint holds the EMA)
+          ema_head.safetensors   with EMA only: the head's EMA weights (the EMA UNet is unet/)
+      validation/step-00000500/  00.png, 00.alpha.png, ... and prompts.json, drawn by the sampler
+
+Each checkpoint folder is written atomically by ``save_checkpoint``; ``training_state/`` is then
+written to a temporary folder and renamed in; the pointer descriptor is rewritten atomically last.
+Resume takes the newest checkpoint whose ``training_state/state.json`` exists. The checkpoint's
+``unet/`` is float32 (the trainable weights' own precision), so resuming loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from factory.errors import InputError
+from factory.store import atomic_write_text
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_DIR = "training_state"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.json"
+HEAD_FILE = "head.safetensors"
+RAW_UNET_FILE = "unet.safetensors"
+EMA_HEAD_FILE = "ema_head.safetensors"
+TRAIN_FILE = "train.json"
+LOG_FILE = "log.jsonl"
+VALIDATION_DIR = "validation"
+POINTER_FILE = "diffumatting.json"
+STATE_FORMAT = "factory-train-state"
+RUN_FORMAT = "factory-train-run"
+STATE_VERSION = 1
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS_DIR / checkpoint_name(step)
+
+
+def list_checkpoints(out: Path, complete: bool = True) -> list[tuple[int, Path]]:
+    """(step, folder) of the run's checkpoints, oldest first; ``complete``: with a training state."""
+    root = out / CHECKPOINTS_DIR
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+                if not complete or (p / STATE_DIR / STATE_FILE).is_file():
+                    found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> tuple[int, Path] | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def is_run_folder(out: Path) -> bool:
+    return (out / TRAIN_FILE).is_file() or (out / CHECKPOINTS_DIR).is_dir()
+
+
+# ------------------------------------------------------------------------------ pointer
+
+
+def write_pointer(out: Path, ckpt: Path) -> None:
+    """Make ``OUT/diffumatting.json`` describe checkpoint ``ckpt`` with paths relative to OUT."""
+    desc = json.loads((ckpt / POINTER_FILE).read_text(encoding="utf-8"))
+    rel = ckpt.relative_to(out).as_posix()
+    desc["unet"] = f"{rel}/{desc.get('unet', 'unet')}"
+    if desc.get("head"):
+        desc["head"] = {**desc["head"], "file": f"{rel}/{desc['head'].get('file', 'matting_head.safetensors')}"}
+    if desc.get("base", {}).get("kind") == "embedded":
+        desc["base"] = {**desc["base"], "path": f"{rel}/{desc['base'].get('path', 'base')}"}
+    desc["latest_checkpoint"] = rel
+    atomic_write_text(out / POINTER_FILE, json.dumps(desc, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------ training state
+
+
+def write_state(ckpt: Path, state: dict[str, Any], optimizer: dict[str, Any], rng: list[dict[str, Any]], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write ``ckpt/training_state`` atomically (temporary folder renamed in, state.json last)."""
+    from safetensors.torch import save_file
+
+    final = ckpt / STATE_DIR
+    tmp = Path(tempfile.mkdtemp(prefix=f".{STATE_DIR}.tmp-", dir=ckpt))
+    try:
+        torch.save(optimizer, tmp / OPTIMIZER_FILE)
+        (tmp / RNG_FILE).write_text(json.dumps(rng), encoding="utf-8")
+        for name, tensor_map in tensors.items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensor_map.items()}, str(tmp / name))
+        (tmp / STATE_FILE).write_text(json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_DIR / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable training state ({exc})") from exc
+    if state.get("format") != STATE_FORMAT or int(state.get("version", 0)) > STATE_VERSION:
+        raise InputError(f"{path}: not a training state this factory can resume (format {state.get('format')!r} v{state.get('version')})")
+    return state
+
+
+def read_optimizer(ckpt: Path, device: torch.device) -> dict[str, Any]:
+    return torch.load(ckpt / STATE_DIR / OPTIMIZER_FILE, map_location=device, weights_only=True)
+
+
+def read_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = ckpt / STATE_DIR / name
+    if not path.is_file():
+        raise InputError(f"{path}: missing from the training state")
+    return load_file(str(path))
+
+
+def read_rng(ckpt: Path) -> list[dict[str, Any]]:
+    return json.loads((ckpt / STATE_DIR / RNG_FILE).read_text(encoding="utf-8"))
+
+
+def prune_checkpoints(out: Path, keep: int, current: Path) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, incomplete older ones, and the
+    temporary folders of saves a crash interrupted."""
+    complete = list_checkpoints(out)
+    doomed = [p for _, p in complete[: max(0, len(complete) - keep)]]
+    newest_step = complete[-1][0] if complete else -1
+    doomed += [p for s, p in list_checkpoints(out, complete=False) if s < newest_step and not (p / STATE_DIR / STATE_FILE).is_file()]
+    root = out / CHECKPOINTS_DIR
+    doomed += [p for pattern in (".step-*.tmp-*", ".step-*.old-*") for p in root.glob(pattern) if p.is_dir()]  # a crash mid-save
+    for p in doomed:
+        if p != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def clear_run(out: Path) -> None:
+    """Forget a run that never completed a checkpoint: its log, partial checkpoints, previews."""
+    for name in (LOG_FILE, TRAIN_FILE, POINTER_FILE):
+        (out / name).unlink(missing_ok=True)
+    for name in (CHECKPOINTS_DIR, VALIDATION_DIR):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ logs
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after ``last_step`` (they are redone after a resume)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= last_step:
+                keep.append(line)
+        except (ValueError, AttributeError):
+            continue
+    atomic_write_text(path, "".join(f"{ln}\n" for ln in keep))
+
+
+# ------------------------------------------------------------------------------ RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global generator states, JSON-able."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------ EMA
+
+
+class EMA:
+    """Exponential moving average of parameters, in float32.
+
+    ``update()`` after each optimizer step: ``s <- d s + (1 - d) p`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at update ``n`` (a warm-up so early averages are not
+    dominated by the initial weights).
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float) -> None:
+        self.modules = modules
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {name: {k: p.detach().float().clone() for k, p in m.named_parameters()} for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, m in self.modules.items():
+            shadow = self.shadow[name]
+            for k, p in m.named_parameters():
+                shadow[k].lerp_(p.detach().float(), 1.0 - d)
+
+    @torch.no_grad()
+    def load(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        shadow = self.shadow[name]
+        missing = set(shadow) - set(tensors)
+        if missing:
+            raise InputError(f"EMA weights for {name} lack {sorted(missing)[0]}")
+        for k in shadow:
+            shadow[k].copy_(tensors[k])
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the modules (raw weights restored afterwards)."""
+        backup = {name: {k: p.detach().to("cpu", copy=True) for k, p in m.named_parameters()} for name, m in self.modules.items()}
+        try:
+            with torch.no_grad():
+                for name, m in self.modules.items():
+                    for k, p in m.named_parameters():
+                        p.copy_(self.shadow[name][k])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, m in self.modules.items():
+                    for k, p in m.named_parameters():
+                        p.copy_(backup[name][k])
