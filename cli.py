@@ -140,13 +140,20 @@ def generate_cmd(
     workers: Annotated[
         Optional[int], typer.Option("--workers", min=1, help="Sampler workers. Default: one per GPU (2 on CPU).")
     ] = None,
-    gpus: Annotated[Optional[int], typer.Option("--gpus", min=0, help="GPUs to use. Default: all.")] = None,
+    gpus: Annotated[
+        Optional[int], typer.Option("--gpus", min=0, help="GPUs to use, one sampler worker each. Default: all; 0: sample on CPU.")
+    ] = None,
     address: Annotated[
         Optional[str],
         typer.Option("--address", help="Join a Ray cluster (auto, HOST:PORT or ray://...) instead of starting one."),
     ] = None,
     ray_tmp: Annotated[
-        Optional[Path], typer.Option("--ray-tmp", help="Ray's temporary folder. Default: under the run directory.")
+        Optional[Path],
+        typer.Option(
+            "--ray-tmp",
+            help="Ray's temporary folder (local Ray only). Default: RUN/ray, or a short path in the temp dir "
+            "when that is too long for Ray's sockets.",
+        ),
     ] = None,
     no_ray: Annotated[
         bool, typer.Option("--no-ray", help="Run everything in this process (debugging; no fan-out).")
@@ -202,7 +209,241 @@ def generate_cmd(
 
 # --- filter / export commands (issue 6) ---
 
+_RUN_HELP = "Run directory. Default: the latest run made by `factory generate` in this directory."
+
+
+@app.command("filter")
+def filter_cmd(
+    run: Annotated[Optional[Path], typer.Option("--run", help=_RUN_HELP)] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="Selection name: written to RUN/selections/NAME.parquet (overwritten).")
+    ] = "default",
+    min_gsg: Annotated[
+        Optional[float], typer.Option("--min-gsg", help="Drop samples whose GSG score is below this (0..1).")
+    ] = None,
+    min_coverage: Annotated[
+        Optional[float], typer.Option("--min-coverage", help="Drop near-empty mattes: mean alpha below this.")
+    ] = None,
+    max_coverage: Annotated[
+        Optional[float], typer.Option("--max-coverage", help="Drop near-full mattes: mean alpha above this.")
+    ] = None,
+    drop_border: Annotated[
+        Optional[bool],
+        typer.Option("--drop-border/--keep-border", help="Drop objects cut by the image border.", show_default=False),
+    ] = None,
+    drop_key_color: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--drop-key-color/--keep-key-color",
+            help="Drop objects that contain the key colour (green inside the object).",
+            show_default=False,
+        ),
+    ] = None,
+    dedup_distance: Annotated[
+        Optional[int],
+        typer.Option(
+            "--dedup-distance",
+            help="Near-duplicates: perceptual-hash Hamming distance (bits) at or below which only the best "
+            "sample is kept; 0 = identical hashes only, -1 = off.",
+        ),
+    ] = None,
+    per_class_cap: Annotated[
+        Optional[int],
+        typer.Option("--per-class-cap", help="Keep at most this many samples per class (the best GSG); 0 = no cap."),
+    ] = None,
+    verify_files: Annotated[
+        bool,
+        typer.Option("--verify-files", help="Also read every kept sample's files and drop damaged ones (slow: reads the images)."),
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the counts; write no selection.")] = False,
+) -> None:
+    """Select the good samples of a run into a named selection (no image is copied).
+
+    Options left out take the manifest's `filter:` defaults. Only done samples are candidates; each
+    dropped sample is counted under the first reason that applies (low_gsg, empty_matte, full_matte,
+    touches_border, key_color, near_duplicate, class_cap). Re-running overwrites the selection.
+    """
+    from factory.filter import run_filter
+
+    summary = run_filter(
+        run,
+        name=name,
+        dry_run=dry_run,
+        verify_files=verify_files,
+        min_gsg=min_gsg,
+        min_coverage=min_coverage,
+        max_coverage=max_coverage,
+        drop_border=drop_border,
+        drop_key_color=drop_key_color,
+        dedup_distance=dedup_distance,
+        per_class_cap=per_class_cap,
+    )
+    for problem in summary.problems:
+        typer.echo(f"warning: {problem}", err=True)
+    for line in summary.lines():
+        _echo(line)
+
+
+@app.command("export")
+def export_cmd(
+    format: Annotated[
+        Optional[str],
+        typer.Option("--format", "-f", help="webdataset (tar shards) or folder (image/ alpha/ fg/ + metadata.jsonl). "
+                     "Default: the manifest's export.format."),
+    ] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", help=_RUN_HELP)] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: RUN/export/SELECTION-FORMAT.")
+    ] = None,
+    selection: Annotated[
+        Optional[str],
+        typer.Option("--selection", "-s", help="Selection to export. Default: the most recent one (all done samples if none)."),
+    ] = None,
+    all_done: Annotated[bool, typer.Option("--all", help="Export every done sample, ignoring selections.")] = False,
+    image_format: Annotated[
+        Optional[str], typer.Option("--image-format", help="png (bytes copied) or jpg (re-encoded).")
+    ] = None,
+    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", min=1, max=100, help="JPEG quality.")] = 95,
+    alpha_bits: Annotated[
+        Optional[int], typer.Option("--alpha-bits", help="8 or 16; copied when equal to the stored depth, else re-encoded.")
+    ] = None,
+    maxcount: Annotated[Optional[int], typer.Option("--maxcount", min=1, help="Samples per shard at most.")] = None,
+    maxsize: Annotated[
+        Optional[str], typer.Option("--maxsize", help="Bytes of members per shard at most, e.g. 1G, 512Mi, 3e9.")
+    ] = None,
+    split: Annotated[
+        Optional[list[str]],
+        typer.Option("--split", help="Held-out splits by class, e.g. val=0.05 (repeatable or comma-separated; "
+                     "'none' for train only). Train is the remainder."),
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the split and the shuffle.")] = None,
+    verify: Annotated[
+        str, typer.Option("--verify", help="crc: PNG structure, CRCs, size and channels (cheap); decode: also decode every image.")
+    ] = "crc",
+    strict: Annotated[bool, typer.Option("--strict", help="Stop with exit 1 at the first damaged sample.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard an earlier export in --out and start over.")] = False,
+    no_fsync: Annotated[
+        bool, typer.Option("--no-fsync", help="Do not fsync shards before renaming them (faster, less durable).")
+    ] = False,
+) -> None:
+    """Write the selected samples as WebDataset shards or a folder tree, with a dataset card.
+
+    Options left out take the manifest's `export:` defaults. Shards are written under a temporary
+    name and renamed when complete; re-running the same command resumes (or restarts cleanly when the
+    plan changed). Damaged samples are reported as `KEY: corrupt ...` and skipped (exit 1 with --strict).
+    """
+    from factory.export import ExportOptions, run_export
+    from factory.export.common import parse_size, parse_splits
+
+    summary = run_export(
+        ExportOptions(
+            run=run,
+            format=format,
+            out=out,
+            selection=selection,
+            all_done=all_done,
+            image_format=image_format,
+            alpha_bits=alpha_bits,
+            maxcount=maxcount,
+            maxsize=parse_size(maxsize),
+            splits=parse_splits(split),
+            seed=seed,
+            jpeg_quality=jpeg_quality,
+            verify=verify,
+            strict=strict,
+            restart=restart,
+            fsync=not no_fsync,
+        ),
+        on_problem=lambda line: typer.echo(f"warning: {line}", err=True),
+    )
+    for line in summary.lines():
+        _echo(line)
+
+
 # --- train command (issue 7) ---
+
+
+@app.command("train")
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, logs, validation images. "
+                                      "It is itself a model for `factory generate --model OUT` (the latest checkpoint).")],
+    data: Annotated[
+        Optional[list[str]],
+        typer.Option("--data", "-d", help="Matting set: a folder (image/ + alpha/ [+ fg/], or KEY.png + KEY.alpha.png "
+                     "[+ KEY.fg.png, KEY.json]) or WebDataset shards (a .tar, a {000..009} pattern, or a folder of "
+                     ".tar). Repeatable."),
+    ] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", help="Base model: 'tiny' (random test model), a diffusers SD1.5 folder, or a "
+                     "DiffuMatting checkpoint to continue (its head too). Default: tiny."),
+    ] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps in total. Default: 10000.")] = None,
+    stage: Annotated[
+        Optional[str],
+        typer.Option("--stage", help="generator (UNet: L_noise + L_g + L_detail), joint (UNet + matting head, all "
+                     "losses), or both: generator for half the steps, then joint (the paper). Default: both."),
+    ] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Samples per device per step. Default: 2.")] = None,
+    resolution: Annotated[
+        Optional[int], typer.Option("--resolution", min=16, help="Square training size in pixels (SD1.5: a multiple of 64). Default: 512.")
+    ] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="UNet learning rate. Default: 2e-6 (the paper).")] = None,
+    checkpoint_every: Annotated[
+        Optional[int], typer.Option("--checkpoint-every", min=1, help="Checkpoint (and validation samples) every K steps. Default: 500.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out exactly from its latest checkpoint "
+                           "(optimizer, lr schedule, step, RNG, data order).")
+    ] = False,
+    captions: Annotated[
+        Optional[Path], typer.Option("--captions", help="Captions file: .jsonl ({\"key\", \"caption\"}), .json (key -> caption) "
+                                     "or .tsv (KEY<TAB>caption). Wins over the samples' metadata.")
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML of training settings (docs/train.md); options given here win.")
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of data order, augmentation, noise and a new head. Default: 0.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="torch device (cpu, cuda, cuda:1). Default: CUDA if available.")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Data-parallel training processes on Ray Train (one GPU each, or CPU "
+                          "processes without GPU). 1 = this process only.")
+    ] = 1,
+    address: Annotated[
+        Optional[str], typer.Option("--address", help="With --workers: join this Ray cluster (auto, HOST:PORT) for multi-node training.")
+    ] = None,
+    stop_at: Annotated[
+        Optional[int], typer.Option("--stop-at", min=1, help="Stop (with a checkpoint) after this step; continue later with --resume.")
+    ] = None,
+) -> None:
+    """Fine-tune a Stable Diffusion 1.5 model into a DiffuMatting model (green canvas + matting head).
+
+    Objects from the matting sets are composited on the fly onto greens, and the model learns the
+    denoising loss, green background control (the "green" token's cross-attention vs the background),
+    boundary detail (Sobel features in the transition band) and, with the matting head, a coarse
+    alpha (Dice + L1). See docs/train.md for every setting and its default.
+    """
+    from factory.train import TrainOptions, run_train
+
+    overrides = {
+        "data": data or None,
+        "model": model,
+        "steps": steps,
+        "stage": stage,
+        "batch_size": batch_size,
+        "resolution": resolution,
+        "lr": lr,
+        "checkpoint_every": checkpoint_every,
+        "captions": str(captions) if captions is not None else None,
+        "seed": seed,
+        "device": device,
+    }
+    summary = run_train(
+        TrainOptions(out=out, overrides={k: v for k, v in overrides.items() if v is not None}, config_file=config,
+                     resume=resume, stop_at=stop_at, workers=workers, address=address)
+    )
+    for line in summary.lines():
+        _echo(line)
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -1,0 +1,244 @@
+"""Starting, joining and sizing the Ray instance that `factory generate` fans out over.
+
+- No ``--address``: a local Ray instance sized to this machine (all its GPUs and CPUs), whose
+  temporary files go under ``<run>/ray`` (or ``--ray-tmp``); it is shut down at the end. A driver
+  killed with SIGKILL takes it down too (Ray's processes share the fate of the driver that started
+  them).
+- ``--address auto|HOST:PORT|ray://...``: join an existing cluster; its temporary files are the
+  cluster's own, and the ``factory`` package is shipped to its workers (``py_modules``).
+- A Ray session that is already initialised in this process (tests, notebooks) is used as it is and
+  left running.
+
+Sizing (:func:`plan_workers`): one sampler actor per GPU (``--gpus`` caps the GPUs, ``--workers``
+the actors; more actors than GPUs share them); with no GPU, ``--workers`` (default 2) CPU sampler
+actors. The CPUs not reserved by sampler actors run the finishing tasks (matting, scoring, PNG
+encoding); at least one CPU is always left to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factory.errors import InputError, RunError
+
+#: Default number of CPU sampler actors on a machine without GPU.
+DEFAULT_CPU_WORKERS = 2
+#: Ray's Unix sockets live at ``<tmp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store``;
+#: AF_UNIX paths are limited to 107 bytes, which leaves this much for ``<tmp>`` itself.
+MAX_TEMP_DIR_CHARS = 107 - len("/session_2024-01-01_00-00-00_000000_4194304/sockets/plasma_store.99")
+#: Ray session folders kept under a run's temp dir (older ones are deleted at start).
+KEEP_SESSIONS = 2
+
+ENV_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+@dataclass
+class RaySession:
+    """The Ray instance this run uses, and whether this run must shut it down."""
+
+    owned: bool
+    mode: str  # "local", "cluster" or "existing"
+    temp_dir: Path | None
+    runtime_env: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many sampler actors, with which resources, and how many CPUs are left for finishing."""
+
+    workers: int
+    gpus_per_worker: float  # 0 for CPU sampler actors
+    cpus_per_worker: float  # Ray's (logical) CPU reservation of one sampler actor
+    threads_per_worker: int  # torch threads inside one sampler actor
+    finish_slots: int  # finishing tasks that can run at once (one CPU each)
+    total_cpus: float
+    total_gpus: float
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    def describe(self) -> str:
+        kind = "GPU" if self.on_gpu else "CPU"
+        share = f", {self.gpus_per_worker:g} GPU each" if self.on_gpu and self.gpus_per_worker != 1 else ""
+        return (
+            f"{self.workers} {kind} sampler worker{'s' if self.workers != 1 else ''}{share}, "
+            f"{self.finish_slots} finishing slot{'s' if self.finish_slots != 1 else ''} "
+            f"({self.total_cpus:g} CPUs, {self.total_gpus:g} GPUs)"
+        )
+
+
+# ------------------------------------------------------------------------------ temp dir
+
+
+def choose_temp_dir(run_dir: Path, ray_tmp: Path | None) -> tuple[Path, str | None]:
+    """Ray's temp dir: ``ray_tmp`` or ``<run>/ray``; a short one when that is too long for sockets.
+
+    Returns the folder and, when it had to fall back, a note saying where and why.
+    """
+    wanted = Path(os.path.abspath(ray_tmp if ray_tmp is not None else Path(run_dir) / "ray"))
+    if len(str(wanted)) <= MAX_TEMP_DIR_CHARS:
+        return wanted, None
+    digest = hashlib.sha1(str(wanted).encode()).hexdigest()[:10]
+    base = Path(tempfile.gettempdir())
+    if len(str(base)) > MAX_TEMP_DIR_CHARS - 22:
+        base = Path("/tmp")
+    short = base / f"factory-ray-{digest}"
+    note = (
+        f"ray: temporary files in {short} ({wanted} is {len(str(wanted))} characters, too long for Ray's "
+        f"sockets, at most {MAX_TEMP_DIR_CHARS}; pass a shorter --ray-tmp to choose)"
+    )
+    return short, note
+
+
+def prune_sessions(temp_dir: Path, keep: int = KEEP_SESSIONS) -> None:
+    """Delete all but the newest ``keep - 1`` Ray session folders (a new one is about to be made)."""
+    if not temp_dir.is_dir():
+        return
+    sessions = sorted(p for p in temp_dir.glob("session_*") if p.is_dir() and not p.is_symlink())
+    for old in sessions[: max(0, len(sessions) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ start / join
+
+
+def package_root() -> Path:
+    """The folder holding the ``factory`` package (the repository root in a checkout)."""
+    import factory
+
+    return Path(factory.__file__).resolve().parent.parent
+
+
+def worker_env_vars() -> dict[str, str]:
+    """Environment for Ray workers: the package importable, one BLAS/OpenMP thread per task.
+
+    Sampler actors set torch's thread count themselves; finishing tasks run one per CPU.
+    """
+    root = str(package_root())
+    path = os.environ.get("PYTHONPATH", "")
+    env = {"PYTHONPATH": root + (os.pathsep + path if path else "")}
+    for var in ENV_THREAD_VARS:
+        env[var] = "1"
+    if "NUMBA_CACHE_DIR" in os.environ:
+        env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+    return env
+
+
+def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: int | None, workers: int | None) -> RaySession:
+    """Start a local Ray instance, join a cluster, or use the session already initialised."""
+    import ray
+
+    env = worker_env_vars()
+    if ray.is_initialized():
+        # Its workers see what its driver set up (an installed package, or its own runtime_env).
+        return RaySession(owned=False, mode="existing", temp_dir=None, runtime_env={})
+    if address:
+        # Ship this package to the cluster's workers so they run the driver's code.
+        runtime_env = {"env_vars": {k: v for k, v in env.items() if k != "PYTHONPATH"}, "py_modules": [str(package_root() / "factory")]}
+        notes = []
+        if ray_tmp is not None:
+            notes.append("ray: --ray-tmp is ignored with --address (the cluster keeps its own temporary files)")
+        try:
+            ray.init(
+                address=address,
+                runtime_env=runtime_env,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RunError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from exc
+        return RaySession(owned=True, mode="cluster", temp_dir=None, runtime_env={}, notes=notes)
+    temp_dir, note = choose_temp_dir(run_dir, ray_tmp)
+    try:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{temp_dir}: cannot create Ray's temporary folder ({exc.strerror or exc})") from exc
+    prune_sessions(temp_dir)
+    notes = []
+    if note:
+        print(note, file=sys.stderr)
+        notes.append(note)
+    num_gpus = None
+    if gpus is not None:
+        num_gpus = min(gpus, detect_gpus())
+    cpus = os.cpu_count() or 1
+    try:
+        ray.init(
+            address="local",  # never join a cluster named by RAY_ADDRESS without --address
+            num_cpus=cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            _temp_dir=str(temp_dir),
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line for the user
+        raise RunError(f"cannot start a local Ray instance in {temp_dir}: {' '.join(str(exc).split())[:300]}") from exc
+    return RaySession(owned=True, mode="local", temp_dir=temp_dir, runtime_env={}, notes=notes)
+
+
+def detect_gpus() -> int:
+    """GPUs on this machine, without initialising CUDA in the driver."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    with contextlib.suppress(Exception):
+        import torch
+
+        return int(torch.cuda.device_count())
+    return 0
+
+
+# ------------------------------------------------------------------------------ sizing
+
+
+def plan_workers(resources: dict[str, float], gpus: int | None, workers: int | None) -> WorkerPlan:
+    """Sampler actors and finishing slots for a cluster with ``resources`` (``ray.cluster_resources()``)."""
+    total_cpus = float(resources.get("CPU", 0.0))
+    total_gpus = float(resources.get("GPU", 0.0))
+    if total_cpus < 1:
+        raise RunError(f"the Ray cluster has {total_cpus:g} CPUs; factory needs at least one for finishing samples")
+    if gpus is not None and gpus > total_gpus:
+        raise InputError(f"--gpus {gpus}: the Ray cluster has {total_gpus:g} GPUs")
+    use_gpus = total_gpus if gpus is None else float(gpus)
+    if use_gpus >= 1:
+        n = workers or int(use_gpus)
+        gpus_per = 1.0 if n <= use_gpus else use_gpus / n
+        # One CPU per GPU actor drives the sampling loop (tokenizer, host-side decode).
+        cpus_per = 1.0 if total_cpus - n >= 1 else max(0.01, (total_cpus - 1) / n)
+        threads = 1
+    else:
+        n = workers or DEFAULT_CPU_WORKERS
+        gpus_per = 0.0
+        threads = max(1, int(total_cpus) // (n + 1))
+        # Ray's CPU counts are logical: keep at least one CPU for finishing tasks.
+        cpus_per = min(float(threads), max(0.01, (total_cpus - 1) / n))
+    cpus_per = round(cpus_per, 4)
+    finish_slots = max(1, int(total_cpus - n * cpus_per + 1e-6))
+    return WorkerPlan(
+        workers=n,
+        gpus_per_worker=round(gpus_per, 4),
+        cpus_per_worker=cpus_per,
+        threads_per_worker=threads,
+        finish_slots=finish_slots,
+        total_cpus=total_cpus,
+        total_gpus=total_gpus,
+    )

@@ -1,0 +1,321 @@
+"""`factory generate`: plan -> sample -> matte -> score -> store, resumable.
+
+The driver (this module) is the single writer of the run store. Work goes to an *executor*, which
+yields finished samples in batches as they complete:
+
+- :class:`LocalExecutor` samples and finishes in this process (``--no-ray``; debugging, tests);
+- ``factory.distribute.RayExecutor`` fans out over Ray sampler actors (one per GPU) and CPU tasks.
+
+Every yielded batch is committed to the store at once, so an interrupted run loses at most the
+samples in flight, and re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, overload
+
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from factory.errors import InputError, Interrupted
+from factory.finish import FinishSettings, failed_result, finish_sample
+from factory.manifest import CanvasSettings, Manifest, ModelSpec, SamplerSettings, load_manifest
+from factory.plan import PlanRow, table_rows
+from factory.store import SampleResult, RunStore, remember_latest_run
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What the CLI passes; ``None`` means the manifest's setting or an automatic choice."""
+
+    manifest: Path
+    n: int
+    out: Path | None = None
+    model: str | None = None
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    allow_pickle: bool = False
+    safety_checker: bool = False
+    batch_size: int | None = None
+    workers: int | None = None
+    gpus: int | None = None
+    address: str | None = None
+    ray_tmp: Path | None = None
+    use_ray: bool = True
+    restart: bool = False
+    device: str | None = None
+    compile: bool = False
+    seed: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """What a sampler worker needs to load its model and finish samples (picklable).
+
+    ``batch_size`` None lets each sampler choose (its ``batch_size``: fitted to its GPU's memory).
+    ``sampler_factory``: a callable or ``"module:function"`` used instead of ``load_sampler``, with
+    the same arguments; a seam for fault-injection tests (picklable), never set by the CLI.
+    """
+
+    model: ModelSpec
+    sampler: SamplerSettings
+    canvas: CanvasSettings
+    finish: FinishSettings
+    batch_size: int | None
+    device: str | None = None
+    compile: bool = False
+    sampler_factory: Any = None
+
+
+class Executor(Protocol):
+    def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class GenerateSummary:
+    run: Path
+    planned: int
+    skipped: int = 0  # done before this invocation
+    done: int = 0  # done by this invocation
+    failed: int = 0
+    damaged: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"run: {self.run}",
+            f"samples: {self.planned} planned, {self.skipped + self.done} done "
+            f"({self.done} now, {self.skipped} before), {self.failed} failed",
+        ]
+        if self.done:
+            out.append(f"time: {self.seconds:.1f} s, {self.images_per_s:.2f} images/s")
+        if self.damaged:
+            out.append(f"redone: {self.damaged} samples whose files were missing or damaged")
+        out.extend(self.notes)
+        return out
+
+
+# ------------------------------------------------------------------------------ the batch
+
+
+def process_batch(sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
+    """Sample a batch, then finish each sample. A batch-wide exception fails every row with it."""
+    try:
+        generated = sampler.sample(rows)
+    except Exception as exc:  # noqa: BLE001 - recorded per row; the run goes on
+        return [failed_result(r, f"sampling failed: {type(exc).__name__}: {exc}", finish, worker=worker) for r in rows]
+    return finish_generated(rows, generated, finish, worker)
+
+
+def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
+    results = []
+    for row, gen in zip(rows, generated, strict=True):
+        if gen.error:
+            results.append(failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds))
+        else:
+            results.append(finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker))
+    return results
+
+
+def load_work_sampler(spec: WorkSpec, device: str | None) -> Any:
+    """The sampler a worker uses: ``load_sampler``, or the test seam ``spec.sampler_factory``."""
+    if callable(spec.sampler_factory):
+        factory = spec.sampler_factory
+    elif spec.sampler_factory:
+        import importlib
+
+        module, _, name = spec.sampler_factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+    else:
+        from factory.sampler import load_sampler as factory
+    return factory(spec.model, spec.sampler, spec.canvas, device=device, compile=spec.compile)
+
+
+def worker_batch_size(spec: WorkSpec, sampler: Any, device: str | None) -> int:
+    """Rows per sampler call: the command's or manifest's, else the sampler's own choice."""
+    return int(spec.batch_size or getattr(sampler, "batch_size", None) or default_batch_size(spec.sampler, device))
+
+
+class LocalExecutor:
+    """Everything in this process: one sampler, batches in plan order."""
+
+    def __init__(self, spec: WorkSpec) -> None:
+        self.spec = spec
+        self.sampler = load_work_sampler(spec, spec.device)
+        self.batch_size = worker_batch_size(spec, self.sampler, spec.device)
+
+    def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]:
+        size = self.batch_size
+        for start in range(0, len(rows), size):
+            yield process_batch(self.sampler, rows[start : start + size], self.spec.finish, worker="local")
+
+    def close(self) -> None:
+        self.sampler = None
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+def resolve_manifest(opts: GenerateOptions) -> Manifest:
+    """The manifest with the command line's overrides applied."""
+    manifest = load_manifest(opts.manifest)
+    top: dict[str, Any] = {}
+    if opts.model is not None or opts.loras or opts.allow_pickle or opts.safety_checker:
+        data = manifest.model.model_dump()
+        if opts.model is not None:
+            data["source"] = opts.model
+        data["loras"] += [{"path": path, "scale": scale} for path, scale in opts.loras]
+        data["allow_pickle"] = data["allow_pickle"] or opts.allow_pickle
+        data["safety_checker"] = data["safety_checker"] or opts.safety_checker
+        top["model"] = ModelSpec.model_validate(data)
+    if opts.seed is not None:
+        top["seed"] = opts.seed
+    return manifest.model_copy(update=top) if top else manifest
+
+
+def default_batch_size(settings: SamplerSettings, device: str | None) -> int:
+    """Images per sampler call when neither the command, the manifest nor the sampler says."""
+    return settings.batch_size or 2
+
+
+class PlanRows(Sequence[PlanRow]):
+    """Plan rows made on demand from the pending plan table: N rows cost the table, not N objects."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @overload
+    def __getitem__(self, i: int) -> PlanRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[PlanRow]: ...
+    def __getitem__(self, i: int | slice) -> PlanRow | list[PlanRow]:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return table_rows(self.table.slice(start, max(0, stop - start)))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return table_rows(self.table.slice(i, 1))[0]
+
+
+def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> GenerateSummary:
+    """Run (or resume) a generation. ``executor_factory(spec, opts)`` is a seam for tests."""
+    from factory.sampler import model_identity
+
+    if opts.n <= 0:
+        raise InputError(f"--n must be a positive integer, got {opts.n}")
+    manifest = resolve_manifest(opts)
+    identity = model_identity(manifest.model)
+    out = opts.out or Path("runs") / manifest.name
+    opts = dataclasses.replace(opts, out=out)  # executors put their temporary files under the run
+    store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart)
+    try:
+        remember_latest_run(store.root)
+        return _drive(store, manifest, identity, opts, executor_factory)
+    finally:
+        store.release_lock()
+
+
+def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any) -> GenerateSummary:
+    state = store.resume()
+    summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
+    rows = PlanRows(state.pending)
+    if not rows:
+        summary.notes.append("nothing to do: every planned sample is done")
+        store.fold()
+        return summary
+    sampler = manifest.sampler
+    if opts.batch_size:  # the sampler's own chunking follows --batch-size (it never changes an image)
+        sampler = sampler.model_copy(update={"batch_size": opts.batch_size})
+    spec = WorkSpec(
+        model=manifest.model,
+        sampler=sampler,
+        canvas=manifest.canvas,
+        finish=FinishSettings(
+            model=identity,
+            canvas_color=tuple(manifest.canvas.color),
+            alpha_bits=manifest.export.alpha_bits,
+            sampler={"steps": manifest.sampler.steps, "guidance": manifest.sampler.guidance, "scheduler": manifest.sampler.scheduler},
+        ),
+        batch_size=opts.batch_size or manifest.sampler.batch_size,
+        device=opts.device,
+        compile=opts.compile,
+    )
+    factory = executor_factory or _default_executor
+    start = time.perf_counter()
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not opts.progress,
+        transient=False,
+    )
+    executor = None
+    try:
+        # Ctrl-C anywhere from here (starting the workers, the loop, shutting them down) ends
+        # as Interrupted with what is committed; executors defer it while they shut down.
+        try:
+            executor = factory(spec, opts)
+            with progress:
+                task = progress.add_task("generate", total=len(rows), failed=0, rate="-")
+                for results in executor.run(rows):
+                    store.save(results)
+                    ok = sum(r.status == "done" for r in results)
+                    summary.done += ok
+                    summary.failed += len(results) - ok
+                    elapsed = time.perf_counter() - start
+                    progress.update(task, advance=len(results), failed=summary.failed, rate=f"{summary.done / elapsed:.2f}")
+        finally:
+            if executor is not None:
+                executor.close()
+                summary.notes.extend(executor_notes(executor))
+    except KeyboardInterrupt as exc:
+        summary.seconds = time.perf_counter() - start
+        store.fold()
+        raise Interrupted(
+            f"interrupted; {summary.skipped + summary.done} samples are committed in {store.root}; "
+            "re-run the same command to resume"
+        ) from exc
+    summary.seconds = time.perf_counter() - start
+    store.fold()
+    store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
+    return summary
+
+
+def executor_notes(executor: Any) -> list[str]:
+    """What the executor has to say in the summary (sizing, faults), if it says anything."""
+    notes = getattr(executor, "summary_notes", None)
+    return list(notes()) if callable(notes) else []
+
+
+def _default_executor(spec: WorkSpec, opts: GenerateOptions) -> Executor:
+    if not opts.use_ray:
+        return LocalExecutor(spec)
+    from factory.distribute import RayExecutor
+
+    return RayExecutor(spec, opts)
