@@ -327,7 +327,7 @@ def test_two_processes_train_data_parallel(toy: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("FACTORY_TEST_RAY_TRAIN"), reason="Ray Train smoke test: set FACTORY_TEST_RAY_TRAIN=1 (about a minute on 2 cores)")
+@pytest.mark.timeout(300)
 def test_ray_train_two_workers(toy: Path, tmp_path: Path) -> None:
     out = tmp_path / "ray"
     values = {**FAST, "data": [str(toy)], "steps": 2, "checkpoint_every": 2, "stage": "joint", "batch_size": 1}
