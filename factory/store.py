@@ -39,6 +39,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -445,9 +446,14 @@ class RunStore:
     # -------------------------------------------------------------- writing
 
     def save(self, results: Sequence[SampleResult]) -> None:
-        """Write the samples' files, then commit their index rows as one journal chunk."""
+        """Write the samples' files, then commit their index rows as one journal chunk.
+
+        Files are written (and fsynced) by a small thread pool: fsync waits on the disk, not the
+        CPU, so parallel writes keep one driver ahead of many GPUs.
+        """
         if not results:
             return
+        writes: list[tuple[Path, bytes]] = []
         rows = []
         for res in results:
             fields = dict(res.fields)
@@ -457,9 +463,13 @@ class RunStore:
                 for suffix, data in res.files.items():
                     if suffix not in SAMPLE_SUFFIXES:
                         raise ValueError(f"unknown sample file suffix {suffix!r}")
-                    atomic_write_bytes(folder / f"{res.key}{suffix}", data)
+                    writes.append((folder / f"{res.key}{suffix}", data))
                     fields[_SIZE_COLUMN[suffix]] = len(data)
             rows.append(_index_row(res, fields))
+        if len(writes) > 1:
+            list(_writer_pool().map(lambda w: atomic_write_bytes(*w), writes))
+        elif writes:
+            atomic_write_bytes(*writes[0])
         self._commit(rows)
 
     def _commit(self, rows: list[dict[str, Any]]) -> None:
@@ -515,6 +525,16 @@ def _mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str)
     if existing.get("model") != model_identity:
         return f"made with a different model ({existing.get('model')}, now {model_identity})"
     return None
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _writer_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="factory-store")
+    return _POOL
 
 
 def _check_writable(root: Path) -> None:
