@@ -164,6 +164,24 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def take_lock(path: Path, busy_message: str) -> io.BufferedRandom:
+    """An exclusive advisory lock (``flock``) on ``path``, held until released or the process dies."""
+    fh = open(path, "a+b")  # noqa: SIM115 - held by the caller
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise InputError(busy_message) from exc
+    return fh
+
+
+def release_lock(fh: io.BufferedRandom | None) -> None:
+    if fh is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+
+
 # ------------------------------------------------------------------------------ results
 
 
@@ -209,7 +227,7 @@ class RunStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._lock_fh: io.BufferedWriter | None = None
+        self._lock_fh: io.BufferedRandom | None = None
         self._seq: int | None = None
         self._chunks_since_fold = 0
         self.fold_every = 64  # journal chunks between rewrites of index.parquet
@@ -288,20 +306,11 @@ class RunStore:
     def acquire_lock(self) -> None:
         """Take the run's writer lock, or fail in one line if another process holds it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fh = open(self.root / LOCK_FILE, "a+b")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.close()
-            raise InputError(f"{self.root}: another factory process is writing this run") from exc
-        self._lock_fh = fh
+        self._lock_fh = take_lock(self.root / LOCK_FILE, f"{self.root}: another factory process is writing this run")
 
     def release_lock(self) -> None:
-        if self._lock_fh is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
-            self._lock_fh.close()
-            self._lock_fh = None
+        release_lock(self._lock_fh)
+        self._lock_fh = None
 
     def __enter__(self) -> RunStore:
         return self

@@ -19,7 +19,6 @@ The hash is splitmix64, vectorised in numpy: platform-independent, no per-row Py
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -40,7 +39,16 @@ from factory import __version__
 from factory.errors import InputError, RunError
 from factory.filter import Selection, list_selections, load_selection, read_index, run_manifest
 from factory.manifest import Manifest
-from factory.store import INDEX_SCHEMA, STATUS_DONE, TMP_PREFIX, RunStore, atomic_write_text, resolve_run
+from factory.store import (
+    INDEX_SCHEMA,
+    STATUS_DONE,
+    TMP_PREFIX,
+    RunStore,
+    atomic_write_text,
+    release_lock,
+    resolve_run,
+    take_lock,
+)
 
 FORMATS = ("webdataset", "folder")
 IMAGE_FORMATS = ("png", "jpg")
@@ -584,23 +592,14 @@ class OutDir:
             raise InputError(f"{root}: exists, is not empty and is not a factory export; choose another --out")
         try:
             root.mkdir(parents=True, exist_ok=True)
-            fh = open(root / LOCK_FILE, "a+b")  # noqa: SIM115 - held while exporting
+            self._lock = take_lock(root / LOCK_FILE, f"{root}: another factory export is writing here")
         except OSError as exc:
             raise InputError(f"{root}: cannot create the output folder ({exc.strerror or exc})") from exc
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            fh.close()
-            raise InputError(f"{root}: another factory export is writing here") from exc
-        self._lock = fh
         return previous
 
     def close(self) -> None:
-        if self._lock is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
+        release_lock(self._lock)
+        self._lock = None
 
     def remove_temporaries(self) -> int:
         """Delete temporary files left by a killed export (we hold the lock, so none is live)."""

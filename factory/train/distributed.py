@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from factory.errors import FactoryError, InputError, RunError
+from factory.sampler.pipeline import resolve_device
 
 
 @dataclass
@@ -97,15 +98,8 @@ class Dist:
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but no CUDA GPU is available")
-    return dev
+    """The training device: the sampler's rule (None = CUDA when present, else CPU)."""
+    return resolve_device(device)
 
 
 def single(device: str | None) -> Dist:
