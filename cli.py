@@ -207,6 +207,99 @@ def generate_cmd(
 
 # --- matte / eval commands (issue 3) ---
 
+
+def _parse_rgb(value: str, option: str) -> tuple[int, int, int]:
+    from factory.errors import InputError
+
+    try:
+        rgb = tuple(int(part) for part in value.replace(" ", "").split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+        raise InputError(f"{option} {value}: give R,G,B as three integers 0..255, e.g. 0,255,0")
+    return rgb  # type: ignore[return-value]
+
+
+def _print_table(table: object) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped: do not squeeze the columns into 80 characters
+        console = Console(width=160)
+    console.print(table)
+
+
+@app.command("matte")
+def matte_cmd(
+    in_dir: Annotated[
+        Path, typer.Argument(help="Folder of images of objects on a green screen (.png .jpg .jpeg .webp).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")],
+    bits: Annotated[int, typer.Option("--bits", help="Alpha bit depth: 8 or 16.")] = 8,
+    workers: Annotated[
+        Optional[int], typer.Option("--workers", min=1, help="Processes. Default: one per CPU core.")
+    ] = None,
+    reference: Annotated[
+        str, typer.Option("--reference", help="Reference green of the GSG score, as R,G,B.")
+    ] = "0,255,0",
+) -> None:
+    """Matte every image of IN_DIR with GreenPost (alpha and green-free foreground) and score its canvas.
+
+    Writes OUT/STEM.alpha.png (single channel, --bits 8 or 16), OUT/STEM.fg.png (RGB foreground,
+    despilled) and OUT/matte.csv (per file: status, GSG score and distance, canvas colour,
+    background uniformity, key-colour flag, timings). A corrupt or non-RGB file is reported in one
+    line and skipped. Exit code: 0 if at least one image was matted, 1 if none could be, 2 for bad
+    usage (missing folder, no images, unwritable output).
+    """
+    from factory.errors import RunError
+    from factory.matte.folder import matte_folder
+
+    summary = matte_folder(in_dir, out, bits=bits, workers=workers, reference=_parse_rgb(reference, "--reference"))
+    _echo(
+        f"matted {summary.processed} of {len(summary.rows)} files in {summary.seconds:.1f} s "
+        f"({summary.skipped} skipped, {summary.failed} failed); outputs and {summary.summary_path.name} in {out}"
+    )
+    if summary.processed == 0:
+        raise RunError(f"no image in {in_dir} could be matted ({summary.skipped} skipped, {summary.failed} failed)")
+
+
+@app.command("eval")
+def eval_cmd(
+    pred: Annotated[
+        Path, typer.Option("--pred", help="Predicted mattes: STEM.alpha.png (as written by `factory matte`) or STEM.png.")
+    ],
+    gt: Annotated[Path, typer.Option("--gt", help="Ground-truth mattes STEM.png (8/16-bit, grey or equal RGB).")],
+    trimap: Annotated[
+        Optional[Path],
+        typer.Option("--trimap", help="Trimaps STEM.png (0 / 128 / 255): metrics on the unknown region only."),
+    ] = None,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the per-image metrics and the mean as JSON here.")
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option("--workers", min=1, help="Processes. Default: one per CPU core.")
+    ] = None,
+) -> None:
+    """Matting metrics of predicted mattes against ground truth: per image and the mean, as a table.
+
+    SAD, MSE, Grad and Conn follow the Composition-1k evaluation code (SAD, Grad and Conn divided by
+    1000; MSE shown x1000 in the table, raw in the JSON), on the trimap's unknown region when
+    --trimap is given and on the whole image otherwise; whole-image SAD and mean absolute
+    difference are always added. Files pair up by stem; a missing or mismatched one is reported
+    and left out of the mean.
+    """
+    from factory.evaluate import evaluate_folders
+
+    if json_out is not None:
+        _check_output_file(json_out)
+    report = evaluate_folders(pred, gt, trimap, workers=workers)
+    for line in report.issues:
+        typer.echo(f"warning: {line}", err=True)
+    _print_table(report.table())
+    if json_out is not None:
+        json_out.write_text(report.to_json())
+        _echo(f"metrics written to {json_out}")
+
 # --- filter / export commands (issue 6) ---
 
 _RUN_HELP = "Run directory. Default: the latest run made by `factory generate` in this directory."

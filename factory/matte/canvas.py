@@ -1,0 +1,228 @@
+"""The green canvas: its colour (K-Means) and a spatially varying background plate.
+
+A generated "pure green" board is never one flat colour: it has lighting gradients, vignetting, a
+drift of hue across the board and soft shadows cast by the object. GreenPost therefore keys against
+a *plate*: an estimate of the board's colour at every pixel, including behind the object, built from
+the pixels that are board for sure and filled in elsewhere by push-pull interpolation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from sklearn.cluster import KMeans
+
+from factory.matte.fill import push_pull
+
+# Two canvas-like clusters with directions closer than this are one board under different lighting.
+_SAME_BOARD_DEG = 8.0
+
+
+def key_channels(key_color: tuple[int, int, int] | np.ndarray) -> tuple[int, int, int]:
+    """(dominant channel, other, other) of a key colour: (1, 0, 2) for any green."""
+    d = int(np.argmax(np.asarray(key_color, dtype=np.float64)))
+    o1, o2 = [c for c in range(3) if c != d]
+    return d, o1, o2
+
+
+def key_excess(rgb: np.ndarray, key_color: tuple[int, int, int] | np.ndarray) -> np.ndarray:
+    """Colour-difference signal ``dominant - max(others)`` (``G - max(R, B)`` for green), float32.
+
+    It is about zero for greys and below zero for most object colours, and largest on the canvas,
+    which is what makes a colour-difference key work."""
+    d, o1, o2 = key_channels(key_color)
+    x = np.asarray(rgb, dtype=np.float32)
+    return x[..., d] - np.maximum(x[..., o1], x[..., o2])
+
+
+def chroma_direction(rgb: np.ndarray) -> np.ndarray:
+    """Unit chroma vector: the colour minus its grey component, normalised (brightness-free)."""
+    x = np.asarray(rgb, dtype=np.float32)
+    c = x - x.mean(axis=-1, keepdims=True)
+    return c / (np.linalg.norm(c, axis=-1, keepdims=True) + 1e-6)
+
+
+@dataclass(frozen=True)
+class CanvasColor:
+    """The estimated canvas colour and how much of the sampled image it covers."""
+
+    color: tuple[int, int, int]
+    coverage: float  # share of the sampled (non-excluded) pixels assigned to the canvas clusters
+    border_coverage: float  # the same share among the sampled border pixels
+    spread: float  # median RGB distance (0..255 scale) of the canvas pixels from ``color``
+
+
+def grid_samples(image: np.ndarray, keep: np.ndarray | None, max_samples: int) -> np.ndarray:
+    """About ``max_samples`` pixels on a regular grid (those where ``keep`` is False left out)."""
+    h, w = image.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    sub = image[step // 2 :: step, step // 2 :: step]
+    if keep is not None:
+        sub = sub[keep[step // 2 :: step, step // 2 :: step]]
+    return sub.reshape(-1, 3).astype(np.float32)
+
+
+def _border_mask(shape: tuple[int, int], width: int) -> np.ndarray:
+    m = np.zeros(shape, dtype=bool)
+    m[:width], m[-width:], m[:, :width], m[:, -width:] = True, True, True, True
+    return m
+
+
+def estimate_canvas_color(
+    image: np.ndarray,
+    exclude: np.ndarray | None = None,
+    n_clusters: int = 4,
+    max_samples: int = 4096,
+    seed: int = 0,
+) -> CanvasColor:
+    """Estimate the canvas colour of an RGB uint8 image with K-Means.
+
+    Pixels on a regular grid (about ``max_samples``; those where ``exclude`` is True left out) are
+    clustered in RGB. The canvas is the cluster with the largest share of all samples plus share of
+    the image-border samples: the board surrounds an object drawn in the middle, so a large object of
+    one colour does not win. Clusters whose colour points in nearly the same RGB direction (the same
+    board, lit differently) are merged into it; the colour is the mean of their pixels.
+    """
+    h, w = image.shape[:2]
+    keep = None if exclude is None else ~np.asarray(exclude, dtype=bool)
+    if keep is not None and keep.sum() < 64:  # the mask left nothing to look at: use everything
+        keep = None
+    x = grid_samples(image, keep, max_samples)
+    border = _border_mask((h, w), max(1, min(h, w) // 32))
+    xb = grid_samples(image, border if keep is None else border & keep, max(256, max_samples // 4))
+    if len(xb) == 0:
+        xb = x
+    k = int(min(n_clusters, len(np.unique(x, axis=0))))
+    km = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed).fit(x)
+    lab, lab_b = km.labels_, km.predict(xb)
+    share = np.bincount(lab, minlength=k) / len(lab)
+    share_b = np.bincount(lab_b, minlength=k) / len(lab_b)
+    best = int(np.argmax(share + share_b))
+    centers = km.cluster_centers_
+    unit = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-6)
+    same = np.flatnonzero(unit @ unit[best] >= np.cos(np.deg2rad(_SAME_BOARD_DEG)))
+    members = np.isin(lab, same)
+    color = x[members].mean(axis=0)
+    # Median, not RMS: the few soft-edge pixels merged into the board must not count as unevenness.
+    spread = float(np.median(np.linalg.norm(x[members] - color, axis=1)))
+    return CanvasColor(
+        color=tuple(int(v) for v in np.clip(np.rint(color), 0, 255)),  # type: ignore[arg-type]
+        coverage=float(members.mean()),
+        border_coverage=float(np.isin(lab_b, same).mean()),
+        spread=spread,
+    )
+
+
+def canvas_likeness(image: np.ndarray, key_color: tuple[int, int, int], hue_tolerance_deg: float) -> np.ndarray:
+    """Pixels whose chroma points within ``hue_tolerance_deg`` of the key's and is at least half as
+    saturated: a loose, brightness-free test, so shadowed and vignetted board counts as canvas."""
+    x = image.astype(np.float32)
+    ck = np.asarray(key_color, dtype=np.float32)
+    ck = ck - ck.mean()
+    nk = float(np.linalg.norm(ck)) + 1e-6
+    cx = x - x.mean(axis=-1, keepdims=True)
+    nx = np.linalg.norm(cx, axis=-1) + 1e-6
+    cos = (cx @ ck) / (nx * nk)
+    sat = nx / (x.max(axis=-1) + 1.0)
+    sat_k = nk / (float(max(key_color)) + 1.0)
+    return (cos >= np.cos(np.deg2rad(hue_tolerance_deg))) & (sat >= 0.5 * sat_k)
+
+
+def _poly_basis(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    return np.stack([np.ones_like(yy), yy, xx, yy * yy, yy * xx, xx * xx], axis=-1)
+
+
+def board_chroma_field(
+    image: np.ndarray, candidates: np.ndarray, max_samples: int = 4096, iterations: int = 3
+) -> np.ndarray:
+    """The board's chroma direction at every pixel (float32 (H, W, 3), unit vectors).
+
+    A quadratic in x and y fitted to candidate canvas pixels, reweighted to drop those more than
+    12 degrees off: it follows a drift of hue across the board, which one key colour cannot, and
+    leaves out the object's own greens."""
+    h, w = image.shape[:2]
+    step = max(1, int(np.ceil(np.sqrt(h * w / max_samples))))
+    ys, xs = np.mgrid[step // 2 : h : step, step // 2 : w : step]
+    keep = candidates[ys, xs]
+    if keep.sum() < 16:
+        keep = np.ones_like(keep)
+    ys, xs = ys[keep], xs[keep]
+    u = chroma_direction(image[ys, xs])
+    basis = _poly_basis(ys / h - 0.5, xs / w - 0.5)
+    weight = np.ones(len(u))
+    coef = np.zeros((basis.shape[1], 3))
+    for _ in range(iterations):
+        sw = np.sqrt(weight)[:, None]
+        coef, *_ = np.linalg.lstsq(basis * sw, u * sw, rcond=None)
+        fit = basis @ coef
+        fit /= np.linalg.norm(fit, axis=-1, keepdims=True) + 1e-6
+        weight = ((u * fit).sum(-1) >= np.cos(np.deg2rad(12.0))) + 1e-3
+    # Evaluate on a coarse grid and upsample: the field is smooth.
+    gy, gx = np.linspace(-0.5, 0.5, max(2, h // 16)), np.linspace(-0.5, 0.5, max(2, w // 16))
+    field = _poly_basis(*np.meshgrid(gy, gx, indexing="ij")) @ coef
+    field = _resize_grid(field.astype(np.float32), h, w)
+    return field / (np.linalg.norm(field, axis=-1, keepdims=True) + 1e-6)
+
+
+def _resize_grid(grid: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of an (gh, gw, c) grid whose corners map to the image corners."""
+    gh, gw = grid.shape[:2]
+    ry = np.linspace(0, gh - 1, h)
+    rx = np.linspace(0, gw - 1, w)
+    y0 = np.minimum(ry.astype(int), gh - 2) if gh > 1 else np.zeros(h, int)
+    x0 = np.minimum(rx.astype(int), gw - 2) if gw > 1 else np.zeros(w, int)
+    fy = (ry - y0)[:, None, None]
+    fx = (rx - x0)[None, :, None]
+    y1, x1 = np.minimum(y0 + 1, gh - 1), np.minimum(x0 + 1, gw - 1)
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
+    bot = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
+    return (top * (1 - fy) + bot * fy).astype(grid.dtype)
+
+
+def strict_canvas(
+    image: np.ndarray, key_color: tuple[int, int, int], hue_tolerance_deg: float = 30.0, strict_deg: float = 6.0
+) -> np.ndarray:
+    """Pixels that are board for sure: loosely canvas-like, and within ``strict_deg`` of the board's
+    local chroma direction. Mixed edge pixels and the object's own greens fail the second test."""
+    loose = canvas_likeness(image, key_color, hue_tolerance_deg)
+    field = board_chroma_field(image, loose)
+    return loose & ((chroma_direction(image) * field).sum(-1) >= np.cos(np.deg2rad(strict_deg)))
+
+
+def background_plate(
+    image: np.ndarray,
+    key_color: tuple[int, int, int],
+    canvas: np.ndarray | None = None,
+    block: int = 8,
+    min_valid: float = 0.5,
+) -> np.ndarray:
+    """Estimate the board colour at every pixel (float32 (H, W, 3), 0..255).
+
+    Per ``block x block`` tile, among board pixels (``canvas``, by default ``strict_canvas``), the
+    mean colour of those in the top half by colour-difference signal: dark strands mixed into a
+    tile fall in the bottom half, while a soft shadow darkens the whole tile and is kept. A tile's
+    weight is its share of board pixels (full from ``min_valid`` up); push-pull fills the rest and
+    the tile grid is upsampled bilinearly."""
+    h, w = image.shape[:2]
+    if canvas is None:
+        canvas = strict_canvas(image, key_color)
+    e = key_excess(image, key_color)
+    ph, pw = -h % block, -w % block
+    img_p = np.pad(image.astype(np.float32), ((0, ph), (0, pw), (0, 0)), mode="edge")
+    e_p = np.pad(np.where(canvas, e, -np.inf), ((0, ph), (0, pw)), mode="edge")
+    hb, wb, n = img_p.shape[0] // block, img_p.shape[1] // block, block * block
+    tiles_e = e_p.reshape(hb, block, wb, block).transpose(0, 2, 1, 3).reshape(hb, wb, n)
+    tiles_x = img_p.reshape(hb, block, wb, block, 3).transpose(0, 2, 1, 3, 4).reshape(hb, wb, n, 3)
+    n_valid = np.isfinite(tiles_e).sum(axis=-1)
+    # The median of the valid signal per tile (-inf, not board, sorts first); keep those above it.
+    med_idx = np.clip(n - (n_valid + 1) // 2, 0, n - 1)
+    med = np.take_along_axis(np.sort(tiles_e, axis=-1), med_idx[..., None], axis=-1)
+    top = np.isfinite(tiles_e) & (tiles_e >= med)
+    val = (tiles_x * top[..., None]).sum(axis=2) / np.maximum(top.sum(axis=-1), 1)[..., None]
+    weight = np.clip(n_valid / (n * min_valid), 0.0, 1.0)
+    grid = push_pull(val, weight, min_weight=1.0)
+    # grid_mode: each tile value sits at its tile's centre.
+    plate = ndimage.zoom(grid, (block, block, 1), order=1, mode="nearest", grid_mode=True)
+    return plate[:h, :w].astype(np.float32)

@@ -1,0 +1,48 @@
+"""Scattered-data filling on an image grid (push-pull), used for the board plate and for the
+foreground colour behind the unknown band."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def push_pull(values: np.ndarray, weights: np.ndarray, min_weight: float = 1.0) -> np.ndarray:
+    """Fill a sparsely weighted (h, w, c) grid: average down a pyramid, blend back up.
+
+    A cell whose weight reaches ``min_weight`` keeps its own value; cells with less take more of the
+    coarser level's estimate, so holes get a smooth interpolation of the values around them.
+    Weights are in [0, 1] (or any non-negative scale consistent with ``min_weight``)."""
+    values = np.asarray(values, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    num = values * weights[..., None]
+    if min(weights.shape) <= 2 or weights.sum() == 0:
+        total = max(float(weights.sum()), 1e-12)
+        mean = num.reshape(-1, num.shape[-1]).sum(axis=0) / total
+        if weights.sum() == 0:
+            mean = values.reshape(-1, values.shape[-1]).mean(axis=0)
+        return np.broadcast_to(mean, values.shape).copy()
+    # Spread a little before decimating so every cell reaches its neighbours.
+    num_s = ndimage.uniform_filter(num, size=(3, 3, 1), mode="nearest")[::2, ::2]
+    den_s = ndimage.uniform_filter(weights, size=3, mode="nearest")[::2, ::2]
+    coarse_val = num_s / np.maximum(den_s, 1e-12)[..., None]
+    coarse = push_pull(coarse_val, den_s, min_weight)
+    up = upsample2(coarse)[: values.shape[0], : values.shape[1]]
+    t = np.clip(weights / min_weight, 0.0, 1.0)[..., None]
+    own = num / np.maximum(weights, 1e-12)[..., None]
+    return t * own + (1.0 - t) * up
+
+
+def upsample2(grid: np.ndarray) -> np.ndarray:
+    """Double an (h, w, c) grid whose cell k sits at fine pixel 2k (what ``[::2, ::2]`` keeps):
+    even pixels copy it, odd ones average their two (or four) neighbours; the last row and column
+    repeat. Much faster than a general spline zoom."""
+    h, w = grid.shape[:2]
+    ext = np.concatenate([grid, grid[-1:]], axis=0)
+    ext = np.concatenate([ext, ext[:, -1:]], axis=1)
+    out = np.empty((2 * h, 2 * w) + grid.shape[2:], dtype=grid.dtype)
+    out[0::2, 0::2] = grid
+    out[1::2, 0::2] = 0.5 * (ext[:-1, :-1] + ext[1:, :-1])
+    out[0::2, 1::2] = 0.5 * (ext[:-1, :-1] + ext[:-1, 1:])
+    out[1::2, 1::2] = 0.25 * (ext[:-1, :-1] + ext[1:, :-1] + ext[:-1, 1:] + ext[1:, 1:])
+    return out

@@ -1,0 +1,260 @@
+"""`factory matte`: GreenPost and GSG over a folder of images, in parallel over CPU cores.
+
+For every ``IN_DIR/STEM.(png|jpg|jpeg|webp)`` (suffix in any case) it writes ``OUT_DIR/STEM.alpha.png``
+(single channel, 8- or 16-bit) and ``OUT_DIR/STEM.fg.png`` (RGB, the decontaminated foreground), and
+at the end ``OUT_DIR/matte.csv`` with one row per input: status, GSG, flags and timings.
+
+Rules: a file that cannot be read as an opaque RGB image (corrupt, RGBA, ...) is reported in one line
+and skipped; so is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
+same outputs) and anything named ``*.alpha.png`` / ``*.fg.png`` (this command's own outputs). Outputs
+are written to a temporary name and renamed, so an interrupted run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factory.errors import FactoryError, InputError
+from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, read_rgb
+from factory.matte.pipeline import GreenPostSettings, greenpost
+from factory.score import REFERENCE_GREEN, gsg
+
+SUMMARY_NAME = "matte.csv"
+OUTPUT_SUFFIXES = (".alpha.png", ".fg.png")
+STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
+COLUMNS = (
+    "stem", "file", "status", "message", "width", "height", "gsg", "gsg_distance", "canvas_color",
+    "bg_uniformity", "contains_key_color", "key_colored_fraction", "unknown_fraction", "alpha_coverage",
+    "seconds",
+)  # fmt: skip
+
+
+@dataclass
+class MatteFolderSummary:
+    """What ``matte_folder`` did: one row per input file (``COLUMNS``), and where the CSV is."""
+
+    in_dir: Path
+    out_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary_path: Path | None = None
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.rows if r["status"] == status)
+
+    @property
+    def processed(self) -> int:
+        return self.count(STATUS_OK)
+
+    @property
+    def skipped(self) -> int:
+        return self.count(STATUS_SKIPPED)
+
+    @property
+    def failed(self) -> int:
+        return self.count(STATUS_FAILED)
+
+    @property
+    def issues(self) -> list[str]:
+        """One line per skipped or failed file."""
+        return [f"{r['status']} {r['file']}: {r['message']}" for r in self.rows if r["status"] != STATUS_OK]
+
+
+def list_inputs(in_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
+    """(images to matte, rows for files skipped by name) in name order."""
+    images: list[Path] = []
+    skipped: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    for path in sorted(p for p in in_dir.iterdir() if p.is_file()):
+        name = path.name.lower()
+        if not name.endswith(IMAGE_SUFFIXES) or name.endswith(OUTPUT_SUFFIXES):
+            continue
+        stem = path.stem
+        if stem in seen:
+            skipped.append(_row(path, STATUS_SKIPPED, f"same stem as {seen[stem]}; its outputs would collide"))
+            continue
+        seen[stem] = path.name
+        images.append(path)
+    return images, skipped
+
+
+def _row(path: Path, status: str, message: str = "") -> dict[str, Any]:
+    row: dict[str, Any] = {c: "" for c in COLUMNS}
+    row.update(stem=path.stem, file=path.name, status=status, message=message)
+    return row
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def matte_one(
+    path: Path, out_dir: Path, bits: int, settings: GreenPostSettings, reference: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Matte one file and write its outputs; a bad input becomes a 'skipped' row, an unexpected
+    error a 'failed' row (one bad file never stops the folder)."""
+    start = time.perf_counter()
+    try:
+        image = read_rgb(path)
+        result = greenpost(image, None, settings)
+        score = gsg(image, reference=reference)
+        _write_atomic(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(result.alpha, bits))
+        _write_atomic(out_dir / f"{path.stem}.fg.png", encode_png(result.fg))
+    except FactoryError as exc:
+        return _row(path, STATUS_SKIPPED, str(exc).replace(f"{path}: ", ""))
+    except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
+        return _row(path, STATUS_FAILED, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    row = _row(path, STATUS_OK)
+    h, w = result.alpha.shape
+    row.update(
+        width=w,
+        height=h,
+        gsg=round(score.score, 6),
+        gsg_distance=round(score.distance, 3),
+        canvas_color="#{:02x}{:02x}{:02x}".format(*result.canvas_color),
+        bg_uniformity=round(score.uniformity, 6),
+        contains_key_color=result.contains_key_color,
+        key_colored_fraction=round(result.key_colored_fraction, 6),
+        unknown_fraction=round(result.unknown_fraction, 6),
+        alpha_coverage=round(float(result.alpha.mean()), 6),
+        seconds=round(time.perf_counter() - start, 4),
+    )
+    return row
+
+
+def _single_thread_worker() -> None:
+    """Pool initialiser: one BLAS/OpenMP thread per worker, the pool supplies the parallelism."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        pass
+
+
+def _check_dirs(in_dir: Path, out_dir: Path) -> None:
+    if not in_dir.exists():
+        raise InputError(f"input folder {in_dir} does not exist")
+    if not in_dir.is_dir():
+        raise InputError(f"{in_dir} is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from exc
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    """The per-file CSV (``COLUMNS``), in name order."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["file"]))
+    os.replace(tmp, path)
+
+
+def matte_folder(
+    in_dir: Path,
+    out_dir: Path,
+    bits: int = 8,
+    workers: int | None = None,
+    settings: GreenPostSettings | None = None,
+    reference: tuple[int, int, int] = REFERENCE_GREEN,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> MatteFolderSummary:
+    """Matte every image of ``in_dir`` into ``out_dir`` (see the module doc).
+
+    ``workers``: processes (default: the CPU count; 1 runs in this process). ``log`` receives one line
+    per skipped or failed file as it happens (default: printed above the progress bar when
+    ``progress`` is on, else nothing; the lines are in ``summary.issues`` anyway). Raises
+    ``InputError`` for a missing input folder, one with no image, an unwritable output folder or a
+    bad ``bits``/``workers``."""
+    start = time.perf_counter()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if bits not in (8, 16):
+        raise InputError(f"--bits must be 8 or 16, not {bits}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    _check_dirs(in_dir, out_dir)
+    images, rows = list_inputs(in_dir)
+    if not images:
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {in_dir}")
+    settings = settings or GreenPostSettings()
+    n_workers = min(workers or os.cpu_count() or 1, len(images))
+    with _Progress(progress, len(images), log) as bar:
+        for row in rows:
+            bar.log(f"{row['status']} {row['file']}: {row['message']}")
+
+        def record(row: dict[str, Any]) -> None:
+            rows.append(row)
+            if row["status"] != STATUS_OK:
+                bar.log(f"{row['status']} {row['file']}: {row['message']}")
+            bar.advance()
+
+        if n_workers == 1:
+            for path in images:
+                record(matte_one(path, out_dir, bits, settings, reference))
+        else:
+            context = multiprocessing.get_context("spawn")  # safe beside threads, same on every OS
+            with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_single_thread_worker) as pool:
+                futures = [pool.submit(matte_one, p, out_dir, bits, settings, reference) for p in images]
+                for future in as_completed(futures):
+                    record(future.result())
+    summary_path = out_dir / SUMMARY_NAME
+    write_summary(rows, summary_path)
+    return MatteFolderSummary(in_dir, out_dir, rows, summary_path, time.perf_counter() - start)
+
+
+class _Progress:
+    """A Rich progress bar on stderr over ``total`` items (or nothing), and a line logger that
+    prints above it; a caller's ``log`` takes the lines instead."""
+
+    def __init__(self, enabled: bool, total: int, log: Callable[[str], None] | None) -> None:
+        self.enabled, self.total, self._log = enabled, total, log
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(
+                TextColumn("matte"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )  # fmt: skip
+            self._bar.start()
+            self._task = self._bar.add_task("matte", total=self.total)
+        return self
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def log(self, line: str) -> None:
+        if self._log is not None:
+            self._log(line)
+        elif self._bar is not None:
+            self._bar.console.print(line, markup=False, highlight=False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,64 @@
+"""Foreground colour: interpolate it from the core, un-mix the board from edge pixels, despill."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from factory.matte.canvas import key_channels
+from factory.matte.fill import push_pull
+
+
+def interpolate_foreground(image: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """The object's colour spread from its core over the rest of the image (float32, 0..255):
+    push-pull interpolation, so each band pixel gets the colour of the nearby solid object."""
+    if not core.any():
+        return image.astype(np.float32)
+    return push_pull(image.astype(np.float32), core.astype(np.float32), min_weight=0.5).astype(np.float32)
+
+
+def unmix_foreground(
+    image: np.ndarray, plate: np.ndarray, alpha: np.ndarray, fg_guess: np.ndarray, solid_from: float = 0.5
+) -> np.ndarray:
+    """Solve ``I = a F + (1 - a) B`` for F with the plate as B (float32, 0..255).
+
+    Dividing by alpha amplifies noise where alpha is small, so the solution is blended with the
+    interpolated core colour: fully trusted from ``solid_from`` up, not at all at alpha 0."""
+    a = alpha[..., None].astype(np.float32)
+    x = image.astype(np.float32)
+    solved = plate + (x - plate) / np.maximum(a, 1e-3)
+    t = np.clip(a / solid_from, 0.0, 1.0)
+    fg = t * solved + (1.0 - t) * fg_guess
+    return np.clip(np.where(a >= 1.0, x, fg), 0.0, 255.0).astype(np.float32)
+
+
+def ml_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """pymatting's multi-level foreground estimate (float32, 0..255); alpha = 1 keeps the image."""
+    from pymatting import estimate_foreground_ml
+
+    f = estimate_foreground_ml(image.astype(np.float64) / 255.0, alpha.astype(np.float64))
+    f = np.clip(f * 255.0, 0.0, 255.0).astype(np.float32)
+    solid = alpha >= 1.0
+    f[solid] = image[solid]
+    return f
+
+
+def despill(
+    fg: np.ndarray,
+    alpha: np.ndarray,
+    key_color: tuple[int, int, int],
+    width: float = 6.0,
+    strength: float = 1.0,
+) -> np.ndarray:
+    """Limit the key channel to the larger other channel (``G <= max(R, B)`` for green) near edges.
+
+    Spill is board light on the object's edge, so the correction applies fully on every pixel that
+    is not solid (alpha < 1) and fades out over ``width`` px into the solid interior, leaving the
+    green parts of an object's inside alone."""
+    d, o1, o2 = key_channels(key_color)
+    depth = ndimage.distance_transform_edt(alpha >= 0.999)
+    weight = strength * np.clip(1.0 - depth / max(width, 1e-6), 0.0, 1.0)
+    out = fg.astype(np.float32, copy=True)
+    excess = np.maximum(out[..., d] - np.maximum(out[..., o1], out[..., o2]), 0.0)
+    out[..., d] -= weight * excess
+    return out

@@ -1,0 +1,143 @@
+"""GreenPost: a generated image on green (plus an optional coarse alpha) to a matting-level alpha
+and a foreground with the green removed.
+
+Steps (docs/matting.md has the reasoning):
+1. canvas colour by K-Means;
+2. background plate: the board's colour at every pixel (gradients, vignetting, hue drift, shadows);
+3. colour-difference key against the plate;
+4. trimap: background, a foreground core, the unknown band (and the coarse alpha where given);
+5. the band: the foreground colour interpolated from the core, alpha by un-mixing against the plate
+   (falling back to the key where that colour does not fit), clip black / clip white, and optionally
+   the closed-form matting Laplacian as a regulariser;
+6. foreground colour by un-mixing the plate, then despill;
+7. the flag for objects that contain the key colour.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from factory.errors import InputError
+from factory.matte.canvas import background_plate, estimate_canvas_color, strict_canvas
+from factory.matte.foreground import despill, interpolate_foreground, ml_foreground, unmix_foreground
+from factory.matte.key import key_colored_pixels, local_difference_key
+from factory.matte.refine import clip_levels, laplacian_refine, projected_alpha
+from factory.matte.trimap import make_trimap
+
+
+@dataclass(frozen=True)
+class GreenPostSettings:
+    """Every knob of GreenPost. The defaults are the ones bench/matte.py chose."""
+
+    key_color: tuple[int, int, int] | None = None  # None: estimate the canvas colour with K-Means
+    kmeans_clusters: int = 4  # colours clustered to find the canvas
+    kmeans_samples: int = 4096  # pixels sampled (grid) for K-Means
+    hue_tolerance_deg: float = 30.0  # loose test: chroma angle from the key colour for "canvas-like"
+    strict_deg: float = 6.0  # strict test: angle from the board's local chroma for "board for sure"
+    plate_block: int = 8  # tile size (px) of the background plate
+    key_lo: float = 0.04  # key alpha at or below: background in the trimap
+    key_hi: float = 0.96  # key alpha at or above (and core_depth inside): foreground core
+    core_depth: float = 4.0  # px inside the key's solid region where the foreground core starts
+    projection_sharpness: float = 2.0  # how strictly I - B must point along F - B to trust un-mixing
+    min_contrast: float = 50.0  # |F - B| (RGB) at which un-mixing gets half weight
+    clip_black: float = 0.04  # alpha at or below -> 0
+    clip_white: float = 0.96  # alpha at or above -> 1
+    laplacian_weight: float = 0.0  # > 0: closed-form Laplacian regularisation with this data weight
+    foreground: str = "unmix"  # "unmix" (with the plate) or "ml" (pymatting multi-level)
+    despill_width: float = 6.0  # px into the solid object over which despill fades out
+    coarse_core: float = 8.0  # px inside the coarse alpha's object that are foreground for sure
+    coarse_far: float | None = None  # px outside the coarse object beyond which all is background (None: off)
+    flag_fraction: float = 0.002  # key-coloured object pixels (share of the image) that raise the flag
+    flag_min_pixels: int = 64  # ... and at least this many
+
+
+@dataclass
+class MatteResult:
+    """GreenPost's output for one image."""
+
+    alpha: np.ndarray  # float32 (H, W) in [0, 1]
+    fg: np.ndarray  # uint8 (H, W, 3), decontaminated foreground colour (meaningful where alpha > 0)
+    canvas_color: tuple[int, int, int]  # estimated (or given) key colour, RGB
+    contains_key_color: bool  # the object itself contains the key colour (Smith-Blinn hard case)
+    unknown_fraction: float  # share of pixels refined (neither background nor foreground core)
+    key_colored_fraction: float = 0.0  # share of pixels counted as key-coloured object
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+
+
+def _check_inputs(image: np.ndarray, coarse_alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise InputError(f"GreenPost needs an 8-bit RGB image (H, W, 3) uint8, got {img.shape} {img.dtype}")
+    if min(img.shape[:2]) < 8:
+        raise InputError(f"image too small for matting: {img.shape[1]}x{img.shape[0]}")
+    if coarse_alpha is None:
+        return img, None
+    c = np.asarray(coarse_alpha)
+    if c.ndim == 3 and c.shape[2] == 1:
+        c = c[..., 0]
+    if c.shape != img.shape[:2]:
+        raise InputError(f"coarse alpha shape {c.shape} does not match the image's {img.shape[:2]}")
+    c = c.astype(np.float32) / 255.0 if c.dtype == np.uint8 else np.clip(c.astype(np.float32), 0.0, 1.0)
+    return img, c
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = now - self._t
+        self._t = now
+
+
+def greenpost(
+    image: np.ndarray, coarse_alpha: np.ndarray | None = None, settings: GreenPostSettings | None = None
+) -> MatteResult:
+    """Matte an RGB uint8 image of an object on a green (key-coloured) canvas.
+
+    ``coarse_alpha`` (float in [0, 1] or uint8, same height and width; e.g. the matting head's
+    output) is optional: it keeps the object out of the canvas estimate, marks a foreground core
+    that may be key-coloured, and clears far-away background. Pure and deterministic."""
+    s = settings or GreenPostSettings()
+    img, coarse = _check_inputs(image, coarse_alpha)
+    clock = _Clock()
+    obj = None if coarse is None else coarse >= 0.5
+    key_color = s.key_color or estimate_canvas_color(img, obj, s.kmeans_clusters, s.kmeans_samples).color
+    clock.lap("canvas")
+    board = strict_canvas(img, key_color, s.hue_tolerance_deg, s.strict_deg)
+    if obj is not None:
+        board &= ~obj
+    plate = background_plate(img, key_color, board, s.plate_block)
+    key = local_difference_key(img, plate, key_color)
+    clock.lap("plate_key")
+    tri = make_trimap(key, coarse, s.key_lo, s.key_hi, 1, s.core_depth, s.coarse_core, s.coarse_far, board)
+    fg_guess = interpolate_foreground(img, tri.core)
+    alpha = projected_alpha(img, plate, fg_guess, key, s.projection_sharpness, s.min_contrast)
+    alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
+    alpha = clip_levels(alpha, s.clip_black, s.clip_white)
+    if s.laplacian_weight > 0:
+        alpha = laplacian_refine(img, alpha, s.laplacian_weight)
+    clock.lap("alpha")
+    if s.foreground == "ml":
+        fg = ml_foreground(img, alpha)
+    else:
+        fg = unmix_foreground(img, plate, alpha, fg_guess)
+    fg = despill(fg, alpha, key_color, s.despill_width)
+    clock.lap("foreground")
+    flagged = key_colored_pixels(img, plate, key, key_color, tri.coarse_core)
+    n_flag = int(flagged.sum())
+    clock.lap("flag")
+    return MatteResult(
+        alpha=alpha,
+        fg=np.clip(np.rint(fg), 0, 255).astype(np.uint8),
+        canvas_color=key_color,
+        contains_key_color=n_flag >= max(s.flag_min_pixels, s.flag_fraction * flagged.size),
+        unknown_fraction=float(tri.unknown.mean()),
+        key_colored_fraction=n_flag / flagged.size,
+        timings=clock.times,
+    )

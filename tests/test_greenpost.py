@@ -1,0 +1,146 @@
+"""GreenPost on fixtures with known alpha: soft edges and strands on a shaded board, spill-free
+foreground, the key-colour flag, the coarse alpha, input checks."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from matte_fixtures import BOARD_GREEN, composite, shaded_board, soft_disc, strands
+
+from factory.errors import InputError
+from factory.matte import GreenPostSettings, MatteResult, greenpost
+from factory.matte.canvas import background_plate, estimate_canvas_color, key_excess
+from factory.matte.key import color_difference_key, hsv_threshold_key
+from factory.metrics import evaluate_pair
+
+
+def sad_whole(alpha: np.ndarray, truth: np.ndarray) -> float:
+    return evaluate_pair(alpha, truth)["sad_whole"]
+
+
+@pytest.fixture(scope="module")
+def hair() -> tuple[np.ndarray, np.ndarray]:
+    alpha = strands(seed=1)
+    return composite(alpha, (200, 80, 45), shaded_board(alpha)), alpha  # red-brown hair
+
+
+@pytest.fixture(scope="module")
+def disc() -> tuple[np.ndarray, np.ndarray]:
+    alpha = soft_disc()
+    return composite(alpha, (150, 150, 150), shaded_board(alpha)), alpha
+
+
+def test_result_types(disc) -> None:
+    image, _ = disc
+    r = greenpost(image)
+    assert isinstance(r, MatteResult)
+    assert r.alpha.dtype == np.float32 and r.alpha.shape == image.shape[:2]
+    assert r.fg.dtype == np.uint8 and r.fg.shape == image.shape
+    assert 0.0 <= r.alpha.min() and r.alpha.max() <= 1.0
+    assert 0.0 < r.unknown_fraction < 0.5
+    assert set(r.timings) >= {"canvas", "alpha", "foreground"}
+
+
+def test_hair_strands_far_better_than_plain_keys(hair) -> None:
+    image, truth = hair
+    key = estimate_canvas_color(image).color
+    ours = sad_whole(greenpost(image).alpha, truth)
+    color_difference = sad_whole(color_difference_key(image, key), truth)
+    hsv = sad_whole(hsv_threshold_key(image, key), truth)
+    # About 1.5 px of strands in 128 px rows: their total alpha is ~1.5 (SAD units of 1000 px).
+    assert ours < 0.15
+    assert ours < 0.25 * color_difference
+    assert ours < 0.5 * hsv
+    fractional = (truth > 0.05) & (truth < 0.95)
+    assert np.abs(greenpost(image).alpha - truth)[fractional].mean() < 0.12
+
+
+def test_soft_edge_is_recovered(disc) -> None:
+    image, truth = disc
+    alpha = greenpost(image).alpha
+    assert evaluate_pair(alpha, truth)["mad"] < 0.01
+    ramp = (truth > 0.1) & (truth < 0.9)
+    assert np.abs(alpha - truth)[ramp].mean() < 0.1
+    # The board's shadow right next to the disc must not come out as foreground.
+    assert alpha[truth == 0].max() < 0.2
+
+
+def test_plate_follows_gradient_vignette_and_shadow(disc) -> None:
+    image, truth = disc
+    key = estimate_canvas_color(image).color
+    plate = background_plate(image, key)
+    board = shaded_board(truth)
+    visible = truth == 0
+    assert np.abs(plate - board).mean(axis=-1)[visible].mean() < 4.0
+    # A flat key colour would be off by far more on this board.
+    assert np.abs(np.asarray(key) - board).mean(axis=-1)[visible].mean() > 8.0
+
+
+def test_foreground_has_no_green_fringe(hair) -> None:
+    image, truth = hair
+    r = greenpost(image)
+    edge = (truth > 0.1) & (truth < 0.9)
+    green = lambda x: np.maximum(key_excess(x, BOARD_GREEN), 0)[edge].mean()  # noqa: E731
+    assert green(image) > 20  # the raw edge pixels are green
+    assert green(r.fg) < 2
+    # ... and the recovered colour is the hair's, not grey or green.
+    assert np.abs(r.fg[edge & (truth > 0.5)].astype(float) - (200, 80, 45)).mean() < 25
+
+
+def test_key_colored_object_is_flagged() -> None:
+    alpha = soft_disc()
+    board = shaded_board(alpha)
+    leaf = greenpost(composite(alpha, (120, 200, 40), board))  # a yellow-green object
+    brick = greenpost(composite(alpha, (190, 70, 50), board))
+    assert leaf.contains_key_color and leaf.key_colored_fraction > 0.05
+    assert not brick.contains_key_color
+
+
+def test_coarse_alpha_keeps_a_green_object_solid() -> None:
+    alpha = soft_disc()
+    image = composite(alpha, (120, 200, 40), shaded_board(alpha))
+    without = greenpost(image).alpha
+    with_coarse = greenpost(image, coarse_alpha=alpha).alpha
+    inside = alpha >= 1.0
+    assert with_coarse[inside].mean() > 0.93
+    assert with_coarse[inside].mean() > without[inside].mean() + 0.03
+    assert greenpost(image, coarse_alpha=(alpha * 255).astype(np.uint8)).alpha[inside].mean() > 0.93
+
+
+def test_given_key_color_skips_the_estimate(disc) -> None:
+    image, _ = disc
+    r = greenpost(image, settings=GreenPostSettings(key_color=(10, 200, 30)))
+    assert r.canvas_color == (10, 200, 30)
+
+
+def test_pure_and_picklable(disc) -> None:
+    image, _ = disc
+    before = image.copy()
+    a, b = greenpost(image), greenpost(image)
+    assert np.array_equal(a.alpha, b.alpha) and np.array_equal(a.fg, b.fg)
+    assert np.array_equal(image, before)
+    settings = GreenPostSettings(laplacian_weight=0.3)
+    assert pickle.loads(pickle.dumps(settings)) == settings
+
+
+def test_laplacian_option_runs(hair) -> None:
+    image, truth = hair
+    r = greenpost(image, settings=GreenPostSettings(laplacian_weight=0.3, foreground="ml"))
+    assert sad_whole(r.alpha, truth) < 0.2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((32, 32), np.uint8), np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 3), np.float32)],
+)
+def test_rejects_non_rgb8(bad: np.ndarray) -> None:
+    with pytest.raises(InputError):
+        greenpost(bad)
+
+
+def test_rejects_mismatched_coarse_alpha(disc) -> None:
+    image, _ = disc
+    with pytest.raises(InputError, match="coarse alpha"):
+        greenpost(image, coarse_alpha=np.zeros((10, 10), np.float32))

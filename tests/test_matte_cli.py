@@ -1,0 +1,137 @@
+"""`factory matte` and `factory eval` on folders of fixtures made in code."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matte_fixtures import composite, shaded_board, soft_disc, strands
+from PIL import Image
+
+from factory.matte.folder import matte_folder
+from factory.metrics import evaluate_pair
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """in/: two good images (PNG, JPEG), a corrupt file, an RGBA image, a text file;
+    gt/ and trimap/: the true alphas and trimaps of the two good ones."""
+    root = tmp_path_factory.mktemp("matte")
+    d = {name: root / name for name in ("in", "gt", "trimap")}
+    for p in d.values():
+        p.mkdir()
+    cases = {"disc": (soft_disc(), (150, 150, 150)), "hair": (strands(seed=2), (200, 80, 45))}
+    for stem, (alpha, color) in cases.items():
+        image = composite(alpha, color, shaded_board(alpha))
+        if stem == "disc":
+            Image.fromarray(image).save(d["in"] / "disc.png")
+        else:
+            Image.fromarray(image).save(d["in"] / "hair.JPG", quality=95, subsampling=0)
+        Image.fromarray(np.rint(alpha * 255).astype(np.uint8)).save(d["gt"] / f"{stem}.png")
+        tri = np.where(alpha >= 1, 255, np.where(alpha <= 0, 0, 128)).astype(np.uint8)
+        Image.fromarray(tri).save(d["trimap"] / f"{stem}.png")
+    (d["in"] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.new("RGBA", (16, 16), (0, 255, 0, 128)).save(d["in"] / "glass.png")
+    (d["in"] / "notes.txt").write_text("not an image")
+    return d
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as fh:
+        return {row["file"]: row for row in csv.DictReader(fh)}
+
+
+def test_matte_writes_alpha_fg_and_summary(cli, folders, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = cli(["matte", folders["in"], "--out", out, "--workers", "1"])
+    assert res.code == 0, res.err
+    assert "matted 2 of 4 files" in res.out
+    # One line per bad file, naming it.
+    bad_lines = [line for line in res.err.splitlines() if line.startswith("skipped")]
+    assert len(bad_lines) == 2
+    assert any("broken.png" in x for x in bad_lines) and any("glass.png" in x for x in bad_lines)
+    for stem in ("disc", "hair"):
+        with Image.open(out / f"{stem}.alpha.png") as im:
+            assert im.mode == "L" and im.size == (128, 128)
+        with Image.open(out / f"{stem}.fg.png") as im:
+            assert im.mode == "RGB" and im.size == (128, 128)
+    rows = read_csv(out / "matte.csv")
+    assert set(rows) == {"broken.png", "disc.png", "glass.png", "hair.JPG"}
+    assert rows["disc.png"]["status"] == "ok" and rows["glass.png"]["status"] == "skipped"
+    assert 0.0 < float(rows["disc.png"]["gsg"]) <= 1.0
+    assert rows["disc.png"]["contains_key_color"] == "False"
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_matte_16_bit_in_parallel(folders, tmp_path: Path) -> None:
+    summary = matte_folder(folders["in"], tmp_path / "out16", bits=16, workers=2, progress=False)
+    assert summary.processed == 2 and summary.skipped == 2 and summary.failed == 0
+    assert len(summary.issues) == 2
+    with Image.open(tmp_path / "out16" / "disc.alpha.png") as im:
+        assert im.mode.startswith("I;16")
+        a16 = np.asarray(im, dtype=np.float64) / 65535
+    truth = soft_disc()
+    assert evaluate_pair(a16, truth)["mad"] < 0.01
+
+
+def test_eval_table_and_json(cli, folders, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    assert cli(["matte", folders["in"], "--out", out, "--workers", "1"]).code == 0
+    report = tmp_path / "metrics.json"
+    res = cli(["eval", "--pred", out, "--gt", folders["gt"], "--trimap", folders["trimap"], "--json", report])
+    assert res.code == 0, res.err
+    assert "disc" in res.out and "mean" in res.out and "SAD" in res.out
+    data = json.loads(report.read_text())
+    assert data["region"] == "trimap unknown region" and data["count"] == 2
+    by_image = {r["image"]: r for r in data["images"]}
+    pred = np.asarray(Image.open(out / "hair.alpha.png"))
+    truth = np.asarray(Image.open(folders["gt"] / "hair.png"))
+    trimap = np.asarray(Image.open(folders["trimap"] / "hair.png"))
+    expected = evaluate_pair(pred, truth, trimap)
+    assert by_image["hair"] == pytest.approx({"image": "hair", **expected})
+    assert data["mean"]["sad"] == pytest.approx((by_image["hair"]["sad"] + by_image["disc"]["sad"]) / 2)
+    assert by_image["hair"]["sad_whole"] < 0.3
+
+
+def test_eval_reports_missing_predictions(cli, folders, tmp_path: Path) -> None:
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    Image.open(folders["gt"] / "disc.png").save(pred / "disc.png")  # perfect, plain name
+    res = cli(["eval", "--pred", pred, "--gt", folders["gt"]])
+    assert res.code == 0
+    assert "missing prediction for hair" in res.err
+    assert "whole image" in res.out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["matte", "MISSING", "--out", "OUT"], "does not exist"),
+        (["matte", "IN", "--out", "OUT", "--bits", "12"], "8 or 16"),
+        (["matte", "IN", "--out", "OUT", "--reference", "0,255"], "R,G,B"),
+        (["eval", "--pred", "MISSING", "--gt", "GT"], "does not exist"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(cli, folders, tmp_path: Path, args, message) -> None:
+    subst = {"IN": folders["in"], "OUT": tmp_path / "o", "GT": folders["gt"], "MISSING": tmp_path / "nope"}
+    res = cli([subst.get(a, a) for a in args])
+    assert res.code == 2
+    assert res.err.count("\n") == 1 and res.err.startswith("error:") and message in res.err
+
+
+def test_nothing_matted_is_exit_1(cli, tmp_path: Path) -> None:
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "a.png").write_bytes(b"garbage")
+    res = cli(["matte", src, "--out", tmp_path / "o", "--workers", "1"])
+    assert res.code == 1
+    assert "skipped a.png" in res.err and "error: no image" in res.err
+
+
+def test_empty_folder_is_exit_2(cli, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    res = cli(["matte", tmp_path / "empty", "--out", tmp_path / "o"])
+    assert res.code == 2 and "no images" in res.err
