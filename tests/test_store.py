@@ -239,3 +239,26 @@ def test_sigkill_at_random_moments_then_resume(small_manifest: Path, tmp_path: P
     assert len(files) == 60 * 4  # no orphans, no temporaries
     for rec in index.to_pylist():
         assert store.sample_path(rec["index"], rec["key"], ".png").stat().st_size == rec["image_bytes"]
+
+
+# ------------------------------------------------------------------------------ via the CLI
+
+
+def test_generate_refuses_a_run_of_another_manifest_and_changes_nothing(cli, small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    s = RunStore.prepare(run, load_manifest(small_manifest), 4, "tiny:v1:seed=0")
+    s.release_lock()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = write_manifest(tmp_path, SMALL_MANIFEST.replace("seed: 7", "seed: 99"), "other.yaml")
+    res = cli(["generate", "--manifest", other, "--n", 4, "--model", "tiny", "--out", run, "--no-ray"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "Traceback" not in res.err
+    assert "made by a different manifest" in res.err and "--restart" in res.err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_generate_unwritable_output(cli, small_manifest: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = cli(["generate", "--manifest", small_manifest, "--n", 2, "--model", "tiny", "--out", blocker / "run", "--no-ray"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "Traceback" not in res.err
+    assert blocker.read_text() == "x"
