@@ -155,7 +155,8 @@ def _os_error(exc: OSError, path: Path) -> RunError:
     return RunError(f"cannot write {path}: {exc.strerror or exc}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (errors ignored: some filesystems refuse directories)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -491,7 +492,7 @@ class RunStore:
             self._seq = max([covers, *(s for s, _ in chunks)])
         self._seq += 1
         atomic_write_parquet(table, journal / f"chunk-{self._seq:09d}.parquet")
-        _fsync_dir(journal)
+        fsync_path(journal)
         self._chunks_since_fold += 1
         if self._chunks_since_fold >= self.fold_every:
             self.fold()
@@ -506,7 +507,7 @@ class RunStore:
         missing = plan.filter(pc.invert(pc.is_in(plan["key"], value_set=records["key"])))
         table = pa.concat_tables([records, _planned_rows(missing)]).sort_by("index")
         atomic_write_parquet(table, self.root / INDEX_FILE, metadata={"covers": str(top)})
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         for seq, path in chunks:
             if seq <= top:
                 with contextlib.suppress(FileNotFoundError):

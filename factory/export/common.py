@@ -45,6 +45,7 @@ from factory.store import (
     TMP_PREFIX,
     RunStore,
     atomic_write_text,
+    fsync_path,
     release_lock,
     resolve_run,
     take_lock,
@@ -713,14 +714,6 @@ def export_state(p: Prepared, state: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (errors ignored: some filesystems refuse directories)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def fail_strict(problem: str) -> RunError:
