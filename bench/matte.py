@@ -23,7 +23,8 @@ Methods, all on the same composites: ``greenpost`` (no coarse alpha, as for a us
 ``greenpost+coarse`` (with a simulated matting-head alpha: the true alpha at 1/8 resolution, blurred
 and upsampled; reported separately), ``colordiff`` (classic colour-difference key
 ``1 - (G - max(R, B)) / (Gk - max(Rk, Bk))``), ``hsv`` (hard HSV threshold key). The baselines get
-the same K-Means canvas colour as GreenPost.
+the same K-Means canvas colour as GreenPost. ``oracle`` is a reference, not a method: every pixel
+un-mixed with the true board and the true spill-free foreground colour.
 
 Metrics (factory.metrics, Composition-1k definitions) on the Trimap2 unknown region, plus whole-image
 SAD; groups: hair GT03 GT04 GT08 GT09, see-through GT25 GT27, rest. Seconds per image are wall-clock
@@ -132,8 +133,9 @@ def green_board(rng: np.random.Generator, alpha: np.ndarray) -> tuple[np.ndarray
     return np.clip(board, 0, 255), c0
 
 
-def composite(rng: np.random.Generator, fg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """One synthetic green-screen image of the case (uint8 RGB), following the protocol above."""
+def composite(rng: np.random.Generator, fg: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic green-screen image of the case (uint8 RGB), following the protocol above, and
+    the board behind it (float32, for the oracle)."""
     board, key = green_board(rng, alpha)
     # Spill is board light reflected by the object: its albedo (F / 255) times the board colour,
     # added near the edge. (Mixing F towards the board colour instead would just be more
@@ -152,7 +154,7 @@ def composite(rng: np.random.Generator, fg: np.ndarray, alpha: np.ndarray) -> np
     Image.fromarray(img8).save(
         buf, format="JPEG", quality=int(rng.integers(80, 96)), subsampling=int(rng.choice([0, 2]))
     )
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.uint8)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.uint8), board.astype(np.float32)
 
 
 def coarse_alpha(alpha: np.ndarray) -> np.ndarray:
@@ -198,6 +200,15 @@ def methods() -> dict[str, Method]:
     }
 
 
+def oracle_alpha(image: np.ndarray, board: np.ndarray, true_fg: np.ndarray) -> np.ndarray:
+    """Not a method, a reference: each pixel un-mixed with the true board and the true (spill-free)
+    foreground colour, ``a = (I - B).(F - B) / |F - B|^2``. What blur, noise, JPEG and spill leave
+    to a matting method that knew the plate and the foreground exactly."""
+    d = true_fg.astype(np.float64) - board
+    diff = image.astype(np.float64) - board
+    return np.clip((diff * d).sum(-1) / np.maximum((d * d).sum(-1), 1.0), 0.0, 1.0)
+
+
 def foreground_error(fg: np.ndarray, true_fg: np.ndarray, alpha: np.ndarray, trimap: np.ndarray) -> float:
     """Alpha-weighted mean absolute error (8-bit levels) of the foreground colour in the Trimap2
     unknown region, against the spill-free F: what a composite onto a new background would show."""
@@ -217,13 +228,16 @@ def run(data: Path, names: list[str], variants: int, seed: int, only: list[str] 
     warm[20:40, 20:40] = 90
     for fn in table.values():
         fn(warm, np.zeros((64, 64), dtype=np.float32))
-    for idx, name in enumerate(names):
+    # Seeds follow the image's place in the whole set, so a subset (--images) draws the same composites.
+    everyone = sorted(p.stem for p in (data / "gt_training_lowres").glob("GT*.png"))
+    for name in names:
+        idx = everyone.index(name)
         case = load_case(data, name)
         fg = true_foreground(case.photo, case.alpha)
         coarse = coarse_alpha(case.alpha)
         for var in range(variants):
             rng = np.random.default_rng([seed, idx, var])
-            image = composite(rng, fg, case.alpha)
+            image, board = composite(rng, fg, case.alpha)
             for method, fn in table.items():
                 t0 = time.perf_counter()
                 pred, pred_fg = fn(image, coarse)
@@ -232,13 +246,24 @@ def run(data: Path, names: list[str], variants: int, seed: int, only: list[str] 
                 row.update(evaluate_pair(pred, case.alpha, case.trimap))
                 row["fg_error"] = foreground_error(pred_fg, fg, case.alpha, case.trimap)
                 rows.append(row)
+            oracle = oracle_alpha(image, board, fg)
+            rows.append(
+                {"image": name, "variant": var, "group": group_of(name), "method": "oracle", "seconds": 0.0,
+                 **evaluate_pair(oracle, case.alpha, case.trimap), "fg_error": None}
+            )  # fmt: skip
             print(
                 f"{name} v{var}: "
-                + "  ".join(f"{r['method']} {r['sad']:.2f}/{r['mse'] * 1e3:.2f}" for r in rows[-len(table) :]),
+                + "  ".join(f"{r['method']} {r['sad']:.2f}/{r['mse'] * 1e3:.2f}" for r in rows[-len(table) - 1 :]),
                 file=sys.stderr,
                 flush=True,
             )
     return rows
+
+
+def _mean(values: list[float | None]) -> float:
+    """Mean of the values present (the oracle has no foreground error); NaN if none."""
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else float("nan")
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -250,9 +275,13 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         for group in ("all", "hair", "see-through", "rest"):
             sel = [r for r in mine if group == "all" or r["group"] == group]
             if sel:
-                out[method][group] = {k: float(np.mean([r[k] for r in sel])) for k in (*METRICS, "seconds")}
+                out[method][group] = {k: _mean([r[k] for r in sel]) for k in (*METRICS, "seconds")}
                 out[method][group]["n"] = len(sel)
     return out
+
+
+def _num(value: float, digits: int) -> str:
+    return "-" if not np.isfinite(value) or value == 0.0 else f"{value:.{digits}f}"
 
 
 def markdown(summary: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -267,7 +296,7 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]]) -> str:
                 continue
             lines.append(
                 f"| {group} (n={int(m['n'])}) | {method} | {m['sad']:.2f} | {m['mse'] * 1e3:.2f} | {m['grad']:.2f} | "
-                f"{m['conn']:.2f} | {m['sad_whole']:.2f} | {m['fg_error']:.1f} | {m['seconds']:.3f} |"
+                f"{m['conn']:.2f} | {m['sad_whole']:.2f} | {_num(m['fg_error'], 1)} | {_num(m['seconds'], 3)} |"
             )
     return "\n".join(lines)
 
@@ -295,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "gt_training_lowres").is_dir():
         print(f"error: {data} does not hold the alphamatting training set (see --data)", file=sys.stderr)
         return 2
-    names = args.images or sorted(p.stem for p in (data / "gt_training_lowres").glob("GT*.png"))
+    everyone = sorted(p.stem for p in (data / "gt_training_lowres").glob("GT*.png"))
+    unknown = sorted(set(args.images or []) - set(everyone))
+    if unknown:
+        print(f"error: no such image in {data}: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    names = args.images or everyone
     rows = run(data, names, args.variants, args.seed, args.methods)
     summary = summarize(rows)
     print(markdown(summary))

@@ -125,6 +125,14 @@ def test_pure_and_picklable(disc) -> None:
     assert pickle.loads(pickle.dumps(settings)) == settings
 
 
+@pytest.mark.parametrize(
+    "bad", [dict(foreground="magic"), dict(clip_black=0.5, clip_white=0.4), dict(key_color=(0, 300, 0))]
+)
+def test_bad_settings(bad: dict) -> None:
+    with pytest.raises(InputError):
+        GreenPostSettings(**bad)
+
+
 def test_laplacian_option_runs(hair) -> None:
     image, truth = hair
     r = greenpost(image, settings=GreenPostSettings(laplacian_weight=0.3, foreground="ml"))

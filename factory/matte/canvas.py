@@ -102,7 +102,8 @@ def estimate_canvas_color(
     best = int(np.argmax(share + share_b))
     centers = km.cluster_centers_
     unit = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-6)
-    same = np.flatnonzero(unit @ unit[best] >= np.cos(np.deg2rad(_SAME_BOARD_DEG)))
+    close = unit @ unit[best] >= np.cos(np.deg2rad(_SAME_BOARD_DEG))
+    same = np.flatnonzero(close | (np.arange(k) == best))  # best itself even if black (a zero direction)
     members = np.isin(lab, same)
     color = x[members].mean(axis=0)
     # Median, not RMS: the few soft-edge pixels merged into the board must not count as unevenness.

@@ -39,7 +39,7 @@ class GreenPostSettings:
     strict_deg: float = 6.0  # strict test: angle from the board's local chroma for "board for sure"
     plate_block: int = 8  # tile size (px) of the background plate
     key_lo: float = 0.04  # key alpha at or below: background in the trimap
-    key_hi: float = 0.96  # key alpha at or above (and core_depth inside): foreground core
+    key_hi: float = 0.93  # key alpha at or above (and core_depth inside): foreground core
     core_depth: float = 4.0  # px inside the key's solid region where the foreground core starts
     projection_sharpness: float = 2.0  # how strictly I - B must point along F - B to trust un-mixing
     min_contrast: float = 50.0  # |F - B| (RGB) at which un-mixing gets half weight
@@ -52,6 +52,20 @@ class GreenPostSettings:
     coarse_far: float | None = None  # px outside the coarse object beyond which all is background (None: off)
     flag_fraction: float = 0.002  # key-coloured object pixels (share of the image) that raise the flag
     flag_min_pixels: int = 64  # ... and at least this many
+
+    def __post_init__(self) -> None:
+        if self.key_color is not None and (
+            len(self.key_color) != 3 or not all(0 <= int(v) <= 255 for v in self.key_color)
+        ):
+            raise InputError(f"key colour must be three integers 0..255, got {self.key_color!r}")
+        if self.foreground not in ("unmix", "ml"):
+            raise InputError(f"foreground must be 'unmix' or 'ml', got {self.foreground!r}")
+        if not 0.0 <= self.clip_black < self.clip_white <= 1.0:
+            raise InputError(f"need 0 <= clip_black < clip_white <= 1, got {self.clip_black}, {self.clip_white}")
+        if not 0.0 <= self.key_lo < self.key_hi <= 1.0:
+            raise InputError(f"need 0 <= key_lo < key_hi <= 1, got {self.key_lo}, {self.key_hi}")
+        if self.plate_block < 2 or self.kmeans_clusters < 1:
+            raise InputError("plate_block must be at least 2 and kmeans_clusters at least 1")
 
 
 @dataclass
@@ -101,8 +115,9 @@ def greenpost(
     """Matte an RGB uint8 image of an object on a green (key-coloured) canvas.
 
     ``coarse_alpha`` (float in [0, 1] or uint8, same height and width; e.g. the matting head's
-    output) is optional: it keeps the object out of the canvas estimate, marks a foreground core
-    that may be key-coloured, and clears far-away background. Pure and deterministic."""
+    output) is optional: it keeps the object out of the canvas estimate and marks a foreground core
+    that may be key-coloured (and, with ``coarse_far``, clears far-away background). Pure and
+    deterministic."""
     s = settings or GreenPostSettings()
     img, coarse = _check_inputs(image, coarse_alpha)
     clock = _Clock()
@@ -110,7 +125,7 @@ def greenpost(
     key_color = s.key_color or estimate_canvas_color(img, obj, s.kmeans_clusters, s.kmeans_samples).color
     clock.lap("canvas")
     board = strict_canvas(img, key_color, s.hue_tolerance_deg, s.strict_deg)
-    if obj is not None:
+    if obj is not None and (board & ~obj).sum() >= 0.25 * board.sum():  # ignore a mask that covers it all
         board &= ~obj
     plate = background_plate(img, key_color, board, s.plate_block)
     key = local_difference_key(img, plate, key_color)

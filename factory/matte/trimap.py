@@ -25,7 +25,7 @@ def make_trimap(
     key_alpha: np.ndarray,
     coarse_alpha: np.ndarray | None = None,
     lo: float = 0.04,
-    hi: float = 0.96,
+    hi: float = 0.93,
     bg_erode: int = 1,
     core_depth: float = 4.0,
     coarse_core: float = 8.0,
