@@ -311,7 +311,6 @@ def seed_store(manifest_path: Path, out: Path, n: int, work: int) -> float:
 
     from factory.finish import FinishSettings, finish_sample
     from factory.generate import GenerateOptions, resolve_manifest
-    from factory.plan import table_rows
     from factory.sampler import model_identity
     from factory.store import RunStore, SampleResult
 
@@ -324,12 +323,11 @@ def seed_store(manifest_path: Path, out: Path, n: int, work: int) -> float:
     identity = model_identity(manifest.model)
     store = RunStore.prepare(out, manifest, n, identity)
     # Canned samples need no durability: skip the fsyncs (tens of thousands of files).
-    original = store_module.atomic_write_bytes, store_module._fsync_dir
+    original = store_module.atomic_write_bytes, store_module.fsync_path
     store_module.atomic_write_bytes = functools.partial(original[0], fsync=False)
-    store_module._fsync_dir = lambda path: None
+    store_module.fsync_path = lambda path: None
     try:
-        pending = store.resume().pending
-        rows = table_rows(pending.slice(0, n - work))
+        rows = store.resume().pending[0 : n - work]
         rng = np.random.default_rng(0)
         image = rng.integers(0, 255, (manifest.sampler.height, manifest.sampler.width, 3), dtype=np.uint8)
         canned = finish_sample(rows[0], image, None, FinishSettings(model=identity, canvas_color=tuple(manifest.canvas.color)))
@@ -344,7 +342,7 @@ def seed_store(manifest_path: Path, out: Path, n: int, work: int) -> float:
             store.save(batch)
         store.fold()
     finally:
-        store_module.atomic_write_bytes, store_module._fsync_dir = original
+        store_module.atomic_write_bytes, store_module.fsync_path = original
         store.release_lock()
     return time.perf_counter() - t0
 

@@ -683,14 +683,15 @@ def run_filter(
 
 
 def read_index(store: RunStore, columns: list[str]) -> pa.Table:
-    """``store.index().select(columns)``, read faster when the run's journal is fully folded.
+    """``store.index(columns=columns)``, read in one call when the run's journal is fully folded.
 
-    ``RunStore.index()`` rebuilds the index from index.parquet, the journal and the plan (3 to 8 s
-    for a million rows here). When no journal chunk is newer than what index.parquet covers and
-    index.parquet holds exactly the plan's rows (plan index 0..N-1, in order), index.parquet *is*
-    the index (the store's fold writes it that way), so only the needed columns are read from it
-    (about 0.2 s). Anything else (a run being written, N changed since the fold) takes the store's
-    path. ``tests/test_filter.py`` checks both give the same rows.
+    ``RunStore.index()`` merges index.parquet, the journal and the plan a step at a time (0.15 s
+    for these columns of a million rows here, 0.6 s for all). When no journal chunk is newer than
+    what index.parquet covers and index.parquet holds exactly the plan's rows (plan index 0..N-1,
+    in order), index.parquet *is* the index (the store's fold writes it that way), so the columns
+    are read in one call (0.1 s; it keeps the filter under twice the time to read the index).
+    Anything else (a run being written, N changed since the fold) takes the store's path.
+    ``tests/test_filter.py`` checks both give the same rows.
     """
     path = store.root / INDEX_FILE
     try:
@@ -712,7 +713,7 @@ def read_index(store: RunStore, columns: list[str]) -> pa.Table:
                     )
     except (OSError, ValueError, pa.ArrowException):
         pass  # the store's own reader reports real problems
-    return store.index().select(columns)
+    return store.index(columns=columns)
 
 
 def _size_columns() -> list[str]:

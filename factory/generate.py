@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import Any, Protocol
 
 import pyarrow as pa
 from rich.console import Console
@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from factory.errors import InputError, Interrupted
 from factory.finish import FinishSettings, failed_result, finish_sample
 from factory.manifest import CanvasSettings, Manifest, ModelSpec, SamplerSettings, load_manifest
-from factory.plan import PlanRow, table_rows
+from factory.plan import PlanRow
 from factory.store import SampleResult, RunStore, remember_latest_run
 
 
@@ -191,32 +191,6 @@ def default_batch_size(settings: SamplerSettings, device: str | None) -> int:
     return settings.batch_size or 2
 
 
-class PlanRows(Sequence[PlanRow]):
-    """Plan rows made on demand from the pending plan table: N rows cost the table, not N objects."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    @overload
-    def __getitem__(self, i: int) -> PlanRow: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[PlanRow]: ...
-    def __getitem__(self, i: int | slice) -> PlanRow | list[PlanRow]:
-        if isinstance(i, slice):
-            start, stop, step = i.indices(len(self))
-            if step != 1:
-                return [self[j] for j in range(start, stop, step)]
-            return table_rows(self.table.slice(start, max(0, stop - start)))
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return table_rows(self.table.slice(i, 1))[0]
-
-
 def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> GenerateSummary:
     """Run (or resume) a generation. ``executor_factory(spec, opts)`` is a seam for tests."""
     from factory.sampler import model_identity
@@ -236,9 +210,13 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
 
 
 def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any) -> GenerateSummary:
+    # The driver lives for the whole run and its Arrow work (resume, folds) is a step of rows at a
+    # time; the system allocator gives that memory back, mimalloc (Arrow's default here) kept
+    # 3x more of it resident (measured: bench/e2e.py memory, BENCHMARKS.md).
+    pa.set_memory_pool(pa.system_memory_pool())
     state = store.resume()
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
-    rows = PlanRows(state.pending)
+    rows = state.pending  # plan rows made on demand from plan.parquet
     if not rows:
         summary.notes.append("nothing to do: every planned sample is done")
         store.fold()

@@ -21,10 +21,12 @@ import itertools
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -49,6 +51,8 @@ PLAN_SCHEMA = pa.schema(
 KEY_INDEX_WIDTH = 8
 _SLUG_RE = re.compile(r"[^a-z0-9]+")
 _MAX_SLUG = 40
+#: Rows per Parquet row group of a run's plan file: a reader holds one group, not the whole plan.
+PLAN_ROW_GROUP = 8192
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,12 @@ def build_plan(manifest: Manifest, n: int) -> pa.Table:
     return rows_to_table(build_rows(manifest, n))
 
 
+def plan_chunks(manifest: Manifest, n: int, size: int = PLAN_ROW_GROUP) -> Iterator[pa.Table]:
+    """The plan of ``n`` rows as tables of ``size`` rows: a large plan is never whole in memory."""
+    for start in range(0, n, size):
+        yield rows_to_table(build_rows(manifest, min(n, start + size), start))
+
+
 def table_rows(table: pa.Table) -> list[PlanRow]:
     return [PlanRow.from_record(rec) for rec in table.to_pylist()]
 
@@ -233,6 +243,89 @@ def write_plan(table: pa.Table, path: str | Path) -> None:
     from factory.store import atomic_write_parquet  # the store owns atomic writes
 
     atomic_write_parquet(table, Path(path))
+
+
+class PlanReader:
+    """Rows of a plan file by plan index, read one row group at a time.
+
+    A plan's row ``i`` has plan index ``i``. Run stores write plans in row groups of
+    :data:`PLAN_ROW_GROUP` rows, so a driver working through a million-row plan in order holds one
+    group (a few MB), not the plan; the last group read is kept for the next request.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise InputError(f"{path}: not a readable plan ({exc})") from exc
+        meta = self._file.metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        self._cached: tuple[int, pa.Table] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _group(self, g: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != g:
+            table = self._file.read_row_group(g).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+            self._cached = (g, table)
+        return self._cached[1]
+
+    def take(self, indices: np.ndarray | Sequence[int]) -> pa.Table:
+        """The plan rows at ``indices`` (plan indices, any order), as a table in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size == 0:
+            return PLAN_SCHEMA.empty_table()
+        if idx.min() < 0 or idx.max() >= len(self):
+            raise IndexError(f"plan index out of range 0..{len(self) - 1}")
+        groups = np.searchsorted(self._starts, idx, side="right") - 1
+        parts = []
+        start = 0
+        # runs of consecutive requests in the same row group (one read each when sorted)
+        breaks = np.flatnonzero(np.diff(groups)) + 1
+        for stop in [*breaks.tolist(), idx.size]:
+            g = int(groups[start])
+            local = idx[start:stop] - self._starts[g]
+            parts.append(self._group(g).take(pa.array(local)))
+            start = stop
+        return pa.concat_tables(parts)
+
+    def rows(self, indices: np.ndarray | Sequence[int]) -> list[PlanRow]:
+        return table_rows(self.take(indices))
+
+
+class PlanRows(Sequence[PlanRow]):
+    """Plan rows at the given plan indices, made on demand: N rows cost N integers, not N objects."""
+
+    def __init__(self, reader: PlanReader, indices: np.ndarray | Sequence[int]) -> None:
+        self.reader = reader
+        self.indices = np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    @overload
+    def __getitem__(self, i: int) -> PlanRow: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[PlanRow]: ...
+    def __getitem__(self, i: int | slice) -> PlanRow | list[PlanRow]:
+        if isinstance(i, slice):
+            return self.reader.rows(self.indices[i])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.reader.rows(self.indices[i : i + 1])[0]
+
+    def table(self) -> pa.Table:
+        """All these rows as one table (materialised: for small sets and tests)."""
+        return self.reader.take(self.indices)
+
+    @property
+    def keys(self) -> list[str]:
+        return self.table()["key"].to_pylist()
 
 
 def read_plan(path: str | Path) -> pa.Table:

@@ -38,13 +38,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -53,7 +54,7 @@ import yaml
 from factory import __version__
 from factory.errors import InputError, RunError
 from factory.manifest import Manifest, manifest_from_dict
-from factory.plan import PLAN_SCHEMA, build_plan
+from factory.plan import PLAN_ROW_GROUP, PLAN_SCHEMA, PlanReader, PlanRows, plan_chunks
 
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.yaml"
@@ -66,6 +67,9 @@ LOCK_FILE = ".lock"
 LATEST_RUN_FILE = ".factory-latest-run"  # in the working directory: the run that --run defaults to
 STORE_FORMAT = 1
 BUCKET_SIZE = 1000
+#: Plan indices per step of the store's streaming passes (resume, fold, index): whole buckets, so a
+#: pass holds one step of rows (a few MB) however large the run.
+STEP_ROWS = 16 * BUCKET_SIZE
 TMP_PREFIX = ".tmp-"
 
 #: The files of one sample, by suffix after the key.
@@ -145,6 +149,33 @@ def atomic_write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] |
     atomic_write_bytes(path, parquet_bytes(table, metadata))
 
 
+@contextlib.contextmanager
+def atomic_parquet_writer(path: Path, schema: pa.Schema, metadata: dict[str, str] | None = None) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer on a temporary file that becomes ``path`` (fsynced) when the block ends.
+
+    For tables written in parts (a plan or an index of millions of rows): nothing is held whole in
+    memory, and ``path`` is the old file or the complete new one, never a partial file.
+    """
+    if metadata:
+        meta = dict(schema.metadata or {})
+        meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+        schema = schema.with_metadata(meta)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=3, write_statistics=True) as writer:
+            yield writer
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _os_error(exc, path) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def _os_error(exc: OSError, path: Path) -> RunError:
     import errno
 
@@ -213,7 +244,7 @@ class SampleResult:
 class ResumeState:
     """What a (re)started run has to do."""
 
-    pending: pa.Table  # plan rows to do, in plan order
+    pending: PlanRows  # plan rows to do, in plan order (read from plan.parquet on demand)
     done: int
     failed_before: int  # failed earlier, retried now
     damaged: int  # marked done but files missing or of the wrong size: redone
@@ -273,7 +304,8 @@ class RunStore:
         try:
             if existing is not None and restart:
                 store._wipe()
-            plan = build_plan(manifest, n)
+            if existing is None or restart or existing.get("n") != n or store._plan_rows() != n:
+                store._write_plan(manifest, n)
             (root / SAMPLES_DIR).mkdir(exist_ok=True)
             (root / JOURNAL_DIR).mkdir(exist_ok=True)
             info = {
@@ -288,12 +320,24 @@ class RunStore:
             }
             info["created"] = info["created"] or info["updated"]
             atomic_write_text(root / MANIFEST_FILE, yaml.safe_dump(manifest.resolved_dict(), sort_keys=False, allow_unicode=True))
-            atomic_write_parquet(plan, root / PLAN_FILE)
             atomic_write_text(root / RUN_FILE, json.dumps(info, indent=2) + "\n")
         except BaseException:
             store.release_lock()
             raise
         return store
+
+    def _write_plan(self, manifest: Manifest, n: int) -> None:
+        """Write plan.parquet in row groups, built a group at a time (the plan is never whole)."""
+        with atomic_parquet_writer(self.root / PLAN_FILE, PLAN_SCHEMA) as writer:
+            for chunk in plan_chunks(manifest, n, PLAN_ROW_GROUP):
+                writer.write_table(chunk, row_group_size=PLAN_ROW_GROUP)
+
+    def _plan_rows(self) -> int | None:
+        """Rows in plan.parquet, or None when there is no readable plan."""
+        try:
+            return pq.read_metadata(self.root / PLAN_FILE).num_rows
+        except (OSError, pa.ArrowException):
+            return None
 
     def _wipe(self) -> None:
         for name in (SAMPLES_DIR, JOURNAL_DIR, SELECTIONS_DIR):
@@ -354,104 +398,182 @@ class RunStore:
                 chunks.append((int(p.stem.split("-")[1]), p))
         return sorted(chunks)
 
-    def _folded(self) -> tuple[pa.Table | None, int]:
+    def plan_size(self) -> int:
+        """N: the number of planned samples (read from the plan file's metadata)."""
+        rows = self._plan_rows()
+        if rows is None:
+            raise InputError(f"{self.root / PLAN_FILE}: missing or unreadable plan")
+        return rows
+
+    def plan_reader(self) -> PlanReader:
+        return PlanReader(self.root / PLAN_FILE)
+
+    def _covers(self) -> int:
+        """The last journal chunk folded into index.parquet (0: none, or no index.parquet)."""
         path = self.root / INDEX_FILE
         if not path.is_file():
-            return None, 0
-        table = pq.read_table(path)
-        covers = int((table.schema.metadata or {}).get(b"covers", b"0"))
-        return _conform(table), covers
+            return 0
+        return int((pq.read_schema(path).metadata or {}).get(b"covers", b"0"))
+
+    def _journal_rows(self, schema: pa.Schema) -> pa.Table:
+        """The latest row per plan index among journal chunks not yet folded, sorted by index.
+
+        The journal is short (it is folded every ``fold_every`` chunks and at the end of a run).
+        """
+        covers = self._covers()
+        parts = []
+        for seq, path in self._journal():
+            if seq > covers:
+                parts.append(_conform(pq.read_table(path, columns=_readable(path, schema)), schema))
+        if not parts:
+            return schema.empty_table()
+        latest = _latest_per_index(pa.concat_tables(parts))
+        return latest.sort_by("index")
+
+    def _merged(self, columns: Sequence[str] | None = None, only_plan: bool = False) -> Iterator[pa.Table]:
+        """The index, STEP_ROWS plan indices at a time, in plan-index order.
+
+        For every plan index: its latest journal row, else its row in index.parquet, else a
+        ``planned`` row made from the plan; then the committed rows of indices beyond the plan (a
+        run whose N was lowered), unless ``only_plan``. Three sorted streams merged a step at a
+        time (index.parquet is written sorted by index), so memory does not grow with N.
+        Parts hold ``columns`` (all columns by default; ``index`` and ``status`` are always read).
+        """
+        names = list(INDEX_SCHEMA.names if columns is None else dict.fromkeys(["index", "status", *columns]))
+        schema = pa.schema([INDEX_SCHEMA.field(c) for c in names])
+        n = self.plan_size()
+        reader: PlanReader | None = None
+        journal = self._journal_rows(schema)
+        j_index = journal["index"].to_numpy()
+        j_at = 0
+        folded = _SortedRows(self.root / INDEX_FILE, schema)
+        lo = 0
+        while True:
+            upcoming = [i for i in (folded.next_index(), int(j_index[j_at]) if j_at < j_index.size else None) if i is not None]
+            if lo >= n:  # past the plan: jump to the next committed row, if any
+                if only_plan or not upcoming:
+                    return
+                lo = max(lo, min(upcoming) // STEP_ROWS * STEP_ROWS)
+            hi = lo + STEP_ROWS
+            j_stop = int(np.searchsorted(j_index, hi))
+            parts = [folded.take_below(hi), journal.slice(j_at, j_stop - j_at)]
+            j_at = j_stop
+            pick = np.full(STEP_ROWS, -1, dtype=np.int64)
+            offset = 0
+            for part in parts:  # later parts win: the journal over index.parquet
+                idx = part["index"].to_numpy() - lo
+                in_plan = idx + lo < n
+                keep = in_plan if only_plan else in_plan | pc.not_equal(part["status"], STATUS_PLANNED).to_numpy(zero_copy_only=False)
+                pick[idx[keep]] = offset + np.flatnonzero(keep)
+                offset += part.num_rows
+            missing = np.flatnonzero(pick[: max(0, min(hi, n) - lo)] < 0)
+            if missing.size:
+                reader = reader or self.plan_reader()
+                parts.append(_planned_rows(reader.take(missing + lo), schema))
+                pick[missing] = offset + np.arange(missing.size)
+            lo = hi
+            chosen = pick[pick >= 0]
+            if chosen.size == parts[0].num_rows and np.array_equal(chosen, np.arange(chosen.size)):
+                table = parts[0]  # the common case, a folded run: index.parquet's rows as they are
+            else:
+                table = pa.concat_tables(parts).take(pa.array(chosen))
+            if table.num_rows:
+                yield table if columns is None else table.select(list(columns))
 
     def records(self) -> pa.Table:
         """The latest index row of every key that has one (planned rows excluded)."""
-        folded, covers = self._folded()
-        parts = []
-        if folded is not None:
-            parts.append(folded.filter(pc.not_equal(folded["status"], STATUS_PLANNED)))
-        for seq, path in self._journal():
-            if seq > covers:
-                parts.append(_conform(pq.read_table(path)))
-        if not parts:
-            return INDEX_SCHEMA.empty_table()
-        table = pa.concat_tables(parts)
-        return _latest_per_key(table)
+        parts = [t.filter(pc.not_equal(t["status"], STATUS_PLANNED)) for t in self._merged()]
+        return pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
 
-    def index(self, only_plan: bool = True) -> pa.Table:
+    def index(self, only_plan: bool = True, columns: Sequence[str] | None = None) -> pa.Table:
         """One row per sample, sorted by plan index: records, plus ``planned`` rows for the rest.
 
-        With ``only_plan`` (the default), keys outside the current plan (a run whose N was
-        lowered) are left out.
+        With ``only_plan`` (the default), rows outside the current plan (a run whose N was
+        lowered) are left out. ``columns`` reads only those (faster on large runs).
         """
-        plan = self.plan()
-        records = self.records()
-        if only_plan:
-            records = records.filter(pc.is_in(records["key"], value_set=plan["key"]))
-        missing = plan.filter(pc.invert(pc.is_in(plan["key"], value_set=records["key"])))
-        planned = _planned_rows(missing)
-        table = pa.concat_tables([records, planned])
-        return table.sort_by("index")
+        parts = list(self._merged(columns, only_plan=only_plan))
+        if parts:
+            return pa.concat_tables(parts)
+        return pa.schema([INDEX_SCHEMA.field(c) for c in (columns or INDEX_SCHEMA.names)]).empty_table()
 
     # -------------------------------------------------------------- resuming
 
     def resume(self, verify_files: bool = True) -> ResumeState:
-        """Clean temporary and orphan files and work out what is left to do."""
-        plan = self.plan()
-        records = self.records()
-        done = records.filter(pc.equal(records["status"], STATUS_DONE))
-        present = self._present_files()
-        damaged_keys: set[str] = set()
-        if verify_files:
-            for row in done.select(["key", "index", *_SIZE_COLUMN.values()]).to_pylist():
-                for suffix, column in _SIZE_COLUMN.items():
-                    size = present.get(f"{row['key']}{suffix}")
-                    if size is None or (row[column] is not None and size != row[column]):
-                        damaged_keys.add(row["key"])
-                        break
-        good_done = set(done["key"].to_pylist()) - damaged_keys
-        cleaned = self._clean(present, good_done)
-        in_plan_done = pc.is_in(plan["key"], value_set=pa.array(sorted(good_done), pa.string()))
-        pending = plan.filter(pc.invert(in_plan_done))
-        failed = records.filter(pc.equal(records["status"], STATUS_FAILED))
-        failed_in_plan = int(pc.sum(pc.is_in(failed["key"], value_set=plan["key"])).as_py() or 0)
-        done_in_plan = plan.num_rows - pending.num_rows
+        """Clean temporary and orphan files and work out what is left to do.
+
+        One streaming pass over the index, a bucket folder at a time: a done sample counts only
+        if its four files are present with the recorded sizes (``verify_files``); files of
+        samples that are not done (or not done intact) are deleted. Memory: one step of index
+        rows, one folder listing, and the pending plan indices (8 bytes per sample to do).
+        """
+        n = self.plan_size()
+        pending: list[np.ndarray] = []
+        failed = damaged = cleaned = 0
+        seen_buckets: set[int] = set()
+        columns = ["index", "key", "status", *_SIZE_COLUMN.values()]
+        for part in self._merged(columns):
+            index = part["index"].to_numpy()
+            status = part["status"]
+            good = pc.equal(status, STATUS_DONE).to_numpy(zero_copy_only=False).copy()
+            in_plan = index < n
+            failed += int(np.count_nonzero(pc.equal(status, STATUS_FAILED).to_numpy(zero_copy_only=False) & in_plan))
+            buckets = index // BUCKET_SIZE
+            for bucket in np.unique(buckets).tolist():
+                rows = np.flatnonzero(buckets == bucket)
+                listing = self._listing(bucket)
+                if verify_files:
+                    bad = _damaged(part.take(pa.array(rows[good[rows]])), listing)
+                    bad_rows = rows[good[rows]][bad]
+                    good[bad_rows] = False
+                    damaged += int(np.count_nonzero(in_plan[bad_rows]))
+                done_keys = set(part["key"].take(pa.array(rows[good[rows]])).to_pylist())
+                cleaned += self._clean_bucket(bucket, listing, done_keys)
+                seen_buckets.add(bucket)
+            pending.append(index[in_plan & ~good])
+        for bucket in self._bucket_numbers() - seen_buckets:  # folders with no index row at all
+            cleaned += self._clean_bucket(bucket, self._listing(bucket), set())
+        self._clean_temporary()
+        todo = np.concatenate(pending) if pending else np.zeros(0, np.int64)
         return ResumeState(
-            pending=pending,
-            done=done_in_plan,
-            failed_before=failed_in_plan,
-            damaged=len(damaged_keys),
+            pending=PlanRows(self.plan_reader(), todo),
+            done=n - int(todo.size),
+            failed_before=failed,
+            damaged=damaged,
             cleaned_files=cleaned,
         )
 
-    def _present_files(self) -> dict[str, int]:
-        """File name -> size for every file under samples/ (one scandir per bucket)."""
-        out: dict[str, int] = {}
+    def _bucket_numbers(self) -> set[int]:
         base = self.root / SAMPLES_DIR
         if not base.is_dir():
-            return out
-        for bucket in os.scandir(base):
-            if bucket.is_dir():
-                for entry in os.scandir(bucket.path):
-                    if entry.is_file():
-                        out[entry.name] = entry.stat().st_size
-        return out
+            return set()
+        return {int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()}
 
-    def _clean(self, present: dict[str, int], done_keys: set[str]) -> int:
-        """Delete temporary files and files of samples that are not done (they will be redone)."""
+    def _listing(self, bucket: int) -> dict[str, int]:
+        """File name -> size in one bucket folder (one scandir)."""
+        folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
+        try:
+            with os.scandir(folder) as entries:
+                return {e.name: e.stat().st_size for e in entries if e.is_file()}
+        except FileNotFoundError:
+            return {}
+
+    def _clean_bucket(self, bucket: int, listing: dict[str, int], done_keys: set[str]) -> int:
+        """Delete a bucket's temporary files and the files of samples not done (they are redone)."""
         removed = 0
-        base = self.root / SAMPLES_DIR
-        for bucket in (p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
-            for name in os.listdir(bucket):
-                if name.startswith(TMP_PREFIX) or _key_of(name) not in done_keys:
-                    with contextlib.suppress(FileNotFoundError):
-                        (bucket / name).unlink()
-                        removed += 1
-        journal = self.root / JOURNAL_DIR
-        for folder in (self.root, journal):
+        folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
+        for name in listing:
+            if name.startswith(TMP_PREFIX) or _key_of(name) not in done_keys:
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+                    removed += 1
+        return removed
+
+    def _clean_temporary(self) -> None:
+        for folder in (self.root, self.root / JOURNAL_DIR):
             if folder.is_dir():
                 for p in folder.glob(f"{TMP_PREFIX}*"):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
-        return removed
 
     # -------------------------------------------------------------- writing
 
@@ -487,9 +609,7 @@ class RunStore:
         journal = self.root / JOURNAL_DIR
         journal.mkdir(exist_ok=True)
         if self._seq is None:
-            chunks = self._journal()
-            _, covers = self._folded()
-            self._seq = max([covers, *(s for s, _ in chunks)])
+            self._seq = max([self._covers(), *(s for s, _ in self._journal())])
         self._seq += 1
         atomic_write_parquet(table, journal / f"chunk-{self._seq:09d}.parquet")
         fsync_path(journal)
@@ -498,15 +618,16 @@ class RunStore:
             self.fold()
 
     def fold(self) -> None:
-        """Rewrite index.parquet from the journal, then delete the folded chunks."""
+        """Rewrite index.parquet from itself, the journal and the plan, then delete folded chunks.
+
+        Written a step at a time (see :meth:`_merged`) to a temporary file that replaces the old
+        one; a crash before the rename leaves the old index and the journal, which is harmless.
+        """
         chunks = self._journal()
-        _, covers = self._folded()
-        top = max([covers, *(s for s, _ in chunks)])
-        plan = self.plan()
-        records = self.records()
-        missing = plan.filter(pc.invert(pc.is_in(plan["key"], value_set=records["key"])))
-        table = pa.concat_tables([records, _planned_rows(missing)]).sort_by("index")
-        atomic_write_parquet(table, self.root / INDEX_FILE, metadata={"covers": str(top)})
+        top = max([self._covers(), *(s for s, _ in chunks)])
+        with atomic_parquet_writer(self.root / INDEX_FILE, INDEX_SCHEMA, metadata={"covers": str(top)}) as writer:
+            for part in self._merged():
+                writer.write_table(part)
         fsync_path(self.root)
         for seq, path in chunks:
             if seq <= top:
@@ -562,37 +683,104 @@ def _key_of(file_name: str) -> str:
     return file_name.split(".", 1)[0]
 
 
-def _conform(table: pa.Table) -> pa.Table:
-    """Bring a stored index table to the current schema (missing columns become nulls)."""
+def _readable(path: Path, schema: pa.Schema) -> list[str]:
+    """The columns of ``schema`` that the Parquet file at ``path`` has (older files may lack some)."""
+    have = set(pq.read_schema(path).names)
+    return [name for name in schema.names if name in have]
+
+
+def _conform(table: pa.Table, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
+    """Bring a stored index table to ``schema`` (missing columns become nulls)."""
     cols = []
-    for f in INDEX_SCHEMA:
+    for f in schema:
         if f.name in table.column_names:
             cols.append(table[f.name].cast(f.type))
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
-    return pa.Table.from_arrays(cols, schema=INDEX_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _latest_per_key(table: pa.Table) -> pa.Table:
-    """Keep the last row of each key (rows are in commit order)."""
+def _latest_per_index(table: pa.Table) -> pa.Table:
+    """Keep the last row of each plan index (rows are in commit order)."""
     if table.num_rows == 0:
         return table
-    numbered = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
-    last = numbered.group_by("key").aggregate([("_row", "max")])["_row_max"]
+    numbered = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    last = numbered.group_by("index").aggregate([("_row", "max")])["_row_max"]
     return table.take(pc.take(last, pc.sort_indices(last)))  # in commit order
 
 
-def _planned_rows(plan: pa.Table) -> pa.Table:
+class _SortedRows:
+    """index.parquet read forwards in batches: the rows below a bound, then the next ones."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.schema = schema
+        self._buffer = schema.empty_table()
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        if path.is_file():
+            try:
+                self._batches = pq.ParquetFile(path).iter_batches(batch_size=STEP_ROWS, columns=_readable(path, schema))
+            except (OSError, pa.ArrowException) as exc:
+                raise RunError(f"{path}: unreadable index ({exc}); the journal and samples are intact") from exc
+
+    def _fill(self) -> bool:
+        """Read one more batch into the buffer; False at the end of the file."""
+        if self._batches is None:
+            return False
+        batch = next(self._batches, None)
+        if batch is None:
+            self._batches = None
+            return False
+        part = _conform(pa.Table.from_batches([batch]), self.schema)
+        self._buffer = pa.concat_tables([self._buffer, part]) if self._buffer.num_rows else part  # no copy
+        return True
+
+    def next_index(self) -> int | None:
+        while self._buffer.num_rows == 0:
+            if not self._fill():
+                return None
+        return int(self._buffer["index"][0].as_py())
+
+    def take_below(self, bound: int) -> pa.Table:
+        """Rows with index < ``bound`` (the file is sorted by index); the rest stay buffered."""
+        while self._buffer.num_rows == 0 or int(self._buffer["index"][self._buffer.num_rows - 1].as_py()) < bound:
+            if not self._fill():
+                break
+        index = self._buffer["index"].to_numpy()
+        cut = int(np.searchsorted(index, bound))
+        out, self._buffer = self._buffer.slice(0, cut), self._buffer.slice(cut)
+        return out
+
+
+def _damaged(done: pa.Table, listing: dict[str, int]) -> np.ndarray:
+    """Which of these done rows lack a file, or have one whose size differs from the recorded one."""
+    bad = np.zeros(done.num_rows, dtype=bool)
+    if done.num_rows == 0:
+        return bad
+    keys = done["key"].to_pylist()
+    sizes = {suffix: done[column].to_pylist() for suffix, column in _SIZE_COLUMN.items()}
+    for i, key in enumerate(keys):
+        for suffix, recorded in sizes.items():
+            size = listing.get(f"{key}{suffix}")
+            if size is None or (recorded[i] is not None and size != recorded[i]):
+                bad[i] = True
+                break
+    return bad
+
+
+def _planned_rows(plan: pa.Table, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
+    """``planned`` index rows (no result yet) for these plan rows, with ``schema``'s columns."""
     n = plan.num_rows
-    cols = {name: plan[name] for name in PLAN_SCHEMA.names}
-    for f in RESULT_FIELDS:
-        if f.name == "status":
-            cols["status"] = pa.array([STATUS_PLANNED] * n, pa.string())
+    cols = []
+    for f in schema:
+        if f.name in PLAN_SCHEMA.names:
+            cols.append(plan[f.name])
+        elif f.name == "status":
+            cols.append(pa.array([STATUS_PLANNED] * n, pa.string()))
         elif f.name == "attempts":
-            cols["attempts"] = pa.array([0] * n, pa.int32())
+            cols.append(pa.array(np.zeros(n, dtype=np.int32)))
         else:
-            cols[f.name] = pa.nulls(n, f.type)
-    return pa.Table.from_pydict(cols, schema=INDEX_SCHEMA)
+            cols.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _index_row(res: SampleResult, fields: dict[str, Any]) -> dict[str, Any]:

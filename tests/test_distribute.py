@@ -24,7 +24,7 @@ import pytest
 
 from factory.distribute.cluster import MAX_TEMP_DIR_CHARS, choose_temp_dir, plan_workers, prune_sessions, worker_env_vars
 from factory.errors import InputError, RunError
-from factory.generate import GenerateOptions, PlanRows, run_generate
+from factory.generate import GenerateOptions, run_generate
 from factory.store import SAMPLE_SUFFIXES, RunStore
 from tests import fault_samplers
 from tests.conftest import SMALL_MANIFEST, write_manifest
@@ -167,14 +167,22 @@ def test_ray_temp_dir_goes_under_the_run_or_a_short_path(tmp_path: Path) -> None
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["session_2024-01-03_00-00-01_1_1"]
 
 
-def test_plan_rows_are_made_on_demand(manifest_path: Path) -> None:
+def test_plan_rows_are_made_on_demand(manifest_path: Path, tmp_path: Path) -> None:
     from factory.manifest import load_manifest
-    from factory.plan import build_plan, table_rows
+    from factory.plan import PlanReader, PlanRows, build_plan, plan_chunks, table_rows
+    import pyarrow.parquet as pq
 
     table = build_plan(load_manifest(manifest_path), 7)
-    rows = PlanRows(table)
+    path = tmp_path / "plan.parquet"
+    with pq.ParquetWriter(path, table.schema) as writer:  # row groups of 3 rows: reads cross groups
+        for chunk in plan_chunks(load_manifest(manifest_path), 7, size=3):
+            writer.write_table(chunk)
+    assert pq.read_metadata(path).num_row_groups == 3
+    rows = PlanRows(PlanReader(path), range(7))
     assert len(rows) == 7 and rows[2:5] == table_rows(table)[2:5] and rows[-1] == table_rows(table)[6]
-    assert rows[5:100] == table_rows(table)[5:] and rows[3:3] == []
+    assert rows[5:100] == table_rows(table)[5:] and rows[3:3] == [] and rows[::3] == table_rows(table)[::3]
+    some = PlanRows(PlanReader(path), [6, 0, 4])
+    assert [r.index for r in some] == [6, 0, 4] and some.keys == [table["key"][i].as_py() for i in (6, 0, 4)]
 
 
 # ------------------------------------------------------------------------------ fan-out

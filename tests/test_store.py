@@ -75,7 +75,7 @@ def test_save_index_and_resume(store: RunStore) -> None:
     assert done_row["image_bytes"] == len(fake_result(rows[0]).files[".png"]) and done_row["gsg"] == pytest.approx(0.9)
     state = store.resume()
     assert state.done == 4 and state.failed_before == 1
-    assert state.pending["key"].to_pylist() == [r.key for r in rows[4:]]
+    assert [r.key for r in state.pending] == [r.key for r in rows[4:]]
     # files are where the store says, complete
     assert store.sample_path(rows[0].index, rows[0].key, ".png").read_bytes().startswith(b"PNG")
 
@@ -126,7 +126,7 @@ def test_damaged_and_orphan_files(store: RunStore) -> None:
     (folder / f".tmp-{rows[6].key}.png.123.abc").write_bytes(b"partial")
     state = store.resume()
     assert state.damaged == 2 and state.done == 1
-    assert state.pending["key"].to_pylist()[:2] == [rows[1].key, rows[2].key]
+    assert [r.key for r in state.pending][:2] == [rows[1].key, rows[2].key]
     names = set(os.listdir(folder))
     assert not any(n.startswith(".tmp-") for n in names)
     assert not any(n.startswith((rows[1].key, rows[2].key, rows[5].key)) for n in names)
@@ -163,16 +163,86 @@ def test_extend_and_shrink_n(store: RunStore) -> None:
     manifest = store.manifest()
     bigger = RunStore.prepare(store.root, manifest, 15, "fake:1")
     state = bigger.resume()
-    assert state.done == 10 and state.pending.num_rows == 5
-    assert state.pending["key"].to_pylist() == bigger.plan()["key"].to_pylist()[10:]
+    assert state.done == 10 and len(state.pending) == 5
+    assert [r.key for r in state.pending] == bigger.plan()["key"].to_pylist()[10:]
     bigger.release_lock()
     smaller = RunStore.prepare(store.root, manifest, 4, "fake:1")
-    assert smaller.index().num_rows == 4 and smaller.resume().pending.num_rows == 0
+    assert smaller.index().num_rows == 4 and len(smaller.resume().pending) == 0
     # samples beyond N are kept, not deleted: growing again finds them done
     smaller.release_lock()
     again = RunStore.prepare(store.root, manifest, 10, "fake:1")
     assert again.resume().done == 10
     again.release_lock()
+
+
+def test_streaming_passes_match_a_whole_table_reference(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """resume/fold/index go a step of buckets at a time: with 2-sample buckets and 4-index steps,
+    a history of commits, retries, folds and N changes gives what the whole journal says."""
+    import factory.store as store_mod
+
+    monkeypatch.setattr(store_mod, "BUCKET_SIZE", 2)
+    monkeypatch.setattr(store_mod, "STEP_ROWS", 4)
+    manifest = load_manifest(small_manifest)
+    s = RunStore.prepare(tmp_path / "run", manifest, 15, "fake:1")
+    s.fold_every = 3
+    rows = table_rows(s.plan())
+    rng = random.Random(5)
+    latest: dict[int, str] = {}
+    for _ in range(12):  # commits in random order: retries of failed samples, some done twice
+        batch = rng.sample(rows, 3)
+        results = [fake_result(r, rng.choice(["done", "done", "failed"])) for r in batch]
+        s.save(results)
+        latest.update({r.index: r.status for r in results})
+    index = s.index()
+    assert index["index"].to_pylist() == list(range(15))
+    assert index["status"].to_pylist() == [latest.get(i, "planned") for i in range(15)]
+    assert s.index(columns=["key", "gsg"]).equals(index.select(["key", "gsg"]))
+    assert s.records()["index"].to_pylist() == sorted(latest)
+    s.fold()
+    assert pq.ParquetFile(s.root / INDEX_FILE).metadata.num_row_groups == 4  # written a step at a time
+    assert s.index().drop_columns(["updated_at"]).equals(index.drop_columns(["updated_at"]))
+    done = sorted(i for i, st in latest.items() if st == "done")
+    state = s.resume()
+    assert state.done == len(done) and [r.index for r in state.pending] == [i for i in range(15) if i not in done]
+    # a damaged done sample, and an orphan file in a bucket that has no index row at all
+    victim = rows[done[-1]]
+    s.sample_path(victim.index, victim.key, ".json").write_bytes(b"{}")
+    orphan = s.root / "samples" / "00050" / "small-00000100-x.png"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"orphan")
+    state = s.resume()
+    assert state.damaged == 1 and victim.index in [r.index for r in state.pending] and not orphan.exists()
+    assert not s.sample_path(victim.index, victim.key, ".png").exists()
+    s.release_lock()
+    # lower N: rows beyond it leave the index (but stay on disk), committed ones stay as records
+    small = RunStore.prepare(s.root, manifest, 7, "fake:1")
+    assert small.index()["index"].to_pylist() == list(range(7))
+    beyond = [i for i in done[:-1] if i >= 7]
+    kept = [r["index"] for r in small.index(only_plan=False).to_pylist() if r["index"] >= 7]
+    assert kept == sorted(i for i in latest if i >= 7)  # the damaged one too: its row says done
+    small.resume()
+    assert all(small.sample_path(i, rows[i].key, ".png").exists() for i in beyond)
+    small.fold()
+    assert small.index(only_plan=False).num_rows == 7 + len(kept)
+    small.release_lock()
+
+
+def test_plan_is_written_in_row_groups_and_kept_on_reopen(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    import factory.store as store_mod
+    from factory.plan import build_plan
+
+    monkeypatch.setattr(store_mod, "PLAN_ROW_GROUP", 4)
+    manifest = load_manifest(small_manifest)
+    s = RunStore.prepare(tmp_path / "run", manifest, 10, "fake:1")
+    s.release_lock()
+    plan_file = s.root / "plan.parquet"
+    assert pq.ParquetFile(plan_file).metadata.num_row_groups == 3
+    assert s.plan().equals(build_plan(manifest, 10))
+    before = plan_file.stat().st_ino
+    RunStore.prepare(s.root, manifest, 10, "fake:1").release_lock()  # same N: the plan is not rebuilt
+    assert plan_file.stat().st_ino == before
+    RunStore.prepare(s.root, manifest, 12, "fake:1").release_lock()  # N grows: a new plan, same prefix
+    assert RunStore.open(s.root).plan().equals(build_plan(manifest, 12))
 
 
 def test_one_writer(store: RunStore) -> None:
@@ -202,7 +272,7 @@ from tests.test_store import fake_result
 store = RunStore.prepare(sys.argv[1], load_manifest(sys.argv[2]), 60, "fake:1")
 store.fold_every = 3
 state = store.resume()
-rows = table_rows(state.pending)
+rows = list(state.pending)
 print("started", flush=True)
 for i in range(0, len(rows), 2):
     store.save([fake_result(r, payload=b"y" * 2000) for r in rows[i:i+2]])
