@@ -176,8 +176,10 @@ def test_damaged_samples_are_reported_and_skipped(cli, run, tmp_path: Path) -> N
     path(12, ".fg.png").unlink()  # missing
     path(13, ".json").write_bytes(b"{not json" + b" " * (recs[13]["meta_bytes"] - 9))  # same size, not JSON
     out = tmp_path / "e"
+    fds = len(os.listdir("/proc/self/fd"))
     res = cli(["export", "--run", run.root, "--all", "--out", out, "--split", "none", "--maxcount", "10"])
     assert res.code == 0, res.err
+    assert len(os.listdir("/proc/self/fd")) == fds  # damaged samples' open files are closed too
     err = res.err
     assert f"{recs[10]['key']}: corrupt image ({recs[10]['key']}.png: CRC mismatch" in err
     assert f"{recs[11]['key']}: corrupt alpha ({recs[11]['key']}.alpha.png:" in err and "the index says" in err
@@ -341,15 +343,58 @@ def test_option_parsing() -> None:
         parse_size("lots")
 
 
-def test_png_check_catches_damage() -> None:
-    from factory.export.common import PngError
+def test_png_check_catches_damage(tmp_path: Path) -> None:
+    """The in-memory check and the on-disk one (read through a small buffer, as the WebDataset
+    export does) agree on good files and give the same error on damaged ones."""
+    from factory.export.common import PngError, check_png_fd
     from factory.imageio import encode_png
 
-    good = encode_png(np.zeros((8, 8, 3), np.uint8))
+    rng = np.random.default_rng(0)
+    good = encode_png(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))  # several KB: crosses the scratch
     assert check_png(good).channels == 3
-    for bad in (good[:-5], b"GIF89a" + good[6:], good[:40] + bytes([good[40] ^ 1]) + good[41:]):
-        with pytest.raises(PngError):
+
+    def on_disk(data: bytes):
+        path = tmp_path / "x.png"
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return check_png_fd(fd, len(data), bytearray(1000))
+        finally:
+            os.close(fd)
+
+    assert on_disk(good) == check_png(good)
+    no_iend = good[: good.rindex(b"IEND") - 4]
+    for bad in (good[:-5], b"GIF89a" + good[6:], good[:40] + bytes([good[40] ^ 1]) + good[41:], good[:-100] + bytes(100), no_iend):
+        with pytest.raises(PngError) as in_memory:
             check_png(bad)
+        with pytest.raises(PngError) as streamed:
+            on_disk(bad)
+        assert str(streamed.value) == str(in_memory.value)
+
+
+def test_shards_are_the_same_without_kernel_copy(cli, run, tmp_path: Path, monkeypatch) -> None:
+    """Where copy_file_range is refused (other file systems, old kernels) the export falls back to
+    read/write and writes the same bytes; no file descriptor is left open either way."""
+    import errno
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    args = ["export", "--run", run.root, "--all", "--split", "none", "--no-fsync", "--maxcount", "16"]
+    before = open_fds()
+    assert cli([*args, "--out", tmp_path / "kernel"]).code == 0
+    assert open_fds() == before
+
+    def refuse(*_a, **_k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    assert cli([*args, "--out", tmp_path / "plain"]).code == 0
+    assert open_fds() == before
+    shards = sorted(p.name for p in (tmp_path / "kernel").glob("*.tar"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "plain").glob("*.tar"))
+    for name in shards:
+        assert (tmp_path / "kernel" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
 def test_empty_selection_and_empty_split(cli, tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def _write_splits(
     delay: float,
 ) -> None:
     settings, store = p.settings, p.store
-    reader = FileReader()
+    reader = FileReader(reuse_buffers=True)  # each sample is written before the next is read
     for split in settings.split_order():
         rows = split_rows(p.ordered, split)
         sres = SplitResult(split)

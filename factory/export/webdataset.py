@@ -28,9 +28,11 @@ from factory.export.common import (
     CorruptSample,
     FileReader,
     LazyRows,
+    OpenFile,
     OutDir,
     Prepared,
     Records,
+    copy_file,
     fail_strict,
     fsync_path,
     load_members,
@@ -110,12 +112,18 @@ class TarShard:
         self.count = 0
         self.size = 0  # bytes written so far
 
-    def add(self, members: list[tuple[str, bytes | memoryview]]) -> None:
+    def add(self, members: list[tuple[str, bytes | memoryview | OpenFile]], scratch: bytearray | None = None) -> None:
+        """Append one sample's members: bytes in one ``writev``, open files copied by the kernel."""
         parts: list[bytes | memoryview] = []
         for name, data in members:
             header = _header(name, len(data), self.mtime)
             pad = _padding(len(data))
-            parts += [header, data, pad]
+            if isinstance(data, OpenFile):
+                _write_all(self.fd, [*parts, header])
+                copy_file(data, self.fd, scratch if scratch is not None else bytearray(1 << 16))
+                parts = [pad]
+            else:
+                parts += [header, data, pad]
             self.size += len(header) + len(data) + len(pad)
         _write_all(self.fd, parts)
         self.count += 1
@@ -185,7 +193,7 @@ def write_webdataset(
     mtime = _run_mtime(p)
     delay = float(os.environ.get(SLOW_ENV, "0") or 0)
     result = WriteResult(records=Records(), splits={}, problems=[])
-    reader = FileReader()
+    reader = FileReader(kernel_copy=True)  # checked through a small buffer, copied file to file
     for split in settings.split_order():
         rows = split_rows(p.ordered, split)
         sres = SplitResult(split)
@@ -208,16 +216,19 @@ def write_webdataset(
                     on_problem(str(exc))
                     advance(1, 0)
                     continue
-                meta = sample_json(rec, m, split, settings)
-                members = sample_tar_members(rec["key"], settings.image_ext, m.image, m.alpha, m.fg, meta)
-                size = members_size(members, mtime)
-                if writer is not None and (writer.count >= settings.maxcount or writer.size + size > settings.maxsize):
-                    _finish(writer, sres, result)
-                    writer = None
-                if writer is None:
-                    writer = TarShard(out / shard_name(split, number), mtime, p.options.fsync)
-                    number += 1
-                writer.add(members)
+                try:
+                    meta = sample_json(rec, m, split, settings)
+                    members = sample_tar_members(rec["key"], settings.image_ext, m.image, m.alpha, m.fg, meta)
+                    size = members_size(members, mtime)
+                    if writer is not None and (writer.count >= settings.maxcount or writer.size + size > settings.maxsize):
+                        _finish(writer, sres, result)
+                        writer = None
+                    if writer is None:
+                        writer = TarShard(out / shard_name(split, number), mtime, p.options.fsync)
+                        number += 1
+                    writer.add(members, reader.scratch)
+                finally:
+                    m.close()
                 result.records.append(_record(rec, split, writer.final.name, [len(d) for _, d in members]))
                 advance(1, size)
                 if delay:
