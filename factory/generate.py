@@ -12,6 +12,7 @@ samples in flight, and re-running the same command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -210,10 +211,7 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
 
 
 def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any) -> GenerateSummary:
-    # The driver lives for the whole run and its Arrow work (resume, folds) is a step of rows at a
-    # time; the system allocator gives that memory back, mimalloc (Arrow's default here) kept
-    # 3x more of it resident (measured: bench/e2e.py memory, BENCHMARKS.md).
-    pa.set_memory_pool(pa.system_memory_pool())
+    lean_allocator()
     state = store.resume()
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
     rows = state.pending  # plan rows made on demand from plan.parquet
@@ -283,6 +281,23 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
     store.fold()
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
     return summary
+
+
+def lean_allocator() -> None:
+    """Make the driver give freed memory back to the system.
+
+    The driver lives for the whole run and does its Arrow work (resume, folds of the index) a step
+    of rows at a time. Measured with bench/e2e.py and a 400,000-row index (BENCHMARKS.md): Arrow's
+    default allocator here (mimalloc) kept about 3x more resident than the system one, and glibc's
+    adaptive mmap threshold let freed Parquet buffers pile up in its heap as the index grew; a fixed
+    128 KiB threshold (glibc's default before adaptation) keeps big buffers in their own mappings.
+    """
+    pa.set_memory_pool(pa.system_memory_pool())
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def executor_notes(executor: Any) -> list[str]:
