@@ -287,8 +287,8 @@ def lean_allocator() -> None:
     """Make the driver give freed memory back to the system.
 
     The driver lives for the whole run and does its Arrow work (resume, folds of the index) a step
-    of rows at a time. Measured with bench/e2e.py and a 400,000-row index (BENCHMARKS.md): Arrow's
-    default allocator here (mimalloc) kept about 3x more resident than the system one, and glibc's
+    of rows at a time. Measured (BENCHMARKS.md, driver memory): Arrow's default allocator here
+    (mimalloc) kept about 3x more resident after a resume and a fold than the system one, and glibc's
     adaptive mmap threshold let freed Parquet buffers pile up in its heap as the index grew; a fixed
     128 KiB threshold (glibc's default before adaptation) keeps big buffers in their own mappings.
     """

@@ -237,7 +237,7 @@ def write_card(info: CardInfo) -> Path:
                   + ", ".join(f"{k}={v}" for k, v in params.items()))
         dropped = {k: v for k, v in (sel.get("dropped") or {}).items() if v}
         md.append(f"  kept {sel.get('kept')} of {(sel.get('status') or {}).get('done')} done samples"
-                  + (f"; dropped: " + ", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else ""))
+                  + ("; dropped: " + ", ".join(f"{k} {v}" for k, v in dropped.items()) if dropped else ""))
     else:
         md.append("- filter: none (every done sample)")
     st = info.settings

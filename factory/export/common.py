@@ -570,7 +570,6 @@ def checked_png(
     With a ``kernel_copy`` reader and the CRC check, the file comes back as an :class:`OpenFile`
     (checked through the reader's scratch buffer), which the caller closes.
     """
-    key = rec["key"]
     open_only = reader is not None and reader.kernel_copy and verify != "decode"
     data = read_file(store, rec, suffix, reader, open_only=open_only)
     try:
@@ -885,6 +884,21 @@ def export_state(p: Prepared, state: str, **extra: Any) -> dict[str, Any]:
 
 def fail_strict(problem: str) -> RunError:
     return RunError(f"{problem}; stopped (--strict). Finished shards are kept: re-run to resume")
+
+
+def load_or_skip(
+    p: Prepared, rec: dict[str, Any], reader: FileReader, problems: list[str], on_problem: Callable[[str], None]
+) -> Members | None:
+    """:func:`load_members`, or None for a damaged sample: reported by key and skipped, or the end
+    of the export with ``--strict``."""
+    try:
+        return load_members(p.store, rec, p.settings, p.options.verify, reader)
+    except CorruptSample as exc:
+        if p.options.strict:
+            raise fail_strict(str(exc)) from exc
+        problems.append(str(exc))
+        on_problem(str(exc))
+        return None
 
 
 # ------------------------------------------------------------------------------- bookkeeping

@@ -28,13 +28,11 @@ from typing import Any
 
 from factory.export.common import (
     SLOW_ENV,
-    CorruptSample,
     FileReader,
     OutDir,
     Prepared,
     Records,
-    fail_strict,
-    load_members,
+    load_or_skip,
     split_rows,
 )
 from factory.export.webdataset import SplitResult, WriteResult
@@ -82,7 +80,7 @@ def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int) ->
 def write_folder(
     p: Prepared, outdir: OutDir, advance: Callable[[int, int], None], on_problem: Callable[[str], None]
 ) -> WriteResult:
-    settings, store, out = p.settings, p.store, outdir.root
+    out = outdir.root
     delay = float(os.environ.get(SLOW_ENV, "0") or 0)
     result = WriteResult(records=Records(), splits={}, problems=[])
     pending: list[tuple[Any, Path, Path]] = []  # open metadata.jsonl temporaries, renamed at the end
@@ -107,7 +105,7 @@ def _write_splits(
     pending: list[tuple[Any, Path, Path]],
     delay: float,
 ) -> None:
-    settings, store = p.settings, p.store
+    settings = p.settings
     reader = FileReader(reuse_buffers=True)  # each sample is written before the next is read
     for split in settings.split_order():
         rows = split_rows(p.ordered, split)
@@ -134,13 +132,8 @@ def _write_splits(
                 result.resumed_samples += 1
                 advance(1, 0)
             else:
-                try:
-                    m = load_members(store, rec, settings, p.options.verify, reader)
-                except CorruptSample as exc:
-                    if p.options.strict:
-                        raise fail_strict(str(exc)) from exc
-                    result.problems.append(str(exc))
-                    on_problem(str(exc))
+                m = load_or_skip(p, rec, reader, result.problems, on_problem)
+                if m is None:
                     advance(1, 0)
                     continue
                 data = {"image": m.image, "alpha": m.alpha, "fg": m.fg}

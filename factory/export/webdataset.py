@@ -33,9 +33,9 @@ from factory.export.common import (
     Prepared,
     Records,
     copy_file,
-    fail_strict,
     fsync_path,
     load_members,
+    load_or_skip,
     sample_json,
     split_rows,
 )
@@ -189,7 +189,7 @@ def write_webdataset(
     p: Prepared, outdir: OutDir, advance: Callable[[int, int], None], on_problem: Callable[[str], None]
 ) -> WriteResult:
     """Write every split's shards (resuming finished ones); returns what was written."""
-    settings, store, out = p.settings, p.store, outdir.root
+    settings, out = p.settings, outdir.root
     mtime = _run_mtime(p)
     delay = float(os.environ.get(SLOW_ENV, "0") or 0)
     result = WriteResult(records=Records(), splits={}, problems=[])
@@ -207,13 +207,8 @@ def write_webdataset(
             # One thread: a reader thread for the next sample was tried and was slower (GIL
             # hand-offs between the threads cost more than the overlap saved on two cores).
             for rec in rows.iter_from(cursor):
-                try:
-                    m = load_members(store, rec, settings, p.options.verify, reader)
-                except CorruptSample as exc:
-                    if p.options.strict:
-                        raise fail_strict(str(exc)) from exc
-                    result.problems.append(str(exc))
-                    on_problem(str(exc))
+                m = load_or_skip(p, rec, reader, result.problems, on_problem)
+                if m is None:
                     advance(1, 0)
                     continue
                 try:
