@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from itertools import combinations
@@ -491,19 +493,23 @@ def _candidate_pairs(
     h: np.ndarray, distance: int, tables: list[tuple[np.ndarray, int]], budget: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs that share a bucket in some table and are within ``distance``; raises ``_TooDense``
-    before listing more than ``budget`` candidates in all."""
+    before any table lists more than its share of ``budget`` candidates.
+
+    Tables are independent and numpy's sorts release the GIL, so they run on a thread per core.
+    """
     n = h.size
     id_bits = max(1, int(n - 1).bit_length())
-    firsts: list[np.ndarray] = []
-    seconds: list[np.ndarray] = []
-    for key, width in tables:
+    share = max(1, budget // max(1, len(tables)))
+
+    def one_table(table: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        key, width = table
         if width <= 24:  # a counting pass drops singleton buckets before sorting
             rows = np.flatnonzero(np.bincount(key, minlength=1 << width)[key] > 1)
             key = key[rows]
         else:
             rows = np.arange(n, dtype=np.int64)
         if rows.size < 2:
-            continue
+            return None
         if width + id_bits <= 64:  # sort (key, row) packed in one word: faster than argsort
             packed = np.sort((key.astype(np.uint64) << np.uint64(id_bits)) | rows.astype(np.uint64))
             ks = packed >> np.uint64(id_bits)
@@ -511,18 +517,23 @@ def _candidate_pairs(
         else:
             order = np.argsort(key, kind="stable")
             ks, ids = key[order], rows[order]
-        listed = _pairs_in_runs(ks, ids, budget)
+        listed = _pairs_in_runs(ks, ids, share)
         if listed is None:
             raise _TooDense
         a, b = listed
-        budget -= a.size
         close = np.bitwise_count(h[a] ^ h[b]) <= distance
-        firsts.append(a[close])
-        seconds.append(b[close])
-    if not firsts:
+        return a[close], b[close]
+
+    workers = min(len(tables), os.cpu_count() or 1)
+    if workers > 1 and n >= 50_000:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factory-dedup") as pool:
+            found = [r for r in pool.map(one_table, tables) if r is not None]
+    else:
+        found = [r for r in map(one_table, tables) if r is not None]
+    if not found:
         empty = np.zeros(0, np.int64)
         return empty, empty
-    return np.concatenate(firsts), np.concatenate(seconds)
+    return np.concatenate([a for a, _ in found]), np.concatenate([b for _, b in found])
 
 
 def _pairs_in_runs(keys: np.ndarray, ids: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
