@@ -312,10 +312,13 @@ def near_duplicates(hashes: np.ndarray, rank: np.ndarray, distance: int, pair_bu
     # 1. identical hashes: keep the best of each group (one sort; groups are handled apart, so a
     #    large group of equal hashes never produces a quadratic number of pairs below).
     rep_of_row = np.arange(n, dtype=np.int64)
-    s = np.sort(h)
+    order = np.argsort(h, kind="stable")
+    s = h[order]
     equal = s[1:] == s[:-1]
     if equal.any():
-        in_group = np.isin(h, np.unique(s[1:][equal]))
+        in_group = np.zeros(n, bool)  # rows whose hash occurs more than once
+        in_group[order[1:][equal]] = True
+        in_group[order[:-1][equal]] = True
         rows = np.flatnonzero(in_group)
         rows = rows[np.lexsort((rank[rows], h[rows]))]
         hs = h[rows]
