@@ -1,5 +1,6 @@
 """GreenPost on fixtures with known alpha: soft edges and strands on a shaded board, spill-free
-foreground, the key-colour flag, the coarse alpha, input checks."""
+foreground, the key-colour flag, the coarse alpha, input checks, and the two tests that keep mixed
+pixels of non-green objects from being taken for solid (board mix ratio, object-hue key)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from matte_fixtures import BOARD_GREEN, composite, shaded_board, soft_disc, stra
 from factory.errors import InputError
 from factory.matte import GreenPostSettings, MatteResult, greenpost
 from factory.matte.canvas import background_plate, estimate_canvas_color, key_excess
-from factory.matte.key import color_difference_key, hsv_threshold_key
+from factory.matte.key import color_difference_key, hsv_threshold_key, local_difference_key, object_hue_key
+from factory.matte.trimap import board_mix_ratio
 from factory.metrics import evaluate_pair
 
 
@@ -152,3 +154,36 @@ def test_rejects_mismatched_coarse_alpha(disc) -> None:
     image, _ = disc
     with pytest.raises(InputError, match="coarse alpha"):
         greenpost(image, coarse_alpha=np.zeros((10, 10), np.float32))
+
+
+def test_board_mix_ratio_finds_pixels_mixed_with_the_board() -> None:
+    board = np.array(BOARD_GREEN, dtype=np.float32)
+    pink, grey = np.array((230, 80, 140), np.float32), np.array((120, 120, 120), np.float32)
+    image = np.broadcast_to(board, (40, 60, 3)).copy()
+    image[:, :20] = pink  # opaque pink
+    image[:, 20:40] = 0.4 * pink + 0.6 * board  # the same pink at 40 % over the board
+    image[:, 40:] = grey  # another opaque material next to it
+    ratio = board_mix_ratio(image - board, np.ones((40, 60), bool))
+    assert np.allclose(ratio[:, 21:32], 0.4, atol=0.02)  # within reach of the opaque pink
+    assert ratio[:, :20].min() > 0.99 and ratio[:, 40:].min() > 0.99
+
+
+def test_object_hue_key_ignores_the_foreground_brightness() -> None:
+    board = np.full((1, 1, 3), BOARD_GREEN, np.float32)
+    guess = np.full((1, 1, 3), (200, 80, 40), np.float32)  # the core's red-brown
+    pixel = 0.5 * (0.6 * guess) + 0.5 * board  # a darker strand of that hue, half covering
+    assert abs(float(object_hue_key(pixel, board, guess)[0, 0]) - 0.5) < 0.02
+    assert float(local_difference_key(pixel, board, BOARD_GREEN)[0, 0]) > 0.6  # the plain key over-rates it
+
+
+def test_half_transparent_pink_is_not_taken_for_solid() -> None:
+    """The colour-difference key calls pink at 45 % coverage opaque; GreenPost must not, as long as
+    solid pink lies within reach of the board-mix test (``mix_radius``, 12 px; the ring is 10 px)."""
+    solid = soft_disc(radius=20.0, softness=2.0)
+    ring = soft_disc(radius=30.0, softness=2.0)
+    alpha = np.maximum(solid, 0.45 * ring)
+    image = composite(alpha, (255, 60, 170), shaded_board(alpha, shadow=0.0))
+    key = estimate_canvas_color(image).color
+    band = (alpha > 0.4) & (alpha < 0.5)
+    assert color_difference_key(image, key)[band].mean() > 0.95
+    assert np.abs(greenpost(image).alpha[band] - 0.45).mean() < 0.05

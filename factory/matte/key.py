@@ -10,10 +10,9 @@ the matte.
 from __future__ import annotations
 
 import numpy as np
-
 from scipy import ndimage
 
-from factory.matte.canvas import chroma_direction, key_excess
+from factory.matte.canvas import chroma, chroma_direction, dot3, key_excess
 
 
 def local_difference_key(image: np.ndarray, plate: np.ndarray, key_color: tuple[int, int, int]) -> np.ndarray:
@@ -21,6 +20,36 @@ def local_difference_key(image: np.ndarray, plate: np.ndarray, key_color: tuple[
     e_i = key_excess(image, key_color)
     e_b = np.maximum(key_excess(plate, key_color), 1.0)
     return np.clip(1.0 - e_i / e_b, 0.0, 1.0).astype(np.float32)
+
+
+def object_hue_key(image: np.ndarray, plate: np.ndarray, fg: np.ndarray, ridge: float = 5.0) -> np.ndarray:
+    """Board content measured across the object's own hue (float32 alpha in [0, 1]).
+
+    In the chroma plane (colours minus their grey part) the compositing equation is
+    ``c(I) = a c(F) + (1 - a) c(B)``; a foreground that only changes brightness or saturation
+    (shading, highlights, backlit strands) stays on the line of ``c(F)``. Solving
+    ``c(I) = u c(F) + v c(B)`` by least squares gives the board's share ``v``, and ``a = 1 - v``,
+    whatever ``F``'s brightness. The colour-difference key is the special case of a yellow object
+    (``G - R`` vanishes on greys and yellows; cyan where blue exceeds red), which is why it over-rates
+    red and pink and under-rates olive; here the hue is ``fg``'s, the colour interpolated from the
+    object's core. ``ridge`` (RGB) damps ``u`` so that a greyish ``fg`` (no hue) falls
+    back to measuring along the board's chroma."""
+    cf, cb, ci = chroma(fg), chroma(plate), chroma(image)
+    ff = dot3(cf, cf) + ridge**2
+    fb, bb = dot3(cf, cb), dot3(cb, cb)
+    fi, bi = dot3(cf, ci), dot3(cb, ci)
+    board_share = (ff * bi - fb * fi) / np.maximum(ff * bb - fb * fb, 1e-6)
+    return np.clip(1.0 - board_share, 0.0, 1.0).astype(np.float32)
+
+
+def object_hue_weight(plate: np.ndarray, fg: np.ndarray, contrast: float = 50.0) -> np.ndarray:
+    """How far to trust ``object_hue_key`` over the colour-difference key (float32 in [0, 1]):
+    ``sin^4`` of the angle between the object's and the board's chroma (an object of the board's
+    hue cannot be told from it) times ``|c(F)|^2 / (|c(F)|^2 + contrast^2)`` (a grey has no hue)."""
+    cf, cb = chroma(fg), chroma(plate)
+    ff, bb, fb = dot3(cf, cf), dot3(cb, cb), dot3(cf, cb)
+    sin2 = 1.0 - fb * fb / np.maximum(ff * bb, 1e-6)
+    return (sin2**2 * ff / (ff + contrast**2)).astype(np.float32)
 
 
 def color_difference_key(image: np.ndarray, key_color: tuple[int, int, int]) -> np.ndarray:
@@ -81,8 +110,9 @@ def key_colored_pixels(
     if object_core is not None:
         return greenish & object_core
     x = image.astype(np.float32)
-    differs = np.linalg.norm(x - plate, axis=-1) >= min_difference
-    off_hue = (chroma_direction(x) * chroma_direction(plate)).sum(-1) < np.cos(np.deg2rad(hue_deg))
+    diff = x - plate
+    differs = dot3(diff, diff) >= min_difference**2
+    off_hue = dot3(chroma_direction(x), chroma_direction(plate)) < np.cos(np.deg2rad(hue_deg))
     d = int(np.argmax(key_color))
     lighter = x[..., d] > brighter * plate[..., d]
     found = greenish & differs & (off_hue | lighter)

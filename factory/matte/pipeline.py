@@ -5,10 +5,12 @@ Steps (docs/matting.md has the reasoning):
 1. canvas colour by K-Means;
 2. background plate: the board's colour at every pixel (gradients, vignetting, hue drift, shadows);
 3. colour-difference key against the plate;
-4. trimap: background, a foreground core, the unknown band (and the coarse alpha where given);
+4. trimap: background, a foreground core (key-solid pixels that no neighbour shows to be mixed with
+   the board), the unknown band (and the coarse alpha where given);
 5. the band: the foreground colour interpolated from the core, alpha by un-mixing against the plate
-   (falling back to the key where that colour does not fit), clip black / clip white, and optionally
-   the closed-form matting Laplacian as a regulariser;
+   (falling back to a key across the object's hue, and to the colour-difference key, where that
+   colour does not fit), clip black / clip white, and optionally the closed-form matting Laplacian
+   as a regulariser;
 6. foreground colour by un-mixing the plate, then despill;
 7. the flag for objects that contain the key colour.
 """
@@ -23,9 +25,9 @@ import numpy as np
 from factory.errors import InputError
 from factory.matte.canvas import background_plate, estimate_canvas_color, strict_canvas
 from factory.matte.foreground import despill, interpolate_foreground, ml_foreground, unmix_foreground
-from factory.matte.key import key_colored_pixels, local_difference_key
+from factory.matte.key import key_colored_pixels, local_difference_key, object_hue_key, object_hue_weight
 from factory.matte.refine import clip_levels, laplacian_refine, projected_alpha
-from factory.matte.trimap import make_trimap
+from factory.matte.trimap import board_mix_ratio, make_trimap
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,16 @@ class GreenPostSettings:
     strict_deg: float = 6.0  # strict test: angle from the board's local chroma for "board for sure"
     plate_block: int = 8  # tile size (px) of the background plate
     key_lo: float = 0.04  # key alpha at or below: background in the trimap
-    key_hi: float = 0.93  # key alpha at or above (and core_depth inside): foreground core
-    core_depth: float = 4.0  # px inside the key's solid region where the foreground core starts
+    key_hi: float = 0.85  # key alpha at or above (not mixed, core_depth inside): foreground core
+    core_depth: float = 1.0  # px inside the solid, unmixed region where the foreground core starts
+    mix_max: float | None = 0.9  # pixel at under this fraction of a neighbour's offset, on its ray: mixed (None: off)
+    mix_radius: int = 12  # px searched for such a neighbour ...
+    mix_step: int = 3  # ... every this many px
+    mix_tolerance: float = 5.0  # RGB distance from the neighbour's ray still counted as on it (+5 % of |I - B|)
+    object_hue_contrast: float | None = 50.0  # chroma |c(F)| at which the object-hue key gets half weight (None: off)
     projection_sharpness: float = 2.0  # how strictly I - B must point along F - B to trust un-mixing
     min_contrast: float = 50.0  # |F - B| (RGB) at which un-mixing gets half weight
-    clip_black: float = 0.04  # alpha at or below -> 0
+    clip_black: float = 0.03  # alpha at or below -> 0
     clip_white: float = 0.96  # alpha at or above -> 1
     laplacian_weight: float = 0.0  # > 0: closed-form Laplacian regularisation with this data weight
     foreground: str = "unmix"  # "unmix" (with the plate) or "ml" (pymatting multi-level)
@@ -66,6 +73,8 @@ class GreenPostSettings:
             raise InputError(f"need 0 <= key_lo < key_hi <= 1, got {self.key_lo}, {self.key_hi}")
         if self.plate_block < 2 or self.kmeans_clusters < 1:
             raise InputError("plate_block must be at least 2 and kmeans_clusters at least 1")
+        if self.mix_radius < 1 or self.mix_step < 1:
+            raise InputError("mix_radius and mix_step must be at least 1")
 
 
 @dataclass
@@ -109,6 +118,25 @@ class _Clock:
         self._t = now
 
 
+def _board_mix(img: np.ndarray, plate: np.ndarray, key: np.ndarray, s: GreenPostSettings) -> np.ndarray | None:
+    """The board mix ratio of the key-solid pixels (None when the test is off)."""
+    if s.mix_max is None:
+        return None
+    offset = img.astype(np.float32) - plate
+    return board_mix_ratio(offset, key >= s.key_hi, s.mix_radius, s.mix_step, s.mix_tolerance)
+
+
+def _fallback_key(
+    img: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, key: np.ndarray, s: GreenPostSettings
+) -> np.ndarray:
+    """What the band falls back to where un-mixing is not trusted: the object-hue key where the
+    object's colour has a hue clearly apart from the board's, the colour-difference key elsewhere."""
+    if s.object_hue_contrast is None:
+        return key
+    w = object_hue_weight(plate, fg_guess, s.object_hue_contrast)
+    return w * object_hue_key(img, plate, fg_guess) + (1.0 - w) * key
+
+
 def greenpost(
     image: np.ndarray, coarse_alpha: np.ndarray | None = None, settings: GreenPostSettings | None = None
 ) -> MatteResult:
@@ -130,9 +158,13 @@ def greenpost(
     plate = background_plate(img, key_color, board, s.plate_block)
     key = local_difference_key(img, plate, key_color)
     clock.lap("plate_key")
-    tri = make_trimap(key, coarse, s.key_lo, s.key_hi, 1, s.core_depth, s.coarse_core, s.coarse_far, board)
+    mix = _board_mix(img, plate, key, s)
+    tri = make_trimap(
+        key, coarse, s.key_lo, s.key_hi, 1, s.core_depth, s.coarse_core, s.coarse_far, board, mix, s.mix_max or 0.0
+    )
     fg_guess = interpolate_foreground(img, tri.core)
-    alpha = projected_alpha(img, plate, fg_guess, key, s.projection_sharpness, s.min_contrast)
+    fallback = _fallback_key(img, plate, fg_guess, key, s)
+    alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast)
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, s.clip_black, s.clip_white)
     if s.laplacian_weight > 0:

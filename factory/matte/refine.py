@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
+from factory.matte.canvas import dot3
+
 
 def projected_alpha(
     image: np.ndarray,
@@ -27,10 +29,10 @@ def projected_alpha(
     times ``|F - B|^2 / (|F - B|^2 + min_contrast^2)``."""
     d = fg_guess.astype(np.float32) - plate
     diff = image.astype(np.float32) - plate
-    dd = (d * d).sum(-1)
-    dot = (diff * d).sum(-1)
+    dd = dot3(d, d)
+    dot = dot3(diff, d)
     proj = np.clip(dot / np.maximum(dd, 1.0), 0.0, 1.0)
-    cos2 = dot * dot / np.maximum((diff * diff).sum(-1) * dd, 1e-6)
+    cos2 = dot * dot / np.maximum(dot3(diff, diff) * dd, 1e-6)
     weight = cos2**sharpness * (dd / (dd + min_contrast**2))
     return np.clip(weight * proj + (1.0 - weight) * key_alpha, 0.0, 1.0).astype(np.float32)
 

@@ -21,33 +21,99 @@ class Trimap:
         return ~(self.core | self.bg)
 
 
+def _disc_offsets(radius: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx) on a grid of ``step`` px within ``radius`` px, the centre left out."""
+    r = np.arange(-(radius // step) * step, radius + 1, step)
+    dy, dx = np.meshgrid(r, r, indexing="ij")
+    keep = (dy * dy + dx * dx <= radius * radius) & ((dy != 0) | (dx != 0))
+    return dy[keep], dx[keep]
+
+
+def board_mix_ratio(
+    offset: np.ndarray,
+    candidates: np.ndarray,
+    radius: int = 12,
+    step: int = 3,
+    tolerance: float = 5.0,
+    rel_tolerance: float = 0.05,
+    min_offset: float = 20.0,
+) -> np.ndarray:
+    """How far each candidate pixel lies towards its neighbours' colour, seen from the board.
+
+    ``offset`` is the image minus the plate, ``I - B``. A pixel mixed from a material and the board
+    sits on the segment from ``B`` to that material's colour: its offset is ``t`` times the offset of
+    an opaque neighbour of the same material, with ``t`` < 1. For every candidate this returns the
+    smallest such ``t`` over the neighbours within ``radius`` (sampled every ``step`` px) whose offset
+    is at least ``min_offset`` long and whose ray from the board passes within ``tolerance +
+    rel_tolerance * |I - B|`` (RGB) of the pixel; 1 where no neighbour lies farther out on its ray.
+    Other pixels get 1.
+
+    This is what the colour-difference key cannot see: it over-rates objects that are far from the
+    key colour (pink hair at 40 % coverage keys as opaque), but the same hair with no board behind
+    it, a few pixels away, is farther out on the same ray. Computed on the candidates only, one
+    gather per neighbour offset (about 70 of them by default).
+    """
+    h, w = candidates.shape
+    pad = radius
+    wp = w + 2 * pad
+    planes = np.zeros((3, h + 2 * pad, wp), dtype=np.float32)
+    planes[:, pad : pad + h, pad : pad + w] = np.moveaxis(np.asarray(offset, dtype=np.float32), -1, 0)
+    planes = planes.reshape(3, -1)
+    length2 = (planes * planes).sum(axis=0)
+    # 1 / |D_q|^2 where the neighbour is far enough from the board to define a ray, else 0 (t = 0).
+    inv = np.where(length2 >= min_offset**2, 1.0 / np.maximum(length2, 1.0), 0.0).astype(np.float32)
+    ys, xs = np.nonzero(candidates)
+    idx = (ys + pad) * wp + (xs + pad)
+    d0, d1, d2 = planes[0, idx], planes[1, idx], planes[2, idx]
+    pp = d0 * d0 + d1 * d1 + d2 * d2
+    # Off the neighbour's ray by at most the tolerance: |D_p|^2 - (D_p . D_q)^2 / |D_q|^2 <= tol^2.
+    need = pp - (tolerance**2 + rel_tolerance**2 * pp)
+    ratio = np.ones(len(idx), dtype=np.float32)
+    p0, p1, p2 = planes
+    for dy, dx in zip(*_disc_offsets(radius, step)):
+        j = idx + int(dy * wp + dx)
+        dot = d0 * p0[j] + d1 * p1[j] + d2 * p2[j]
+        t = dot * inv[j]
+        on_ray = (t > 0) & (dot * t >= need)
+        np.minimum(ratio, np.where(on_ray, t, 1.0), out=ratio)
+    out = np.ones((h, w), dtype=np.float32)
+    out[ys, xs] = ratio
+    return out
+
+
 def make_trimap(
     key_alpha: np.ndarray,
     coarse_alpha: np.ndarray | None = None,
     lo: float = 0.04,
-    hi: float = 0.93,
+    hi: float = 0.85,
     bg_erode: int = 1,
-    core_depth: float = 4.0,
+    core_depth: float = 1.0,
     coarse_core: float = 8.0,
     coarse_far: float | None = None,
     board: np.ndarray | None = None,
+    mix_ratio: np.ndarray | None = None,
+    mix_max: float = 0.9,
 ) -> Trimap:
     """The trimap from the key alpha and, when given, the coarse alpha.
 
     Background: the key alpha is at most ``lo``, shrunk by ``bg_erode`` px. Foreground core: the
-    key alpha is at least ``hi`` and the pixel lies more than ``core_depth`` px inside that region;
-    the depth matters because the key over-rates mixed pixels of strongly non-green objects (red
-    hair keys as opaque at half coverage), and the core is where the foreground colour is sampled.
-    With a coarse alpha (the matting head's): pixels more than ``coarse_core`` px inside its object
-    (and >= 0.95 there, and not ``board``: holes show the board) join the core even if
-    key-coloured; with ``coarse_far``, pixels more than that many px outside its object are
-    background even if the key saw something there (off by default: a coarse mask misses the thin
-    strands that the key finds).
+    key alpha is at least ``hi``, the pixel is not mixed with the board (``mix_ratio``, from
+    ``board_mix_ratio``, at least ``mix_max``) and it lies more than ``core_depth`` px inside that
+    region. The mix test matters because the key over-rates mixed pixels of strongly non-green
+    objects (red hair keys as opaque at half coverage), and the core is set to alpha 1 and is where
+    the foreground colour is sampled. With a coarse alpha (the matting head's): pixels more than
+    ``coarse_core`` px inside its object (and >= 0.95 there, and not ``board``: holes show the
+    board) join the core even if key-coloured; with ``coarse_far``, pixels more than that many px
+    outside its object are background even if the key saw something there (off by default: a coarse
+    mask misses the thin strands that the key finds).
     """
     bg = key_alpha <= lo
     if bg_erode > 0:
         bg = ndimage.binary_erosion(bg, iterations=bg_erode, border_value=1)
-    core = ndimage.distance_transform_edt(key_alpha >= hi) > core_depth
+    solid = key_alpha >= hi
+    if mix_ratio is not None:
+        solid &= mix_ratio >= mix_max
+    core = ndimage.distance_transform_edt(solid) > core_depth
     deep = None
     if coarse_alpha is not None:
         obj = coarse_alpha >= 0.5
