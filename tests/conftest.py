@@ -88,3 +88,23 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for a test module: tiny models gain nothing from threads, and the CPUs are
+    shared, so one thread is faster. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny randomly initialised SD components (seed 0), built once per test module."""
+    from factory.sampler.tiny import build_tiny_components
+
+    return build_tiny_components(seed=0)

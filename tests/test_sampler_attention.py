@@ -8,22 +8,12 @@ import torch
 
 from factory.manifest import CanvasSettings, ModelSpec, SamplerSettings
 from factory.plan import PlanRow
-from factory.sampler import AttentionCapture, average_maps, background_mask, build_tiny_components, load_sampler, token_weights, word_positions
+from factory.sampler import AttentionCapture, average_maps, background_mask, load_sampler, token_weights, word_positions
 
 SETTINGS = SamplerSettings(steps=2, width=64, height=64, guidance=5.0, batch_size=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_components(seed=0)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _rows() -> list[PlanRow]:

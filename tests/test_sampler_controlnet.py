@@ -19,12 +19,7 @@ SETTINGS = SamplerSettings(steps=2, width=64, height=64, guidance=5.0, batch_siz
 PROMPT = "a photo of a cup on a plain green background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

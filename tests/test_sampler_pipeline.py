@@ -19,13 +19,7 @@ from factory.sampler.schedulers import SCHEDULERS
 SETTINGS = SamplerSettings(steps=2, width=64, height=64, guidance=5.0, batch_size=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and the CPUs are shared: one thread is faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def make_row(i: int, prompt: str = "a photo of a red apple on a plain green background", seed: int | None = None) -> PlanRow:

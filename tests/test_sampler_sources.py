@@ -105,12 +105,7 @@ ROWS = [
 SETTINGS = SamplerSettings(steps=2, width=64, height=64, guidance=5.0, batch_size=2, scheduler="ddim")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture

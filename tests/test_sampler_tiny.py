@@ -9,17 +9,7 @@ from factory.sampler import build_tiny_components, decode
 from factory.sampler.tiny import TINY_WORDS, build_tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_components(seed=0)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_tokenizer_merges_words_and_covers_any_text() -> None:
