@@ -323,7 +323,7 @@ def _best(fn, repeat: int) -> tuple[float, object]:
 
 
 def bench_filter(work: Path, rows: int, repeat: int) -> list[tuple[str, float, float]]:
-    from factory.filter import _NEEDED, _size_columns, near_duplicates, read_index
+    from factory.filter import _CATEGORICAL, _NEEDED, near_duplicates, read_index
 
     t0 = time.perf_counter()
     store = make_index_run(work / "index-run", rows)
@@ -331,7 +331,7 @@ def bench_filter(work: Path, rows: int, repeat: int) -> list[tuple[str, float, f
     print(f"synthetic index: {rows} rows, {size / 1e6:.0f} MB, made in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     read_raw, _ = _best(lambda: pq.read_table(store.root / INDEX_FILE), repeat)
     read_store, _ = _best(store.index, repeat)
-    read_cols, index = _best(lambda: read_index(store, list(_NEEDED) + _size_columns()), repeat)
+    read_cols, index = _best(lambda: read_index(store, list(_NEEDED), dictionary=_CATEGORICAL), repeat)
     params = FilterParams()  # the manifest defaults: GSG 0.8, coverage, key colour, dedup 4 bits
     t_select, result = _best(lambda: select(index, params), repeat)
     hashes = pc.fill_null(index["phash"], 0).to_numpy(zero_copy_only=False)
@@ -341,7 +341,7 @@ def bench_filter(work: Path, rows: int, repeat: int) -> list[tuple[str, float, f
     return [
         ("read index.parquet, all columns (pyarrow read_table)", read_raw, 1.0),
         ("RunStore.index() (the store's reader: journal fold, plan join)", read_store, read_store / read_raw),
-        ("read the filter's columns (read_index fast path)", read_cols, read_cols / read_raw),
+        ("read the filter's columns (read_index fast path, classes and status as dictionaries)", read_cols, read_cols / read_raw),
         ("select(): every criterion, near-duplicates among the ~47 % that pass", t_select, t_select / read_raw),
         (f"near_duplicates() alone on all {rows:,} hashes (4 bits)", t_dedup_all, t_dedup_all / read_raw),
         ("`factory filter` end to end (read, select, write the selection)", t_filter, t_filter / read_raw),

@@ -24,8 +24,8 @@ unless it is within the distance of a sample already kept" (so of a chain A~B~C 
 far apart, A and C are both kept).
 
 Everything is vectorised (Arrow compute and numpy); the near-duplicate search is multi-index
-hashing (see :func:`near_duplicates`). On a synthetic 1,000,000-row index it runs in well under a
-second on one core (``bench/export.py``).
+hashing (see :func:`near_duplicates`). On a synthetic 1,000,000-row index the whole command takes
+about 1.2x the time pyarrow needs to read that index (``bench/export.py``; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 #: Columns of a selection file (kept rows, sorted by plan index).
 SELECTION_COLUMNS = ("index", "key", "class_name", "category", "gsg", "alpha_coverage")
+
+#: Columns with few distinct values: read dictionary-encoded and stored so in the selection.
+_CATEGORICAL = ("class_name", "category", "status")
 
 #: Columns the filter reads from the index.
 _NEEDED = (
@@ -199,12 +202,14 @@ def select(index: pa.Table, params: FilterParams) -> FilterResult:
     if missing:
         raise InputError(f"the index lacks columns {missing}; is this a factory run?")
     n = index.num_rows
-    status = index["status"]
+    status_names, status_code = _codes(index["status"])
+    status_n = np.bincount(status_code, minlength=len(status_names))
     status_counts = {
-        s: int(pc.sum(pc.equal(status, s)).as_py() or 0) for s in (STATUS_DONE, STATUS_FAILED, STATUS_PLANNED)
+        s: int(status_n[status_names.index(s)]) if s in status_names else 0
+        for s in (STATUS_DONE, STATUS_FAILED, STATUS_PLANNED)
     }
-    done = _np_bool(pc.equal(status, STATUS_DONE))
-    reason = np.where(done, 0, -1).astype(np.int8)
+    done_code = status_names.index(STATUS_DONE) if STATUS_DONE in status_names else -1
+    reason = np.where(status_code == done_code, 0, -1).astype(np.int8)
 
     def drop(name: str, mask: np.ndarray) -> None:
         reason[(reason == 0) & mask] = _CODE[name]
@@ -224,9 +229,8 @@ def select(index: pa.Table, params: FilterParams) -> FilterResult:
     # best). Only compared between samples that passed the tests above, so only they are ranked.
     passed = np.flatnonzero(reason == 0)
     plan_index = index["index"].to_numpy(zero_copy_only=False).astype(np.int64)
-    gsg_key = np.where(np.isnan(gsg[passed]), -math.inf, gsg[passed])
     rank = np.full(n, np.iinfo(np.int64).max, np.int64)
-    rank[passed[np.lexsort((plan_index[passed], -gsg_key))]] = np.arange(passed.size)
+    rank[passed[_best_first(gsg[passed], plan_index[passed])]] = np.arange(passed.size)
 
     duplicate_of = np.full(n, -1, np.int64)
     if params.dedup_distance >= 0:
@@ -263,9 +267,40 @@ def _np_float(arr: pa.ChunkedArray | pa.Array, fill: float) -> np.ndarray:
     return pc.fill_null(pc.cast(arr, pa.float64()), fill).to_numpy(zero_copy_only=False)
 
 
-def _codes(arr: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
-    encoded = pc.dictionary_encode(pc.fill_null(arr, "")).combine_chunks()
-    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+def _codes(arr: pa.ChunkedArray | pa.Array) -> tuple[list[str], np.ndarray]:
+    """(distinct values, int32 code per row) of a string column; null reads as "". A column read
+    dictionary-encoded (``read_index(..., dictionary=...)``) is used as it is, without decoding."""
+    if isinstance(arr, pa.ChunkedArray):
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.unify_dictionaries()
+        arr = arr.combine_chunks()
+    if pa.types.is_dictionary(arr.type) and (arr.null_count or arr.dictionary.null_count):
+        arr = arr.cast(arr.type.value_type)  # rare: decode, so that null and "" share one code
+    if not pa.types.is_dictionary(arr.type):
+        arr = pc.dictionary_encode(pc.fill_null(arr, ""))
+    return arr.dictionary.to_pylist(), arr.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def _best_first(gsg: np.ndarray, plan_index: np.ndarray) -> np.ndarray:
+    """Positions ordered best first: highest GSG (NaN counts as lowest), ties by lowest plan index.
+
+    When the GSGs are float32 values (the index stores them so) and ``plan_index`` is increasing,
+    both keys fit one 64-bit word (GSG bits mapped to an order-preserving integer, then the
+    position), and one ``np.sort`` of that word costs half a two-key ``np.lexsort``.
+    """
+    m = gsg.size
+    g32 = gsg.astype(np.float32)
+    packable = m < 2**32 and bool(np.all(np.diff(plan_index) > 0)) and bool(
+        np.array_equal(g32, gsg, equal_nan=True)
+    )
+    if not packable:
+        key = np.where(np.isnan(gsg), -math.inf, gsg)
+        return np.lexsort((plan_index, -key))
+    g32 = np.where(np.isnan(g32), np.float32(-np.inf), g32) + np.float32(0.0)  # -0.0 -> 0.0
+    bits = g32.view(np.uint32)
+    ordered = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x8000_0000))  # ascending in g
+    word = ((~ordered).astype(np.uint64) << np.uint64(32)) | np.arange(m, dtype=np.uint64)
+    return (np.sort(word) & np.uint64(0xFFFF_FFFF)).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- near duplicates
@@ -287,7 +322,7 @@ def near_duplicates(hashes: np.ndarray, rank: np.ndarray, distance: int, pair_bu
 
     Method (multi-index hashing, exact):
 
-    1. identical hashes are grouped with one sort; the best of each group represents it;
+    1. identical hashes are grouped (:func:`_repeated`); the best of each group represents it;
     2. bits that are the same in every hash are dropped (they never add to a distance); the
        remaining ``L`` bits are cut into ``m`` blocks; two hashes within distance ``d`` differ in
        at most ``d`` blocks, so they agree exactly on some ``t = m - d`` blocks. For each of the
@@ -312,13 +347,8 @@ def near_duplicates(hashes: np.ndarray, rank: np.ndarray, distance: int, pair_bu
     # 1. identical hashes: keep the best of each group (one sort; groups are handled apart, so a
     #    large group of equal hashes never produces a quadratic number of pairs below).
     rep_of_row = np.arange(n, dtype=np.int64)
-    order = np.argsort(h, kind="stable")
-    s = h[order]
-    equal = s[1:] == s[:-1]
-    if equal.any():
-        in_group = np.zeros(n, bool)  # rows whose hash occurs more than once
-        in_group[order[1:][equal]] = True
-        in_group[order[:-1][equal]] = True
+    in_group = _repeated(h)  # rows whose hash occurs more than once
+    if in_group.any():
         rows = np.flatnonzero(in_group)
         rows = rows[np.lexsort((rank[rows], h[rows]))]
         hs = h[rows]
@@ -341,7 +371,7 @@ def near_duplicates(hashes: np.ndarray, rank: np.ndarray, distance: int, pair_bu
         dup_rep = np.full(m, best_rep, np.int64)
         dup_rep[best_rep] = -1
     else:
-        tables = _block_tables(uh, bits, distance)
+        tables = _block_tables(uh.size, bits, distance)
         budget = PAIR_BUDGET if pair_budget is None else pair_budget
         try:
             dup_rep = _greedy_from_pairs(uh, rrank, distance, tables, budget)
@@ -360,6 +390,30 @@ def near_duplicates(hashes: np.ndarray, rank: np.ndarray, distance: int, pair_bu
     return out
 
 
+def _repeated(h: np.ndarray) -> np.ndarray:
+    """Mask of the hashes that occur more than once.
+
+    A counting pass on a 21-bit fold of each hash keeps the rows that share a fold (about a fifth
+    at a million rows; equal hashes always do), and only those are sorted: three times faster than
+    sorting all the rows.
+    """
+    n = h.size
+    width = min(21, max(1, int(n).bit_length()))
+    mask = np.uint64((1 << width) - 1)
+    fold = h ^ (h >> np.uint64(21)) ^ (h >> np.uint64(42))
+    fold = (fold & mask).astype(np.int64)
+    rows = np.flatnonzero((np.bincount(fold, minlength=1 << width) > 1)[fold])
+    out = np.zeros(n, bool)
+    if rows.size < 2:
+        return out
+    order = rows[np.argsort(h[rows])]
+    s = h[order]
+    equal = s[1:] == s[:-1]
+    out[order[1:][equal]] = True
+    out[order[:-1][equal]] = True
+    return out
+
+
 def _varying_bits(h: np.ndarray) -> tuple[np.ndarray, int]:
     """Drop the bits that are equal in every hash: (hashes packed on the L varying bits, L)."""
     varying = int(np.bitwise_or.reduce(h ^ h[0]))
@@ -375,20 +429,31 @@ def _varying_bits(h: np.ndarray) -> tuple[np.ndarray, int]:
     return packed, bits
 
 
-def _block_tables(h: np.ndarray, bits: int, distance: int) -> list[tuple[np.ndarray, int]]:
-    """The bucket key of every hash in each of the C(m, t) block tables: [(keys, key bits)]."""
-    m, t = choose_blocks(h.size, distance, bits)
+#: A block table: the (shift, width) of each block whose values, side by side, make its bucket key.
+TableSpec = tuple[tuple[int, int], ...]
+
+
+def _block_tables(n: int, bits: int, distance: int) -> list[TableSpec]:
+    """The C(m, t) block tables for ``n`` hashes of ``bits`` varying bits."""
+    m, t = choose_blocks(n, distance, bits)
     bounds = _block_bounds(m, bits)
-    blocks = [((h >> np.uint64(shift)) & np.uint64((1 << w) - 1)).astype(np.int64) for shift, w in bounds]
-    tables = []
-    for chosen in combinations(range(m), t):
-        key = blocks[chosen[0]]
-        width = bounds[chosen[0]][1]
-        for i in chosen[1:]:
-            key = (key << bounds[i][1]) | blocks[i]
-            width += bounds[i][1]
-        tables.append((key, width))
-    return tables
+    return [tuple(bounds[i] for i in chosen) for chosen in combinations(range(m), t)]
+
+
+def _block_values(h: np.ndarray, tables: list[TableSpec]) -> dict[tuple[int, int], np.ndarray]:
+    """Each block's value for every hash (int64), computed once for all the tables that use it."""
+    blocks = {block for spec in tables for block in spec}
+    return {(shift, w): ((h >> np.uint64(shift)) & np.uint64((1 << w) - 1)).view(np.int64) for shift, w in blocks}
+
+
+def _table_key(blocks: dict[tuple[int, int], np.ndarray], spec: TableSpec) -> tuple[np.ndarray, int]:
+    """The bucket key of every hash in one table (int64, non-negative) and its width in bits."""
+    key = blocks[spec[0]]
+    width = spec[0][1]
+    for block in spec[1:]:
+        key = (key << block[1]) | blocks[block]
+        width += block[1]
+    return key, width
 
 
 class _TooDense(Exception):
@@ -396,7 +461,7 @@ class _TooDense(Exception):
 
 
 def _greedy_from_pairs(
-    h: np.ndarray, rank: np.ndarray, distance: int, tables: list[tuple[np.ndarray, int]], budget: int
+    h: np.ndarray, rank: np.ndarray, distance: int, tables: list[TableSpec], budget: int
 ) -> np.ndarray:
     """Vectorised: list close pairs bucket by bucket, then resolve the greedy rule in rounds."""
     m = h.size
@@ -437,12 +502,13 @@ def _greedy_from_pairs(
     return dup_rep
 
 
-def _greedy_indexed(h: np.ndarray, rank: np.ndarray, distance: int, tables: list[tuple[np.ndarray, int]]) -> np.ndarray:
+def _greedy_indexed(h: np.ndarray, rank: np.ndarray, distance: int, tables: list[TableSpec]) -> np.ndarray:
     """The greedy rule sample by sample (best first): a sample is compared with the kept samples
     that share one of its buckets. Used for dense clusters, where listing all pairs would not end."""
     m = h.size
     hs = h.tolist()
-    keys = [k.tolist() for k, _ in tables]
+    blocks = _block_values(h, tables)
+    keys = [_table_key(blocks, spec)[0].tolist() for spec in tables]
     kept_in: list[dict[int, list[int]]] = [{} for _ in tables]
     dup_rep = [-1] * m
     for i in np.argsort(rank, kind="stable").tolist():
@@ -493,7 +559,7 @@ def choose_blocks(n: int, distance: int, bits: int = 64) -> tuple[int, int]:
 
 
 def _candidate_pairs(
-    h: np.ndarray, distance: int, tables: list[tuple[np.ndarray, int]], budget: int
+    h: np.ndarray, distance: int, tables: list[TableSpec], budget: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs that share a bucket in some table and are within ``distance``; raises ``_TooDense``
     before any table lists more than its share of ``budget`` candidates.
@@ -504,10 +570,12 @@ def _candidate_pairs(
     id_bits = max(1, int(n - 1).bit_length())
     share = max(1, budget // max(1, len(tables)))
 
-    def one_table(table: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray] | None:
-        key, width = table
+    blocks = _block_values(h, tables)
+
+    def one_table(spec: TableSpec) -> tuple[np.ndarray, np.ndarray] | None:
+        key, width = _table_key(blocks, spec)
         if width <= 24:  # a counting pass drops singleton buckets before sorting
-            rows = np.flatnonzero(np.bincount(key, minlength=1 << width)[key] > 1)
+            rows = np.flatnonzero((np.bincount(key, minlength=1 << width) > 1)[key])
             key = key[rows]
         else:
             rows = np.arange(n, dtype=np.int64)
@@ -653,12 +721,15 @@ def run_filter(
     check_selection_name(name)
     store = RunStore.open(resolve_run(run))
     params = FilterParams.from_defaults(run_manifest(store).filter, **overrides)
-    index = read_index(store, list(_NEEDED) + _size_columns())
+    columns = list(_NEEDED) + (_size_columns() if verify_files else [])
+    index = read_index(store, columns, dictionary=_CATEGORICAL)
     result = select(index, params)
     problems: list[str] = []
     if verify_files:
         problems = _verify_kept(store, index, result, verify_progress)
-    kept_rows = index.filter(pa.array(result.kept)).select(list(SELECTION_COLUMNS)).sort_by("index")
+    kept_rows = index.select(list(SELECTION_COLUMNS)).filter(pa.array(result.kept))
+    if not _increasing(kept_rows["index"]):
+        kept_rows = kept_rows.sort_by("index")
     summary = FilterSummary(
         run=store.root,
         name=name,
@@ -690,20 +761,36 @@ def run_filter(
             "dropped": summary.dropped,
             "per_class": summary.per_class,
         }
-        atomic_write_parquet(kept_rows, path, metadata={SELECTION_META_KEY: json.dumps(meta, sort_keys=True)})
+        atomic_write_parquet(
+            kept_rows,
+            path,
+            metadata={SELECTION_META_KEY: json.dumps(meta, sort_keys=True)},
+            # dictionaries only where values repeat (a dictionary attempt on the unique keys costs
+            # a third of the write), statistics only on the plan index
+            use_dictionary=list(_CATEGORICAL),
+            write_statistics=["index"],
+        )
         summary.path = path
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def read_index(store: RunStore, columns: list[str]) -> pa.Table:
+def _increasing(arr: pa.ChunkedArray) -> bool:
+    values = arr.to_numpy(zero_copy_only=False)
+    return bool(np.all(values[1:] > values[:-1]))
+
+
+def read_index(store: RunStore, columns: list[str], dictionary: tuple[str, ...] = ()) -> pa.Table:
     """``store.index(columns=columns)``, read in one call when the run's journal is fully folded.
+
+    Columns named in ``dictionary`` come dictionary-encoded (few distinct strings, such as the
+    class and the status: reading them so skips decoding a million strings).
 
     ``RunStore.index()`` merges index.parquet, the journal and the plan a step at a time (0.15 s
     for these columns of a million rows here, 0.6 s for all). When no journal chunk is newer than
     what index.parquet covers and index.parquet holds exactly the plan's rows (plan index 0..N-1,
     in order), index.parquet *is* the index (the store's fold writes it that way), so the columns
-    are read in one call (0.1 s; it keeps the filter under twice the time to read the index).
+    are read in one call (0.04 s for the filter's columns of a million rows, as dictionaries).
     Anything else (a run being written, N changed since the fold) takes the store's path.
     ``tests/test_filter.py`` checks both give the same rows.
     """
@@ -718,16 +805,26 @@ def read_index(store: RunStore, columns: list[str]) -> pa.Table:
             ] if journal.is_dir() else []
             n_plan = pq.read_metadata(store.root / PLAN_FILE).num_rows
             if not pending and pf.metadata.num_rows == n_plan and set(columns) <= set(pf.schema_arrow.names):
-                table = pf.read(columns=columns)
+                encoded = [c for c in dictionary if c in columns]
+                table = pq.ParquetFile(path, read_dictionary=encoded).read(columns=columns) if encoded else pf.read(columns=columns)
                 index = table["index"].to_numpy(zero_copy_only=False)
                 if np.array_equal(index, np.arange(n_plan)):
-                    return pa.Table.from_arrays(
-                        [table[c].cast(INDEX_SCHEMA.field(c).type) for c in columns],
-                        schema=pa.schema([INDEX_SCHEMA.field(c) for c in columns]),
-                    )
+                    return _with_types(table, columns, encoded)
     except (OSError, ValueError, pa.ArrowException):
         pass  # the store's own reader reports real problems
-    return store.index(columns=columns)
+    table = store.index(columns=columns)
+    encoded = [c for c in dictionary if c in columns]
+    for c in encoded:
+        table = table.set_column(table.column_names.index(c), c, pc.dictionary_encode(table[c]))
+    return _with_types(table, columns, encoded)
+
+
+def _with_types(table: pa.Table, columns: list[str], encoded: list[str]) -> pa.Table:
+    """``table`` with the index schema's types (dictionary<int32, string> for ``encoded``)."""
+    fields = [
+        pa.field(c, pa.dictionary(pa.int32(), pa.string())) if c in encoded else INDEX_SCHEMA.field(c) for c in columns
+    ]
+    return pa.Table.from_arrays([table[f.name].cast(f.type) for f in fields], schema=pa.schema(fields))
 
 
 def _size_columns() -> list[str]:

@@ -137,19 +137,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
-    """Serialize a table with fixed options: the same table always gives the same bytes."""
+def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None, **options: Any) -> bytes:
+    """Serialize a table with fixed options: the same table always gives the same bytes.
+    ``options`` go to ``pyarrow.parquet.write_table`` (e.g. which columns get dictionaries)."""
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=3, write_statistics=True)
+    settings: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "write_statistics": True, **options}
+    pq.write_table(table, buf, **settings)
     return buf.getvalue()
 
 
-def atomic_write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None = None) -> None:
-    atomic_write_bytes(path, parquet_bytes(table, metadata))
+def atomic_write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None = None, **options: Any) -> None:
+    atomic_write_bytes(path, parquet_bytes(table, metadata, **options))
 
 
 @contextlib.contextmanager

@@ -183,6 +183,38 @@ def test_block_choice_grows_tables_with_n() -> None:
         near_duplicates(np.zeros(3, np.float64), np.arange(3), 4)  # a float array (nulls) is refused
 
 
+def test_select_same_on_any_row_order_and_encoding() -> None:
+    """The packed best-first sort (float32 GSG, rows in plan order) and the general two-key sort
+    (rows shuffled, float64 GSG), plain or dictionary-encoded strings: the same reasons per sample."""
+    rng = np.random.default_rng(3)
+    n = 400
+    base = rng.integers(-(2**63), 2**63 - 1, 200, dtype=np.int64).view(np.uint64)
+    hashes = base[rng.integers(0, 200, n)] ^ (np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64))
+    hashes[rng.random(n) < 0.1] = base[0]  # identical hashes
+    rows = [
+        {
+            "class_name": f"c{rng.integers(0, 5)}",
+            "gsg": float(rng.choice([0.8, 0.9, 0.95, -0.0, 0.0, np.nan])),  # many ties
+            "phash": int(hashes[i].view(np.int64)),
+            "status": "failed" if i % 17 == 0 else "done",
+        }
+        for i in range(n)
+    ]
+    table = index_table(rows)
+    params = FilterParams(min_gsg=0.0, dedup_distance=3, per_class_cap=25)
+    want = select(table, params)
+    assert (want.reason == CODE["near_duplicate"]).sum() > 50 and (want.reason == CODE["class_cap"]).sum() > 0
+    perm = rng.permutation(n)
+    shuffled = table.take(perm).set_column(5, "gsg", table["gsg"].cast(pa.float64()).take(perm))
+    encoded = table
+    for col in ("class_name", "status"):
+        encoded = encoded.set_column(encoded.column_names.index(col), col, pa.compute.dictionary_encode(table[col]))
+    for other, order in ((shuffled, perm), (encoded, np.arange(n))):
+        got = select(other, params)
+        assert (got.reason == want.reason[order]).all()
+        assert got.per_class() == want.per_class() and got.status_counts == want.status_counts
+
+
 def test_per_class_cap_keeps_best_gsg() -> None:
     rows = [{"class_name": "a", "gsg": g} for g in (0.81, 0.99, 0.9, 0.85)] + [{"class_name": "b", "gsg": 0.9}]
     table = index_table(rows)
@@ -315,9 +347,14 @@ def test_read_index_fast_path_equals_store_index(run, monkeypatch) -> None:
     with monkeypatch.context() as m:  # folded run: index.parquet is read directly
         m.setattr(RunStore, "index", lambda self: (_ for _ in ()).throw(AssertionError("slow path taken")))
         assert read_index(run, cols).equals(want)
+        fast = read_index(run, cols, dictionary=("class_name", "status"))
+    assert pa.types.is_dictionary(fast.schema.field("class_name").type)
+    assert fast.cast(want.schema).equals(want)
     # a newer journal chunk (a run being written): the store's reader is used, and sees the change
     store = RunStore.open(run.root)
     row = table_rows(store.plan())[23]  # was failed
     store.save([sample_result(row, {"gsg": 0.99})])
     got = read_index(store, cols)
     assert got.equals(store.index().select(cols)) and got["status"][23].as_py() == "done"
+    slow = read_index(store, cols, dictionary=("class_name", "status"))  # encoded on this path too
+    assert slow.schema == fast.schema and slow.cast(got.schema).equals(got)
