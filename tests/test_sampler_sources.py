@@ -247,3 +247,22 @@ def test_variant_choice(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no weight variant shared") as err:
         choose_variant([half, ema])
     assert "\n" not in str(err.value)
+
+
+def test_driver_imports_no_torch() -> None:
+    """The generation driver needs only the model's identity: importing it must not pull in torch
+    (about 180 MB more resident memory in the driver), while sampler names still resolve."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import factory.generate, factory.distribute\n"
+        "from factory.sampler import model_identity\n"
+        "assert 'torch' not in sys.modules, 'torch imported by the driver'\n"
+        "import factory.sampler as s\n"
+        "assert s.DiffuMattingSampler.__name__ == 'DiffuMattingSampler' and 'torch' in sys.modules\n"
+        "assert sorted(dir(s)) and all(hasattr(s, n) for n in s.__all__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

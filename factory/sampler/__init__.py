@@ -6,38 +6,62 @@ model), ``head`` (the ConR matting head and the single decode pass), ``attention
 capture), ``checkpoint`` (the DiffuMatting checkpoint format), ``canvas`` (the initial-noise shift),
 ``schedulers``, ``components``, ``fingerprint``.
 
-Importing this package imports torch but not diffusers (diffusers loads with the first model).
+The names below are imported lazily (PEP 562): ``from factory.sampler import model_identity`` in
+the generation driver costs no torch import (about 400 MB of resident memory), while the first
+name that needs torch imports it. diffusers loads with the first model.
 """
 
-from factory.sampler.attention import AttentionCapture, average_maps, background_mask, token_weights, word_positions
-from factory.sampler.checkpoint import is_diffumatting_checkpoint, load_checkpoint, save_checkpoint
-from factory.sampler.components import ModelComponents
-from factory.sampler.head import MattingHead, decode, load_head, save_head
-from factory.sampler.pipeline import DiffuMattingSampler, Generated, auto_batch_size, load_sampler
-from factory.sampler.sources import load_components, model_identity, resolve_source
-from factory.sampler.tiny import build_tiny_components, build_tiny_pipeline
+from __future__ import annotations
 
-__all__ = [
-    "AttentionCapture",
-    "DiffuMattingSampler",
-    "Generated",
-    "MattingHead",
-    "ModelComponents",
-    "auto_batch_size",
-    "average_maps",
-    "background_mask",
-    "build_tiny_components",
-    "build_tiny_pipeline",
-    "decode",
-    "is_diffumatting_checkpoint",
-    "load_checkpoint",
-    "load_components",
-    "load_head",
-    "load_sampler",
-    "model_identity",
-    "resolve_source",
-    "save_checkpoint",
-    "save_head",
-    "token_weights",
-    "word_positions",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "AttentionCapture": "attention",
+    "average_maps": "attention",
+    "background_mask": "attention",
+    "token_weights": "attention",
+    "word_positions": "attention",
+    "is_diffumatting_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "ModelComponents": "components",
+    "MattingHead": "head",
+    "decode": "head",
+    "load_head": "head",
+    "save_head": "head",
+    "DiffuMattingSampler": "pipeline",
+    "Generated": "pipeline",
+    "auto_batch_size": "pipeline",
+    "load_sampler": "pipeline",
+    "load_components": "sources",
+    "model_identity": "sources",
+    "resolve_source": "sources",
+    "build_tiny_components": "tiny",
+    "build_tiny_pipeline": "tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from factory.sampler.attention import AttentionCapture, average_maps, background_mask, token_weights, word_positions
+    from factory.sampler.checkpoint import is_diffumatting_checkpoint, load_checkpoint, save_checkpoint
+    from factory.sampler.components import ModelComponents
+    from factory.sampler.head import MattingHead, decode, load_head, save_head
+    from factory.sampler.pipeline import DiffuMattingSampler, Generated, auto_batch_size, load_sampler
+    from factory.sampler.sources import load_components, model_identity, resolve_source
+    from factory.sampler.tiny import build_tiny_components, build_tiny_pipeline
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'factory.sampler' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"factory.sampler.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
