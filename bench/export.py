@@ -23,7 +23,6 @@ Outputs go to ``bench/out/export`` (git-ignored) and are deleted unless ``--keep
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -39,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

@@ -47,7 +47,6 @@ from factory.store import (
     TMP_PREFIX,
     RunStore,
     atomic_write_text,
-    fsync_path,
     release_lock,
     resolve_run,
     take_lock,

@@ -33,13 +33,12 @@ from factory.export.common import (
     Prepared,
     Records,
     copy_file,
-    fsync_path,
     load_members,
     load_or_skip,
     sample_json,
     split_rows,
 )
-from factory.store import TMP_PREFIX
+from factory.store import TMP_PREFIX, fsync_path
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to a whole record

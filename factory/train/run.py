@@ -205,7 +205,6 @@ def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | No
     from factory.train import distributed as D
 
     opts = TrainOptions(**{**opts.__dict__, "out": opts.out.expanduser().resolve()})
-    out = opts.out
     if opts.workers < 1:
         raise InputError(f"--workers must be at least 1, got {opts.workers}")
     env = D.launched_by_env()
