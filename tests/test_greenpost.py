@@ -14,6 +14,7 @@ from factory.errors import InputError
 from factory.matte import GreenPostSettings, MatteResult, greenpost
 from factory.matte.canvas import background_plate, estimate_canvas_color, key_excess
 from factory.matte.key import color_difference_key, hsv_threshold_key, local_difference_key, object_hue_key
+from factory.matte.refine import projected_alpha, shading_invariant_alpha
 from factory.matte.trimap import board_mix_ratio
 from factory.metrics import evaluate_pair
 
@@ -128,7 +129,8 @@ def test_pure_and_picklable(disc) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(foreground="magic"), dict(clip_black=0.5, clip_white=0.4), dict(key_color=(0, 300, 0))]
+    "bad",
+    [dict(foreground="magic"), dict(clip_black=0.5, clip_white=0.4), dict(key_color=(0, 300, 0)), dict(shading_mix=1.5)],
 )
 def test_bad_settings(bad: dict) -> None:
     with pytest.raises(InputError):
@@ -187,3 +189,24 @@ def test_half_transparent_pink_is_not_taken_for_solid() -> None:
     band = (alpha > 0.4) & (alpha < 0.5)
     assert color_difference_key(image, key)[band].mean() > 0.95
     assert np.abs(greenpost(image).alpha[band] - 0.45).mean() < 0.05
+
+
+def test_shading_invariant_alpha_ignores_the_strand_brightness() -> None:
+    """A strand brighter or darker than the core colour it was given: the projection on F - B
+    misreads the brightness as coverage, the two-colour least squares does not, and the default
+    un-mixing (half of each) lies between."""
+    board = np.full((1, 3, 3), BOARD_GREEN, np.float32)
+    guess = np.full((1, 3, 3), (200, 150, 80), np.float32)  # the core's blonde
+    k = np.array([0.6, 1.0, 1.3], np.float32)[None, :, None]  # shadowed, as the core, highlighted
+    pixel = 0.4 * (k * guess) + 0.6 * board  # each at 40 % coverage
+    zero = np.zeros((1, 3), np.float32)
+    got = shading_invariant_alpha(pixel, board, guess, zero)[0]
+    assert np.allclose(got, 0.4, atol=0.01)
+    projected = projected_alpha(pixel, board, guess, zero, sharpness=0.0, min_contrast=0.0)[0]
+    assert abs(projected[1] - 0.4) < 0.01 and abs(projected[0] - 0.4) > 0.05 and abs(projected[2] - 0.4) > 0.05
+    both = projected_alpha(pixel, board, guess, zero, sharpness=0.0, min_contrast=0.0, shading_mix=0.5)[0]
+    assert np.all(np.abs(both - 0.4) < np.abs(projected - 0.4) + 1e-6)
+    # a foreground of the board's own colour direction: nothing to solve, the fallback is returned
+    dark_board = np.full((1, 1, 3), 0.5 * np.array(BOARD_GREEN, np.float32), np.float32)
+    same = shading_invariant_alpha(board[:, :1], board[:, :1], dark_board, np.full((1, 1), 0.25, np.float32))
+    assert abs(float(same[0, 0]) - 0.25) < 1e-6

@@ -50,6 +50,7 @@ class GreenPostSettings:
     object_hue_contrast: float | None = 50.0  # chroma |c(F)| at which the object-hue key gets half weight (None: off)
     projection_sharpness: float = 2.0  # how strictly I - B must point along F - B to trust un-mixing
     min_contrast: float = 50.0  # |F - B| (RGB) at which un-mixing gets half weight
+    shading_mix: float = 0.5  # share of the brightness-invariant estimate in un-mixing (0: projection only)
     clip_black: float = 0.03  # alpha at or below -> 0
     clip_white: float = 0.96  # alpha at or above -> 1
     laplacian_weight: float = 0.0  # > 0: closed-form Laplacian regularisation with this data weight
@@ -73,6 +74,8 @@ class GreenPostSettings:
             raise InputError(f"need 0 <= key_lo < key_hi <= 1, got {self.key_lo}, {self.key_hi}")
         if self.plate_block < 2 or self.kmeans_clusters < 1:
             raise InputError("plate_block must be at least 2 and kmeans_clusters at least 1")
+        if not 0.0 <= self.shading_mix <= 1.0:
+            raise InputError(f"shading_mix must be within 0..1, got {self.shading_mix}")
         if self.mix_radius < 1 or self.mix_step < 1:
             raise InputError("mix_radius and mix_step must be at least 1")
 
@@ -164,7 +167,7 @@ def greenpost(
     )
     fg_guess = interpolate_foreground(img, tri.core)
     fallback = _fallback_key(img, plate, fg_guess, key, s)
-    alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast)
+    alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, s.clip_black, s.clip_white)
     if s.laplacian_weight > 0:

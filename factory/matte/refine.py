@@ -22,19 +22,48 @@ def projected_alpha(
     key_alpha: np.ndarray,
     sharpness: float = 4.0,
     min_contrast: float = 50.0,
+    shading_mix: float = 0.0,
 ) -> np.ndarray:
-    """Blend of the projection estimate and the key, per pixel (float32, clipped to [0, 1]).
+    """Blend of the un-mixing estimate and the key, per pixel (float32, clipped to [0, 1]).
 
-    Weight of the projection: ``cos^(2 sharpness)`` of the angle between ``I - B`` and ``F - B``,
-    times ``|F - B|^2 / (|F - B|^2 + min_contrast^2)``."""
+    The un-mixing estimate is the projection of ``I - B`` on ``F - B`` (exact if the object's colour
+    is ``F``), blended with ``shading_mix`` of :func:`shading_invariant_alpha` (exact if it is
+    ``F`` made brighter or darker). The two fail in different ways, so their mean errs less than
+    either. Weight of the un-mixing estimate: ``cos^(2 sharpness)`` of the angle between ``I - B``
+    and ``F - B``, times ``|F - B|^2 / (|F - B|^2 + min_contrast^2)``."""
     d = fg_guess.astype(np.float32) - plate
     diff = image.astype(np.float32) - plate
     dd = dot3(d, d)
     dot = dot3(diff, d)
-    proj = np.clip(dot / np.maximum(dd, 1.0), 0.0, 1.0)
+    unmixed = np.clip(dot / np.maximum(dd, 1.0), 0.0, 1.0)
+    if shading_mix > 0:
+        unmixed = (1.0 - shading_mix) * unmixed + shading_mix * shading_invariant_alpha(image, plate, fg_guess, unmixed)
     cos2 = dot * dot / np.maximum(dot3(diff, diff) * dd, 1e-6)
     weight = cos2**sharpness * (dd / (dd + min_contrast**2))
-    return np.clip(weight * proj + (1.0 - weight) * key_alpha, 0.0, 1.0).astype(np.float32)
+    return np.clip(weight * unmixed + (1.0 - weight) * key_alpha, 0.0, 1.0).astype(np.float32)
+
+
+def shading_invariant_alpha(
+    image: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, fallback: np.ndarray, min_sin2: float = 0.05
+) -> np.ndarray:
+    """Alpha when the object's colour is ``k F`` for an unknown brightness ``k`` (float32 in [0, 1]).
+
+    ``I = a k F + (1 - a) B`` is linear in ``u = a k`` and ``v = 1 - a``: three equations (RGB),
+    two unknowns, solved by least squares per pixel; ``a = 1 - v``. A strand lit more or less than
+    the core it was interpolated from (highlights, self-shadow) keeps ``F``'s chromaticity but not
+    its brightness, which the projection on ``F - B`` mistakes for more or less coverage. Where
+    ``F`` and ``B`` point nearly the same way in RGB (``sin^2`` of their angle below ``min_sin2``),
+    the system is ill-conditioned and ``fallback`` is blended in."""
+    x = image.astype(np.float32)
+    f = fg_guess.astype(np.float32)
+    b = plate.astype(np.float32)
+    ff, bb, fb = dot3(f, f), dot3(b, b), dot3(f, b)
+    fi, bi = dot3(f, x), dot3(b, x)
+    det = ff * bb - fb * fb
+    board_share = (ff * bi - fb * fi) / np.maximum(det, 1e-3)
+    alpha = np.clip(1.0 - board_share, 0.0, 1.0)
+    trust = np.clip(det / np.maximum(ff * bb, 1e-6) / min_sin2, 0.0, 1.0)
+    return (trust * alpha + (1.0 - trust) * fallback).astype(np.float32)
 
 
 def clip_levels(alpha: np.ndarray, black: float, white: float) -> np.ndarray:
