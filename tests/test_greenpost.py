@@ -130,7 +130,14 @@ def test_pure_and_picklable(disc) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(foreground="magic"), dict(clip_black=0.5, clip_white=0.4), dict(key_color=(0, 300, 0)), dict(shading_mix=1.5)],
+    [
+        dict(foreground="magic"),
+        dict(clip_black=0.5, clip_white=0.4),
+        dict(key_color=(0, 300, 0)),
+        dict(shading_mix=1.5),
+        dict(chroma="4:1:1"),
+        dict(refit_min_alpha=0.0),
+    ],
 )
 def test_bad_settings(bad: dict) -> None:
     with pytest.raises(InputError):
@@ -210,3 +217,33 @@ def test_shading_invariant_alpha_ignores_the_strand_brightness() -> None:
     dark_board = np.full((1, 1, 3), 0.5 * np.array(BOARD_GREEN, np.float32), np.float32)
     same = shading_invariant_alpha(board[:, :1], board[:, :1], dark_board, np.full((1, 1), 0.25, np.float32))
     assert abs(float(same[0, 0]) - 0.25) < 1e-6
+
+
+def test_refit_follows_strands_lighter_than_the_core() -> None:
+    """Strands that lighten towards their tips: the colour interpolated from the dark core is wrong
+    out there; refitting it from the band's well-covered pixels brings alpha closer."""
+    alpha = strands(size=160, n=18, seed=5)
+    rows = np.mgrid[0:160, 0:160][0] / 160
+    t = np.clip((rows - 0.3) / 0.4, 0.0, 1.0)[..., None]
+    fg = (1 - t) * np.array([110.0, 60.0, 30.0]) + t * np.array([225.0, 185.0, 110.0])
+    image = composite(alpha, fg, shaded_board(alpha))
+    fractional = (alpha > 0.05) & (alpha < 0.95)
+    refit = np.abs(greenpost(image).alpha - alpha)[fractional].mean()
+    plain = np.abs(greenpost(image, settings=GreenPostSettings(refit_min_alpha=None)).alpha - alpha)[fractional].mean()
+    assert refit < 0.9 * plain  # about 0.027 against 0.033
+
+
+def test_refit_foreground_reads_the_colour_of_covered_band_pixels() -> None:
+    from factory.matte.foreground import refit_foreground
+
+    plate = np.full((40, 40, 3), (40.0, 190.0, 60.0), np.float32)
+    core = np.zeros((40, 40), bool)
+    core[:, :10] = True
+    true_f = np.array([220.0, 180.0, 100.0])
+    a = np.zeros((40, 40), np.float32)
+    a[:, 10:20] = 0.8  # well covered strand pixels of another colour than the core
+    image = a[..., None] * true_f + (1 - a[..., None]) * plate
+    image[core] = (90.0, 50.0, 30.0)
+    f = refit_foreground(image.astype(np.uint8), plate, a, core, min_alpha=0.6)
+    assert np.abs(f[:, 12:18] - true_f).max() < 3.0  # read from the strand, not the core
+    assert np.allclose(f[core], image[core].astype(np.uint8))

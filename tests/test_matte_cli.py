@@ -63,6 +63,7 @@ def test_matte_writes_alpha_fg_and_summary(cli, folders, tmp_path: Path) -> None
     assert rows["disc.png"]["status"] == "ok" and rows["glass.png"]["status"] == "skipped"
     assert 0.0 < float(rows["disc.png"]["gsg"]) <= 1.0
     assert rows["disc.png"]["contains_key_color"] == "False"
+    assert rows["disc.png"]["chroma"] == rows["hair.JPG"]["chroma"] == "4:4:4"  # PNG; JPEG saved 4:4:4
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 

@@ -34,7 +34,7 @@ STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
 COLUMNS = (
     "stem", "file", "status", "message", "width", "height", "gsg", "gsg_distance", "canvas_color",
     "bg_uniformity", "contains_key_color", "key_colored_fraction", "unknown_fraction", "alpha_coverage",
-    "seconds",
+    "chroma", "seconds",
 )  # fmt: skip
 
 
@@ -130,6 +130,7 @@ def matte_one(
         contains_key_color=result.contains_key_color,
         key_colored_fraction=round(result.key_colored_fraction, 6),
         unknown_fraction=round(result.unknown_fraction, 6),
+        chroma=result.chroma,
         alpha_coverage=round(float(result.alpha.mean()), 6),
         seconds=round(time.perf_counter() - start, 4),
     )

@@ -17,6 +17,26 @@ def interpolate_foreground(image: np.ndarray, core: np.ndarray) -> np.ndarray:
     return push_pull(image.astype(np.float32), core.astype(np.float32), min_weight=0.5).astype(np.float32)
 
 
+def refit_foreground(
+    image: np.ndarray, plate: np.ndarray, alpha: np.ndarray, core: np.ndarray, min_alpha: float = 0.6
+) -> np.ndarray:
+    """The object's colour re-estimated from the band itself (float32, 0..255).
+
+    Where a first alpha is at least ``min_alpha``, solving ``I = a F + (1 - a) B`` for F is well
+    conditioned, so those pixels tell the colour of the strands themselves (lighter tips, another
+    shade than the solid core); they are weighted by ``a^2`` (the weight the compositing equation
+    gives them), the core by 1, and push-pull spreads the result over the band, as for
+    :func:`interpolate_foreground`. One pass: iterating drifts, since F and alpha trade off."""
+    x = image.astype(np.float32)
+    observed = plate + (x - plate) / np.maximum(alpha, 1e-3)[..., None]
+    observed[core] = x[core]
+    weight = np.where(alpha >= min_alpha, alpha * alpha, 0.0).astype(np.float32)
+    weight[core] = 1.0
+    if not weight.any():
+        return x
+    return push_pull(observed, weight, min_weight=0.5).astype(np.float32)
+
+
 def unmix_foreground(
     image: np.ndarray, plate: np.ndarray, alpha: np.ndarray, fg_guess: np.ndarray, solid_from: float = 0.5
 ) -> np.ndarray:

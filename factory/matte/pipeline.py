@@ -2,12 +2,14 @@
 and a foreground with the green removed.
 
 Steps (docs/matting.md has the reasoning):
-1. canvas colour by K-Means;
+1. canvas colour by K-Means; where the image was decoded from subsampled chroma (a 4:2:0 or 4:2:2
+   JPEG), full-resolution chroma restored from luma;
 2. background plate: the board's colour at every pixel (gradients, vignetting, hue drift, shadows);
 3. colour-difference key against the plate;
 4. trimap: background, a foreground core (key-solid pixels that no neighbour shows to be mixed with
    the board), the unknown band (and the coarse alpha where given);
-5. the band: the foreground colour interpolated from the core, alpha by un-mixing against the plate
+5. the band: the foreground colour interpolated from the core (then refitted once from the band's
+   well-covered pixels), alpha by un-mixing against the plate
    (falling back to a key across the object's hue, and to the colour-difference key, where that
    colour does not fit), clip black / clip white, and optionally the closed-form matting Laplacian
    as a regulariser;
@@ -24,10 +26,24 @@ import numpy as np
 
 from factory.errors import InputError
 from factory.matte.canvas import background_plate, estimate_canvas_color, strict_canvas
-from factory.matte.foreground import despill, interpolate_foreground, ml_foreground, unmix_foreground
+from factory.matte.chroma import ChromaLayout, detect_chroma_layout, restore_chroma
+from factory.matte.foreground import (
+    despill,
+    interpolate_foreground,
+    ml_foreground,
+    refit_foreground,
+    unmix_foreground,
+)
 from factory.matte.key import key_colored_pixels, local_difference_key, object_hue_key, object_hue_weight
 from factory.matte.refine import clip_levels, laplacian_refine, projected_alpha
 from factory.matte.trimap import board_mix_ratio, make_trimap
+
+
+_CHROMA_LAYOUTS = {
+    "off": ChromaLayout(vertical=False, horizontal=False),
+    "4:2:0": ChromaLayout(vertical=True, horizontal=True),
+    "4:2:2": ChromaLayout(vertical=False, horizontal=True),
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,7 @@ class GreenPostSettings:
     """Every knob of GreenPost. The defaults are the ones bench/matte.py chose."""
 
     key_color: tuple[int, int, int] | None = None  # None: estimate the canvas colour with K-Means
+    chroma: str = "auto"  # subsampled chroma to restore: "auto" (detect), "off", "4:2:0", "4:2:2"
     kmeans_clusters: int = 4  # colours clustered to find the canvas
     kmeans_samples: int = 4096  # pixels sampled (grid) for K-Means
     hue_tolerance_deg: float = 30.0  # loose test: chroma angle from the key colour for "canvas-like"
@@ -51,6 +68,7 @@ class GreenPostSettings:
     projection_sharpness: float = 2.0  # how strictly I - B must point along F - B to trust un-mixing
     min_contrast: float = 50.0  # |F - B| (RGB) at which un-mixing gets half weight
     shading_mix: float = 0.5  # share of the brightness-invariant estimate in un-mixing (0: projection only)
+    refit_min_alpha: float | None = 0.6  # refit the band's colour from pixels with alpha >= this (None: off)
     clip_black: float = 0.03  # alpha at or below -> 0
     clip_white: float = 0.96  # alpha at or above -> 1
     laplacian_weight: float = 0.0  # > 0: closed-form Laplacian regularisation with this data weight
@@ -66,6 +84,8 @@ class GreenPostSettings:
             len(self.key_color) != 3 or not all(0 <= int(v) <= 255 for v in self.key_color)
         ):
             raise InputError(f"key colour must be three integers 0..255, got {self.key_color!r}")
+        if self.chroma not in _CHROMA_LAYOUTS and self.chroma != "auto":
+            raise InputError(f"chroma must be one of auto, {', '.join(_CHROMA_LAYOUTS)}; got {self.chroma!r}")
         if self.foreground not in ("unmix", "ml"):
             raise InputError(f"foreground must be 'unmix' or 'ml', got {self.foreground!r}")
         if not 0.0 <= self.clip_black < self.clip_white <= 1.0:
@@ -74,6 +94,8 @@ class GreenPostSettings:
             raise InputError(f"need 0 <= key_lo < key_hi <= 1, got {self.key_lo}, {self.key_hi}")
         if self.plate_block < 2 or self.kmeans_clusters < 1:
             raise InputError("plate_block must be at least 2 and kmeans_clusters at least 1")
+        if self.refit_min_alpha is not None and not 0.0 < self.refit_min_alpha <= 1.0:
+            raise InputError(f"refit_min_alpha must be within (0, 1] or None, got {self.refit_min_alpha}")
         if not 0.0 <= self.shading_mix <= 1.0:
             raise InputError(f"shading_mix must be within 0..1, got {self.shading_mix}")
         if self.mix_radius < 1 or self.mix_step < 1:
@@ -89,6 +111,7 @@ class MatteResult:
     canvas_color: tuple[int, int, int]  # estimated (or given) key colour, RGB
     contains_key_color: bool  # the object itself contains the key colour (Smith-Blinn hard case)
     unknown_fraction: float  # share of pixels refined (neither background nor foreground core)
+    chroma: str = "4:4:4"  # chroma layout the input was found (or said) to have; restored if not 4:4:4
     key_colored_fraction: float = 0.0  # share of pixels counted as key-coloured object
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
 
@@ -155,6 +178,9 @@ def greenpost(
     obj = None if coarse is None else coarse >= 0.5
     key_color = s.key_color or estimate_canvas_color(img, obj, s.kmeans_clusters, s.kmeans_samples).color
     clock.lap("canvas")
+    layout = detect_chroma_layout(img) if s.chroma == "auto" else _CHROMA_LAYOUTS[s.chroma]
+    img = restore_chroma(img, layout)
+    clock.lap("chroma")
     board = strict_canvas(img, key_color, s.hue_tolerance_deg, s.strict_deg)
     if obj is not None and (board & ~obj).sum() >= 0.25 * board.sum():  # ignore a mask that covers it all
         board &= ~obj
@@ -168,6 +194,9 @@ def greenpost(
     fg_guess = interpolate_foreground(img, tri.core)
     fallback = _fallback_key(img, plate, fg_guess, key, s)
     alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
+    if s.refit_min_alpha is not None:
+        fg_guess = refit_foreground(img, plate, alpha, tri.core, s.refit_min_alpha)
+        alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, s.clip_black, s.clip_white)
     if s.laplacian_weight > 0:
@@ -188,6 +217,7 @@ def greenpost(
         canvas_color=key_color,
         contains_key_color=n_flag >= max(s.flag_min_pixels, s.flag_fraction * flagged.size),
         unknown_fraction=float(tri.unknown.mean()),
+        chroma=layout.name,
         key_colored_fraction=n_flag / flagged.size,
         timings=clock.times,
     )
