@@ -247,3 +247,19 @@ def test_refit_foreground_reads_the_colour_of_covered_band_pixels() -> None:
     f = refit_foreground(image.astype(np.uint8), plate, a, core, min_alpha=0.6)
     assert np.abs(f[:, 12:18] - true_f).max() < 3.0  # read from the strand, not the core
     assert np.allclose(f[core], image[core].astype(np.uint8))
+
+
+def test_canvas_split_by_lighting_still_beats_a_large_object() -> None:
+    """A strong lighting gradient makes K-Means split the board into a lit and a shaded cluster,
+    each smaller than a large object standing on the bottom edge; scored as one surface (and with
+    the border weighing double), the board still wins. Scoring single clusters picked the object."""
+    h = w = 160
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    board = np.array([50.0, 215.0, 90.0]) * (0.55 + 0.45 * xx / (w - 1))[..., None]
+    obj = (yy > 0.4 * h) & (xx > 0.1 * w) & (xx < 0.9 * w)
+    fg = np.array([190.0, 120.0, 60.0]) * (0.7 + 0.3 * yy / (h - 1))[..., None]
+    image = np.where(obj[..., None], fg, board) + np.random.default_rng(0).normal(0, 2, (h, w, 3))
+    found = estimate_canvas_color(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+    r, g, b = found.color
+    assert g > r + 80 and g > b + 60  # green, not the object's brown (170, 108, 54)
+    assert found.border_coverage > 0.7

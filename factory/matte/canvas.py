@@ -87,14 +87,16 @@ def estimate_canvas_color(
     n_clusters: int = 4,
     max_samples: int = 4096,
     seed: int = 0,
+    border_weight: float = 2.0,
 ) -> CanvasColor:
     """Estimate the canvas colour of an RGB uint8 image with K-Means.
 
     Pixels on a regular grid (about ``max_samples``; those where ``exclude`` is True left out) are
-    clustered in RGB. The canvas is the cluster with the largest share of all samples plus share of
-    the image-border samples: the board surrounds an object drawn in the middle, so a large object of
-    one colour does not win. Clusters whose colour points in nearly the same RGB direction (the same
-    board, lit differently) are merged into it; the colour is the mean of their pixels.
+    clustered in RGB. Clusters whose colours point in nearly the same RGB direction (the same
+    surface, lit differently) form a group. The canvas is the group with the largest share of all
+    samples plus ``border_weight`` times its share of the image-border samples: the board surrounds
+    an object drawn in the middle, so a large object, even one that touches the border, does not
+    win. The colour is the mean of the group's pixels.
     """
     h, w = image.shape[:2]
     keep = None if exclude is None else ~np.asarray(exclude, dtype=bool)
@@ -110,11 +112,14 @@ def estimate_canvas_color(
     lab, lab_b = km.labels_, km.predict(xb)
     share = np.bincount(lab, minlength=k) / len(lab)
     share_b = np.bincount(lab_b, minlength=k) / len(lab_b)
-    best = int(np.argmax(share + share_b))
     centers = km.cluster_centers_
     unit = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-6)
-    close = unit @ unit[best] >= np.cos(np.deg2rad(_SAME_BOARD_DEG))
-    same = np.flatnonzero(close | (np.arange(k) == best))  # best itself even if black (a zero direction)
+    # Clusters of one colour under different light (a board that K-Means split into its lit and
+    # shaded halves; an object's lit and shaded sides) are scored as one surface.
+    same_colour = (unit @ unit.T >= np.cos(np.deg2rad(_SAME_BOARD_DEG))) | np.eye(k, dtype=bool)
+    score = same_colour.astype(np.float64) @ (share + border_weight * share_b)
+    best = int(np.argmax(score))
+    same = np.flatnonzero(same_colour[best])
     members = np.isin(lab, same)
     color = x[members].mean(axis=0)
     # Median, not RMS: the few soft-edge pixels merged into the board must not count as unevenness.
