@@ -242,6 +242,14 @@ def matte_cmd(
     reference: Annotated[
         str, typer.Option("--reference", help="Reference green of the GSG score, as R,G,B.")
     ] = "0,255,0",
+    chroma: Annotated[
+        str,
+        typer.Option(
+            "--chroma",
+            help="Subsampled JPEG chroma to restore: auto (detected per image), off, 4:2:0 or 4:2:2 "
+            "(for images resized after decoding, where detection cannot see it).",
+        ),
+    ] = "auto",
 ) -> None:
     """Matte every image of IN_DIR with GreenPost (alpha and green-free foreground) and score its canvas.
 
@@ -252,9 +260,13 @@ def matte_cmd(
     usage (missing folder, no images, unwritable output).
     """
     from factory.errors import RunError
+    from factory.matte import GreenPostSettings
     from factory.matte.folder import matte_folder
 
-    summary = matte_folder(in_dir, out, bits=bits, workers=workers, reference=_parse_rgb(reference, "--reference"))
+    settings = GreenPostSettings(chroma=chroma)
+    summary = matte_folder(
+        in_dir, out, bits=bits, workers=workers, settings=settings, reference=_parse_rgb(reference, "--reference")
+    )
     _echo(
         f"matted {summary.processed} of {len(summary.rows)} files in {summary.seconds:.1f} s "
         f"({summary.skipped} skipped, {summary.failed} failed); outputs and {summary.summary_path.name} in {out}"

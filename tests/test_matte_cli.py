@@ -136,3 +136,13 @@ def test_empty_folder_is_exit_2(cli, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     res = cli(["matte", tmp_path / "empty", "--out", tmp_path / "o"])
     assert res.code == 2 and "no images" in res.err
+
+
+def test_matte_chroma_option(cli, folders, tmp_path: Path) -> None:
+    res = cli(["matte", folders["in"], "--out", tmp_path / "o", "--workers", "1", "--chroma", "4:2:0"])
+    assert res.code == 0, res.err
+    rows = read_csv(tmp_path / "o" / "matte.csv")
+    assert rows["disc.png"]["chroma"] == "4:2:0"  # forced, though the PNG was never subsampled
+    bad = cli(["matte", folders["in"], "--out", tmp_path / "o2", "--chroma", "4:1:1"])
+    assert bad.code == 2 and "chroma must be one of" in bad.err and "Traceback" not in bad.err
+    assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").iterdir())
