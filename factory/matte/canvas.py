@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 from sklearn.cluster import KMeans
 
-from factory.matte.fill import push_pull
+from factory.matte.fill import push_pull, tiles_to_pixels
 
 # Two canvas-like clusters with directions closer than this are one board under different lighting.
 _SAME_BOARD_DEG = 8.0
@@ -239,7 +238,22 @@ def background_plate(
     top = np.isfinite(tiles_e) & (tiles_e >= med)
     val = (tiles_x * top[..., None]).sum(axis=2) / np.maximum(top.sum(axis=-1), 1)[..., None]
     weight = np.clip(n_valid / (n * min_valid), 0.0, 1.0)
-    grid = push_pull(val, weight, min_weight=1.0)
-    # grid_mode: each tile value sits at its tile's centre.
-    plate = ndimage.zoom(grid, (block, block, 1), order=1, mode="nearest", grid_mode=True)
-    return plate[:h, :w].astype(np.float32)
+    return tiles_to_pixels(push_pull(val, weight, min_weight=1.0), block, (h, w))
+
+
+def board_without_object(
+    board: np.ndarray, alpha: np.ndarray, core: np.ndarray, min_alpha: float = 0.02, core_gap: float = 10.0
+) -> np.ndarray:
+    """The board pixels minus those where a first alpha finds the object, away from its core.
+
+    Faint hair spread over the board passes the strict board test (a strand at 10 % coverage
+    turns the board's chroma by only a few degrees), and where it covers a whole plate tile it
+    becomes the plate: the hair is then measured against itself and comes out too faint. Once a
+    first alpha exists, pixels with ``alpha > min_alpha`` are object, not board. Only those more
+    than ``core_gap`` px from the foreground core are taken out: next to a solid edge the first
+    alpha is the edge's blur, and those pixels carry the board's colour (its shadow most of all)
+    right up to the object."""
+    from scipy.ndimage import distance_transform_edt
+
+    far = distance_transform_edt(~core) > core_gap
+    return board & ~((alpha > min_alpha) & far)

@@ -46,3 +46,38 @@ def upsample2(grid: np.ndarray) -> np.ndarray:
     out[0::2, 1::2] = 0.5 * (ext[:-1, :-1] + ext[:-1, 1:])
     out[1::2, 1::2] = 0.25 * (ext[:-1, :-1] + ext[1:, :-1] + ext[:-1, 1:] + ext[1:, 1:])
     return out
+
+
+def tile_sums(values: np.ndarray, weights: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted sums of an (h, w, c) grid over ``block x block`` tiles (edges padded with zero
+    weight): (sum of value * weight (hb, wb, c), sum of weight (hb, wb))."""
+    h, w = weights.shape
+    ph, pw = -h % block, -w % block
+    wt = np.pad(np.asarray(weights, dtype=np.float64), ((0, ph), (0, pw)))
+    num = np.pad(np.asarray(values, dtype=np.float64) * np.asarray(weights, dtype=np.float64)[..., None],
+                 ((0, ph), (0, pw), (0, 0)))  # fmt: skip
+    hb, wb = wt.shape[0] // block, wt.shape[1] // block
+    return (
+        num.reshape(hb, block, wb, block, -1).sum(axis=(1, 3)),
+        wt.reshape(hb, block, wb, block).sum(axis=(1, 3)),
+    )
+
+
+def _linear_taps(n_out: int, n_tiles: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices and weights to interpolate ``n_tiles`` tile centres (at ``(k + 0.5) block - 0.5``)
+    onto ``n_out`` pixels, holding the edge tiles' values beyond the outer centres."""
+    pos = np.clip((np.arange(n_out) + 0.5) / block - 0.5, 0.0, n_tiles - 1.0)
+    i0 = np.minimum(pos.astype(np.int64), n_tiles - 1)
+    i1 = np.minimum(i0 + 1, n_tiles - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
+
+
+def tiles_to_pixels(grid: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """A (hb, wb, c) tile grid back to (h, w, c) pixels (float32): bilinear between tile centres,
+    the edge tiles' values held beyond them (what ``ndimage.zoom(..., order=1, mode="nearest",
+    grid_mode=True)`` computes, as two separable gathers, about 20x faster)."""
+    g = np.asarray(grid, dtype=np.float32)
+    y0, y1, fy = _linear_taps(shape[0], g.shape[0], block)
+    x0, x1, fx = _linear_taps(shape[1], g.shape[1], block)
+    rows = g[y0] * (1.0 - fy)[:, None, None] + g[y1] * fy[:, None, None]
+    return rows[:, x0] * (1.0 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]

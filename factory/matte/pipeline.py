@@ -5,6 +5,8 @@ Steps (docs/matting.md has the reasoning):
 1. canvas colour by K-Means; where the image was decoded from subsampled chroma (a 4:2:0 or 4:2:2
    JPEG), full-resolution chroma restored from luma;
 2. background plate: the board's colour at every pixel (gradients, vignetting, hue drift, shadows);
+   rebuilt once the first alpha is known, without the faint hair that passed for board and with
+   the shadow hidden behind the object's band;
 3. colour-difference key against the plate;
 4. trimap: background, a foreground core (key-solid pixels that no neighbour shows to be mixed with
    the board), the unknown band (and the coarse alpha where given);
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from factory.errors import InputError
-from factory.matte.canvas import background_plate, estimate_canvas_color, strict_canvas
+from factory.matte.canvas import background_plate, board_without_object, estimate_canvas_color, strict_canvas
 from factory.matte.chroma import ChromaLayout, detect_chroma_layout, restore_chroma
 from factory.matte.foreground import (
     despill,
@@ -36,7 +38,8 @@ from factory.matte.foreground import (
 )
 from factory.matte.key import key_colored_pixels, local_difference_key, object_hue_key, object_hue_weight
 from factory.matte.refine import clip_levels, laplacian_refine, projected_alpha
-from factory.matte.trimap import board_mix_ratio, make_trimap
+from factory.matte.shadow import hidden_shadow
+from factory.matte.trimap import Trimap, board_mix_ratio, make_trimap
 
 
 _CHROMA_LAYOUTS = {
@@ -55,8 +58,11 @@ class GreenPostSettings:
     kmeans_clusters: int = 4  # colours clustered to find the canvas
     kmeans_samples: int = 4096  # pixels sampled (grid) for K-Means
     hue_tolerance_deg: float = 30.0  # loose test: chroma angle from the key colour for "canvas-like"
-    strict_deg: float = 6.0  # strict test: angle from the board's local chroma for "board for sure"
+    strict_deg: float = 4.0  # strict test: angle from the board's local chroma for "board for sure"
     plate_block: int = 8  # tile size (px) of the background plate
+    plate_object_alpha: float | None = 0.02  # rebuild the plate without pixels of at least this first alpha (None: off) ...
+    plate_core_gap: float = 10.0  # ... farther than this (px) from the foreground core
+    shadow_floor: float | None = 0.6  # darken the plate behind the band by the shadow it hides, at most to this (None: off)
     key_lo: float = 0.04  # key alpha at or below: background in the trimap
     key_hi: float = 0.85  # key alpha at or above (not mixed, core_depth inside): foreground core
     core_depth: float = 1.0  # px inside the solid, unmixed region where the foreground core starts
@@ -100,6 +106,10 @@ class GreenPostSettings:
             raise InputError(f"shading_mix must be within 0..1, got {self.shading_mix}")
         if self.mix_radius < 1 or self.mix_step < 1:
             raise InputError("mix_radius and mix_step must be at least 1")
+        if self.plate_object_alpha is not None and not 0.0 <= self.plate_object_alpha < 1.0:
+            raise InputError(f"plate_object_alpha must be within [0, 1) or None, got {self.plate_object_alpha}")
+        if self.shadow_floor is not None and not 0.0 < self.shadow_floor <= 1.0:
+            raise InputError(f"shadow_floor must be within (0, 1] or None, got {self.shadow_floor}")
 
 
 @dataclass
@@ -163,6 +173,20 @@ def _fallback_key(
     return w * object_hue_key(img, plate, fg_guess) + (1.0 - w) * key
 
 
+def _plate_without_hair(
+    img: np.ndarray,
+    key_color: tuple[int, int, int],
+    board: np.ndarray,
+    alpha: np.ndarray,
+    tri: Trimap,
+    s: GreenPostSettings,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(board, plate) rebuilt without the faint hair that the first alpha finds on the board."""
+    seen = np.where(tri.bg, 0.0, clip_levels(alpha, s.clip_black, s.clip_white))
+    board = board_without_object(board, seen, tri.core, s.plate_object_alpha or 0.0, s.plate_core_gap)
+    return board, background_plate(img, key_color, board, s.plate_block)
+
+
 def greenpost(
     image: np.ndarray, coarse_alpha: np.ndarray | None = None, settings: GreenPostSettings | None = None
 ) -> MatteResult:
@@ -194,14 +218,28 @@ def greenpost(
     fg_guess = interpolate_foreground(img, tri.core)
     fallback = _fallback_key(img, plate, fg_guess, key, s)
     alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
+    clock.lap("alpha")
+    # With a first alpha: the plate again (without faint hair, with the shadow hidden behind the
+    # band), the object's colour refitted from the band, and alpha un-mixed once more.
+    new_plate = s.plate_object_alpha is not None or s.shadow_floor is not None
+    if s.plate_object_alpha is not None:
+        board, plate = _plate_without_hair(img, key_color, board, alpha, tri, s)
     if s.refit_min_alpha is not None:
         fg_guess = refit_foreground(img, plate, alpha, tri.core, s.refit_min_alpha)
+    if s.shadow_floor is not None:
+        shade = hidden_shadow(img, plate, fg_guess, tri.unknown, board, s.plate_block, s.shadow_floor)
+        plate = plate * shade[..., None]
+    if new_plate:
+        key = local_difference_key(img, plate, key_color)
+        fallback = _fallback_key(img, plate, fg_guess, key, s)
+    if new_plate or s.refit_min_alpha is not None:
         alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
+        clock.lap("second_pass")
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, s.clip_black, s.clip_white)
     if s.laplacian_weight > 0:
         alpha = laplacian_refine(img, alpha, s.laplacian_weight)
-    clock.lap("alpha")
+        clock.lap("laplacian")
     if s.foreground == "ml":
         fg = ml_foreground(img, alpha)
     else:

@@ -43,26 +43,41 @@ def projected_alpha(
     return np.clip(weight * unmixed + (1.0 - weight) * key_alpha, 0.0, 1.0).astype(np.float32)
 
 
-def shading_invariant_alpha(
-    image: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, fallback: np.ndarray, min_sin2: float = 0.05
-) -> np.ndarray:
-    """Alpha when the object's colour is ``k F`` for an unknown brightness ``k`` (float32 in [0, 1]).
+def two_colour_fit(
+    image: np.ndarray, fg_guess: np.ndarray, plate: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares ``I = u F + v B`` per pixel (float32 ``u``, ``v`` and the conditioning).
 
-    ``I = a k F + (1 - a) B`` is linear in ``u = a k`` and ``v = 1 - a``: three equations (RGB),
-    two unknowns, solved by least squares per pixel; ``a = 1 - v``. A strand lit more or less than
-    the core it was interpolated from (highlights, self-shadow) keeps ``F``'s chromaticity but not
-    its brightness, which the projection on ``F - B`` mistakes for more or less coverage. Where
-    ``F`` and ``B`` point nearly the same way in RGB (``sin^2`` of their angle below ``min_sin2``),
-    the system is ill-conditioned and ``fallback`` is blended in."""
+    Three equations (RGB), two unknowns. The conditioning is ``sin^2`` of the angle between ``F``
+    and ``B`` in RGB: near 0 the two colours point the same way and ``u``, ``v`` are unreliable.
+    Read with ``F`` exact, ``u = a k`` and ``v = 1 - a`` (a strand lit more or less than the core);
+    read with ``F`` exact and the board darkened by ``s``, ``u = a`` and ``v = (1 - a) s``."""
     x = image.astype(np.float32)
     f = fg_guess.astype(np.float32)
     b = plate.astype(np.float32)
     ff, bb, fb = dot3(f, f), dot3(b, b), dot3(f, b)
     fi, bi = dot3(f, x), dot3(b, x)
     det = ff * bb - fb * fb
-    board_share = (ff * bi - fb * fi) / np.maximum(det, 1e-3)
+    safe = np.maximum(det, 1e-3)
+    u = (bb * fi - fb * bi) / safe
+    v = (ff * bi - fb * fi) / safe
+    return u, v, det / np.maximum(ff * bb, 1e-6)
+
+
+def shading_invariant_alpha(
+    image: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, fallback: np.ndarray, min_sin2: float = 0.05
+) -> np.ndarray:
+    """Alpha when the object's colour is ``k F`` for an unknown brightness ``k`` (float32 in [0, 1]).
+
+    ``I = a k F + (1 - a) B`` is linear in ``u = a k`` and ``v = 1 - a`` (:func:`two_colour_fit`);
+    ``a = 1 - v``. A strand lit more or less than the core it was interpolated from (highlights,
+    self-shadow) keeps ``F``'s chromaticity but not its brightness, which the projection on
+    ``F - B`` mistakes for more or less coverage. Where ``F`` and ``B`` point nearly the same way in
+    RGB (``sin^2`` of their angle below ``min_sin2``), the system is ill-conditioned and
+    ``fallback`` is blended in."""
+    _, board_share, sin2 = two_colour_fit(image, fg_guess, plate)
     alpha = np.clip(1.0 - board_share, 0.0, 1.0)
-    trust = np.clip(det / np.maximum(ff * bb, 1e-6) / min_sin2, 0.0, 1.0)
+    trust = np.clip(sin2 / min_sin2, 0.0, 1.0)
     return (trust * alpha + (1.0 - trust) * fallback).astype(np.float32)
 
 
