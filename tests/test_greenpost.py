@@ -1,6 +1,7 @@
 """GreenPost on fixtures with known alpha: soft edges and strands on a shaded board, spill-free
-foreground, the key-colour flag, the coarse alpha, input checks, and the two tests that keep mixed
-pixels of non-green objects from being taken for solid (board mix ratio, object-hue key)."""
+foreground, the key-colour flag, the coarse alpha, input checks, the two tests that keep mixed
+pixels of non-green objects from being taken for solid (board mix ratio, object-hue key), and the
+second plate (faint hair taken off the board, the shadow hidden behind the band)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import pickle
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from matte_fixtures import BOARD_GREEN, composite, shaded_board, soft_disc, strands
 
 from factory.errors import InputError
 from factory.matte import GreenPostSettings, MatteResult, greenpost
-from factory.matte.canvas import background_plate, estimate_canvas_color, key_excess
+from factory.matte.canvas import background_plate, board_without_object, estimate_canvas_color, key_excess
 from factory.matte.key import color_difference_key, hsv_threshold_key, local_difference_key, object_hue_key
 from factory.matte.refine import projected_alpha, shading_invariant_alpha
+from factory.matte.shadow import hidden_shadow
 from factory.matte.trimap import board_mix_ratio
 from factory.metrics import evaluate_pair
 
@@ -137,6 +140,8 @@ def test_pure_and_picklable(disc) -> None:
         dict(shading_mix=1.5),
         dict(chroma="4:1:1"),
         dict(refit_min_alpha=0.0),
+        dict(plate_object_alpha=1.0),
+        dict(shadow_floor=0.0),
     ],
 )
 def test_bad_settings(bad: dict) -> None:
@@ -263,3 +268,80 @@ def test_canvas_split_by_lighting_still_beats_a_large_object() -> None:
     r, g, b = found.color
     assert g > r + 80 and g > b + 60  # green, not the object's brown (170, 108, 54)
     assert found.border_coverage > 0.7
+
+
+FIRST_PLATE_ONLY = dict(plate_object_alpha=None, shadow_floor=None)
+
+
+def test_board_without_object_drops_far_hair_and_keeps_the_edge_blur() -> None:
+    board = np.ones((40, 60), dtype=bool)
+    core = np.zeros_like(board)
+    core[:, :10] = True
+    alpha = np.zeros(board.shape, dtype=np.float32)
+    alpha[:, 10:13] = 0.3  # the solid edge's blur, next to the core
+    alpha[:, 30:32] = 0.05  # a faint strand far out on the board
+    alpha[:, 45:47] = 0.01  # noise under the threshold
+    kept = board_without_object(board, alpha, core, min_alpha=0.02, core_gap=10.0)
+    assert kept[:, 10:13].all() and kept[:, 45:47].all() and kept[:, 50:].all()
+    assert not kept[:, 30:32].any()
+
+
+def test_faint_hair_over_the_board_is_not_taken_for_the_board() -> None:
+    """Thin strands and a faint veil spread wide around a small solid core: tiles full of faint
+    hair pass the strict board test and, in the first plate, stand for the board. The second plate
+    leaves out what the first alpha found there."""
+    size = 128
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(yy - 64, xx - 64)
+    core = soft_disc(size, radius=16, softness=2.0, center=(64, 64))
+    alpha = np.maximum(core, 0.6 * strands(size, n=40, seed=3) * (r > 26))
+    speckle = ndimage.gaussian_filter(np.random.default_rng(0).random((size, size)), 1.0) > 0.5
+    alpha = np.maximum(alpha, 0.08 * ((r > 30) & (r < 58) & speckle)).astype(np.float32)
+    image = composite(alpha, (150, 110, 70), shaded_board(alpha, shadow=0.0))
+    hair = (r > 30) & (r < 58)
+    sad_new = np.abs(greenpost(image).alpha - alpha)[hair].sum()
+    sad_old = np.abs(greenpost(image, settings=GreenPostSettings(**FIRST_PLATE_ONLY)).alpha - alpha)[hair].sum()
+    assert sad_new < 0.85 * sad_old
+
+
+def _hidden_shadow_case(darkening: float) -> tuple[np.ndarray, ...]:
+    """Dense hair (alpha 0.2 to 0.8) in a ring, the board behind it (and only there) darkened."""
+    rng = np.random.default_rng(1)
+    ring = (soft_disc(radius=58.0, softness=1.0) > 0.5) & (soft_disc(radius=14.0, softness=1.0) < 0.5)
+    alpha = np.where(ring, rng.uniform(0.2, 0.8, ring.shape), 0.0).astype(np.float32)
+    lit = np.broadcast_to(np.asarray(BOARD_GREEN, dtype=np.float32), ring.shape + (3,)).copy()
+    behind = np.where(soft_disc(radius=58.0, softness=1.0)[..., None] > 0.5, darkening, 1.0)
+    fg = np.broadcast_to(np.asarray((130, 85, 55), dtype=np.float32), lit.shape)
+    image = composite(alpha, fg, lit * behind, noise=1.0)
+    return image, lit, fg, ring, alpha < 1e-6
+
+
+def test_hidden_shadow_reads_the_darkening_behind_dense_hair() -> None:
+    image, plate, fg, ring, board = _hidden_shadow_case(0.7)
+    board &= soft_disc(radius=58.0, softness=1.0) < 0.5  # the board shows nowhere under the ring
+    shade = hidden_shadow(image, plate, fg, ring, board, block=8, floor=0.5)
+    inner = ndimage.binary_erosion(ring, iterations=14)
+    assert abs(float(np.median(shade[inner])) - 0.7) < 0.03
+    assert shade[:4, :4].min() > 0.95  # the visible board keeps the plate as it is
+    # No shadow: no darkening is invented; beyond the floor: held at the floor.
+    image, plate, fg, ring, board = _hidden_shadow_case(1.0)
+    assert np.abs(hidden_shadow(image, plate, fg, ring, board)[inner] - 1.0).max() < 0.03
+    image, plate, fg, ring, board = _hidden_shadow_case(0.4)
+    board &= soft_disc(radius=58.0, softness=1.0) < 0.5
+    assert np.allclose(hidden_shadow(image, plate, fg, ring, board, floor=0.6)[inner], 0.6)
+
+
+def test_shadow_behind_dense_hair_does_not_make_it_opaque() -> None:
+    """A solid disc ringed by dense hair (stripes of 30 % and 70 % coverage) with the board darkened
+    only behind the object: the lit plate makes the ring look denser than it is."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    solid, ring = soft_disc(radius=20.0, softness=2.0), soft_disc(radius=30.0, softness=2.0)
+    stripes = np.where((np.arctan2(yy - 64, xx - 64) * 40 / np.pi).astype(int) % 2 == 0, 0.3, 0.7)
+    alpha = np.maximum(solid, stripes * ring).astype(np.float32)
+    board = shaded_board(alpha, shadow=0.0, gradient=0.1, vignette=0.1)
+    hidden = ndimage.gaussian_filter((ring > 0).astype(np.float64), 2.0)
+    image = composite(alpha, (120, 80, 50), board * (1 - 0.3 * hidden)[..., None])
+    band = (ring > 0.99) & (solid < 0.01)
+    err_new = np.abs(greenpost(image).alpha - alpha)[band].mean()
+    err_old = np.abs(greenpost(image, settings=GreenPostSettings(shadow_floor=None)).alpha - alpha)[band].mean()
+    assert err_new < 0.85 * err_old
