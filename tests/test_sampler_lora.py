@@ -28,7 +28,7 @@ def make_lora(path: Path, seed: int = 1) -> Path:
     text encoder's, saved with diffusers' own ``save_lora_weights`` (safetensors)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     parts = build_tiny_components(seed=0)
@@ -37,7 +37,9 @@ def make_lora(path: Path, seed: int = 1) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         parts["unet"].add_adapter(unet_cfg)
-        parts["text_encoder"].add_adapter(text_cfg)
+        # peft directly, not transformers' ``add_adapter``: that one refuses peft releases older than
+        # the minimum its own version names, a check unrelated to what this fixture builds.
+        inject_adapter_in_model(text_cfg, parts["text_encoder"])
     StableDiffusionPipeline.save_lora_weights(
         path.parent,
         weight_name=path.name,
