@@ -183,18 +183,19 @@ def board_chroma_field(
 
 
 def _resize_grid(grid: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Bilinear resize of an (gh, gw, c) grid whose corners map to the image corners."""
+    """Bilinear resize of an (gh, gw, c) grid whose corners map to the image corners (rows first,
+    then columns: two separable gathers)."""
     gh, gw = grid.shape[:2]
-    ry = np.linspace(0, gh - 1, h)
-    rx = np.linspace(0, gw - 1, w)
-    y0 = np.minimum(ry.astype(int), gh - 2) if gh > 1 else np.zeros(h, int)
-    x0 = np.minimum(rx.astype(int), gw - 2) if gw > 1 else np.zeros(w, int)
-    fy = (ry - y0)[:, None, None]
-    fx = (rx - x0)[None, :, None]
-    y1, x1 = np.minimum(y0 + 1, gh - 1), np.minimum(x0 + 1, gw - 1)
-    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x1] * fx
-    bot = grid[y1][:, x0] * (1 - fx) + grid[y1][:, x1] * fx
-    return (top * (1 - fy) + bot * fy).astype(grid.dtype)
+
+    def taps(n: int, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r = np.linspace(0, g - 1, n)
+        i0 = np.minimum(r.astype(int), g - 2) if g > 1 else np.zeros(n, int)
+        return i0, np.minimum(i0 + 1, g - 1), (r - i0).astype(grid.dtype)
+
+    y0, y1, fy = taps(h, gh)
+    x0, x1, fx = taps(w, gw)
+    rows = grid[y0] * (1 - fy)[:, None, None] + grid[y1] * fy[:, None, None]
+    return (rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]).astype(grid.dtype)
 
 
 def strict_canvas(

@@ -173,6 +173,21 @@ def _fallback_key(
     return w * object_hue_key(img, plate, fg_guess) + (1.0 - w) * key
 
 
+def _band_alpha(
+    img: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, key: np.ndarray, band: np.ndarray, s: GreenPostSettings
+) -> np.ndarray:
+    """Alpha by un-mixing (and the fallback keys) on the unknown band's pixels only; 0 elsewhere
+    (the core and the background get 1 and 0 at the end). The band is a fifth of a typical image,
+    and these are the pipeline's heaviest per-pixel steps."""
+    alpha = np.zeros(band.shape, dtype=np.float32)
+    if not band.any():
+        return alpha
+    x, b, f = img[band][None], plate[band][None], fg_guess[band][None]
+    fallback = _fallback_key(x, b, f, key[band][None], s)
+    alpha[band] = projected_alpha(x, b, f, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)[0]
+    return alpha
+
+
 def _plate_without_hair(
     img: np.ndarray,
     key_color: tuple[int, int, int],
@@ -216,8 +231,7 @@ def greenpost(
         key, coarse, s.key_lo, s.key_hi, 1, s.core_depth, s.coarse_core, s.coarse_far, board, mix, s.mix_max or 0.0
     )
     fg_guess = interpolate_foreground(img, tri.core)
-    fallback = _fallback_key(img, plate, fg_guess, key, s)
-    alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
+    alpha = _band_alpha(img, plate, fg_guess, key, tri.unknown, s)
     clock.lap("alpha")
     # With a first alpha: the plate again (without faint hair, with the shadow hidden behind the
     # band), the object's colour refitted from the band, and alpha un-mixed once more.
@@ -231,9 +245,8 @@ def greenpost(
         plate = plate * shade[..., None]
     if new_plate:
         key = local_difference_key(img, plate, key_color)
-        fallback = _fallback_key(img, plate, fg_guess, key, s)
     if new_plate or s.refit_min_alpha is not None:
-        alpha = projected_alpha(img, plate, fg_guess, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)
+        alpha = _band_alpha(img, plate, fg_guess, key, tri.unknown, s)
         clock.lap("second_pass")
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, s.clip_black, s.clip_white)
