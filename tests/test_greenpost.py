@@ -18,7 +18,7 @@ from factory.matte.canvas import background_plate, board_without_object, estimat
 from factory.matte.key import color_difference_key, hsv_threshold_key, local_difference_key, object_hue_key
 from factory.matte.refine import projected_alpha, shading_invariant_alpha
 from factory.matte.shadow import hidden_shadow
-from factory.matte.trimap import board_mix_ratio
+from factory.matte.trimap import _disc_offsets, board_mix_ratio, deeper_than
 from factory.metrics import evaluate_pair
 
 
@@ -180,6 +180,47 @@ def test_board_mix_ratio_finds_pixels_mixed_with_the_board() -> None:
     ratio = board_mix_ratio(image - board, np.ones((40, 60), bool))
     assert np.allclose(ratio[:, 21:32], 0.4, atol=0.02)  # within reach of the opaque pink
     assert ratio[:, :20].min() > 0.99 and ratio[:, 40:].min() > 0.99
+
+
+def test_board_mix_ratio_matches_its_definition_pixel_by_pixel() -> None:
+    """Random offsets and scattered candidates (some on the image's border, whose neighbours beyond
+    it count as the board): the shifted-view computation against a plain loop over the definition."""
+    rng = np.random.default_rng(3)
+    # Mixes of three materials with the board (each offset a fraction of its material's), noisy.
+    materials = np.array([(150.0, -120.0, 60.0), (40.0, -160.0, -30.0), (-20.0, -90.0, 120.0)])
+    share = rng.uniform(0.05, 1.0, (23, 31, 1))
+    offset = share * materials[rng.integers(0, 3, (23, 31))] + rng.normal(0.0, 3.0, (23, 31, 3))
+    offset = offset.astype(np.float32)
+    candidates = rng.random((23, 31)) < 0.3
+    candidates[0, 0] = candidates[-1, 5] = candidates[7, -1] = True
+    candidates[:3, 10:] = False  # the bounding box does not have to start at row 0
+    ratio = board_mix_ratio(offset, candidates, radius=6, step=2)
+    expected = np.ones((23, 31), np.float32)
+    for y, x in zip(*np.nonzero(candidates)):
+        p = offset[y, x].astype(np.float64)
+        for dy, dx in zip(*_disc_offsets(6, 2)):
+            qy, qx = y + dy, x + dx
+            if not (0 <= qy < 23 and 0 <= qx < 31):
+                continue
+            q = offset[qy, qx].astype(np.float64)
+            if q @ q < 20.0**2:
+                continue
+            t = (p @ q) / (q @ q)
+            off_ray2 = p @ p - (p @ q) ** 2 / (q @ q)
+            if t > 0 and off_ray2 <= 5.0**2 + 0.05**2 * (p @ p):
+                expected[y, x] = min(expected[y, x], t)
+    decided = np.abs(ratio - expected) < 1e-4
+    assert decided.all(), np.argwhere(~decided)[:5]
+    assert (ratio[~candidates] == 1.0).all() and (expected[candidates] < 0.9).sum() > 50
+    assert (board_mix_ratio(offset, np.zeros((23, 31), bool)) == 1.0).all()
+
+
+@pytest.mark.parametrize("depth", [0.5, 1.0, 1.3, 2.0, 3.5])
+def test_deeper_than_is_the_distance_transform(depth: float) -> None:
+    rng = np.random.default_rng(int(depth * 10))
+    mask = ndimage.uniform_filter(rng.random((50, 70)), 5) > 0.5
+    assert mask.any() and not mask.all()
+    assert (deeper_than(mask, depth) == (ndimage.distance_transform_edt(mask) > depth)).all()
 
 
 def test_object_hue_key_ignores_the_foreground_brightness() -> None:

@@ -50,35 +50,51 @@ def board_mix_ratio(
 
     This is what the colour-difference key cannot see: it over-rates objects that are far from the
     key colour (pink hair at 40 % coverage keys as opaque), but the same hair with no board behind
-    it, a few pixels away, is farther out on the same ray. Computed on the candidates only, one
-    gather per neighbour offset (about 70 of them by default).
+    it, a few pixels away, is farther out on the same ray. Computed over the candidates' bounding
+    box with one shifted view per neighbour offset (about 70 of them by default): contiguous slices,
+    faster than gathering the candidates (often half the image) by index.
     """
     h, w = candidates.shape
+    out = np.ones((h, w), dtype=np.float32)
+    ys, xs = np.nonzero(candidates)
+    if len(ys) == 0:
+        return out
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     pad = radius
-    wp = w + 2 * pad
-    planes = np.zeros((3, h + 2 * pad, wp), dtype=np.float32)
+    planes = np.zeros((3, h + 2 * pad, w + 2 * pad), dtype=np.float32)
     planes[:, pad : pad + h, pad : pad + w] = np.moveaxis(np.asarray(offset, dtype=np.float32), -1, 0)
-    planes = planes.reshape(3, -1)
     length2 = (planes * planes).sum(axis=0)
     # 1 / |D_q|^2 where the neighbour is far enough from the board to define a ray, else 0 (t = 0).
     inv = np.where(length2 >= min_offset**2, 1.0 / np.maximum(length2, 1.0), 0.0).astype(np.float32)
-    ys, xs = np.nonzero(candidates)
-    idx = (ys + pad) * wp + (xs + pad)
-    d0, d1, d2 = planes[0, idx], planes[1, idx], planes[2, idx]
-    pp = d0 * d0 + d1 * d1 + d2 * d2
+    box = np.s_[pad + y0 : pad + y1, pad + x0 : pad + x1]
+    d0, d1, d2 = planes[0][box], planes[1][box], planes[2][box]
+    pp = length2[box]
     # Off the neighbour's ray by at most the tolerance: |D_p|^2 - (D_p . D_q)^2 / |D_q|^2 <= tol^2.
     need = pp - (tolerance**2 + rel_tolerance**2 * pp)
-    ratio = np.ones(len(idx), dtype=np.float32)
-    p0, p1, p2 = planes
+    ratio = np.ones(pp.shape, dtype=np.float32)
+    dot, part, t = (np.empty(pp.shape, dtype=np.float32) for _ in range(3))
+    bh, bw = pp.shape
     for dy, dx in zip(*_disc_offsets(radius, step)):
-        j = idx + int(dy * wp + dx)
-        dot = d0 * p0[j] + d1 * p1[j] + d2 * p2[j]
-        t = dot * inv[j]
+        shifted = np.s_[pad + y0 + dy : pad + y0 + dy + bh, pad + x0 + dx : pad + x0 + dx + bw]
+        np.multiply(d0, planes[0][shifted], out=dot)
+        dot += np.multiply(d1, planes[1][shifted], out=part)
+        dot += np.multiply(d2, planes[2][shifted], out=part)
+        np.multiply(dot, inv[shifted], out=t)
         on_ray = (t > 0) & (dot * t >= need)
         np.minimum(ratio, np.where(on_ray, t, 1.0), out=ratio)
-    out = np.ones((h, w), dtype=np.float32)
-    out[ys, xs] = ratio
+    inside = candidates[y0:y1, x0:x1]
+    out[y0:y1, x0:x1][inside] = ratio[inside]
     return out
+
+
+def deeper_than(mask: np.ndarray, depth: float) -> np.ndarray:
+    """The pixels of ``mask`` farther than ``depth`` px from every pixel outside it (the image's
+    border does not count as outside). For 1 <= depth < sqrt(2) that is an erosion by the
+    4-neighbour cross, several times faster than the distance transform it equals."""
+    if 1.0 <= depth < np.sqrt(2.0):
+        cross = ndimage.generate_binary_structure(2, 1)
+        return ndimage.binary_erosion(mask, structure=cross, border_value=1)
+    return ndimage.distance_transform_edt(mask) > depth
 
 
 def make_trimap(
@@ -113,7 +129,7 @@ def make_trimap(
     solid = key_alpha >= hi
     if mix_ratio is not None:
         solid &= mix_ratio >= mix_max
-    core = ndimage.distance_transform_edt(solid) > core_depth
+    core = deeper_than(solid, core_depth)
     deep = None
     if coarse_alpha is not None:
         obj = coarse_alpha >= 0.5
