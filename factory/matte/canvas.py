@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import KMeans
 
-from factory.matte.fill import push_pull, tiles_to_pixels
+from factory.matte.fill import Taps, push_pull, separable_bilinear, tiles_to_pixels
 
 # Two canvas-like clusters with directions closer than this are one board under different lighting.
 _SAME_BOARD_DEG = 8.0
@@ -183,19 +183,15 @@ def board_chroma_field(
 
 
 def _resize_grid(grid: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Bilinear resize of an (gh, gw, c) grid whose corners map to the image corners (rows first,
-    then columns: two separable gathers)."""
+    """Bilinear resize of an (gh, gw, c) grid whose corners map to the image corners."""
     gh, gw = grid.shape[:2]
 
-    def taps(n: int, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def taps(n: int, g: int) -> Taps:
         r = np.linspace(0, g - 1, n)
         i0 = np.minimum(r.astype(int), g - 2) if g > 1 else np.zeros(n, int)
         return i0, np.minimum(i0 + 1, g - 1), (r - i0).astype(grid.dtype)
 
-    y0, y1, fy = taps(h, gh)
-    x0, x1, fx = taps(w, gw)
-    rows = grid[y0] * (1 - fy)[:, None, None] + grid[y1] * fy[:, None, None]
-    return (rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]).astype(grid.dtype)
+    return separable_bilinear(grid, taps(h, gh), taps(w, gw)).astype(grid.dtype)
 
 
 def strict_canvas(

@@ -64,7 +64,10 @@ def tile_sums(values: np.ndarray, weights: np.ndarray, block: int) -> tuple[np.n
     )
 
 
-def _linear_taps(n_out: int, n_tiles: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _linear_taps(n_out: int, n_tiles: int, block: int) -> Taps:
     """Indices and weights to interpolate ``n_tiles`` tile centres (at ``(k + 0.5) block - 0.5``)
     onto ``n_out`` pixels, holding the edge tiles' values beyond the outer centres."""
     pos = np.clip((np.arange(n_out) + 0.5) / block - 0.5, 0.0, n_tiles - 1.0)
@@ -78,7 +81,14 @@ def tiles_to_pixels(grid: np.ndarray, block: int, shape: tuple[int, int]) -> np.
     the edge tiles' values held beyond them (what ``ndimage.zoom(..., order=1, mode="nearest",
     grid_mode=True)`` computes, as two separable gathers, about 20x faster)."""
     g = np.asarray(grid, dtype=np.float32)
-    y0, y1, fy = _linear_taps(shape[0], g.shape[0], block)
-    x0, x1, fx = _linear_taps(shape[1], g.shape[1], block)
-    rows = g[y0] * (1.0 - fy)[:, None, None] + g[y1] * fy[:, None, None]
-    return rows[:, x0] * (1.0 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    rows, cols = _linear_taps(shape[0], g.shape[0], block), _linear_taps(shape[1], g.shape[1], block)
+    return separable_bilinear(g, rows, cols)
+
+
+def separable_bilinear(grid: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
+    """Bilinear interpolation of an (gh, gw, c) grid as two gathers, rows first: each tap is
+    (lower index, upper index, weight of the upper one) per output row or column."""
+    y0, y1, fy = rows
+    x0, x1, fx = cols
+    r = grid[y0] * (1 - fy)[:, None, None] + grid[y1] * fy[:, None, None]
+    return r[:, x0] * (1 - fx)[None, :, None] + r[:, x1] * fx[None, :, None]
