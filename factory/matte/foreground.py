@@ -28,12 +28,15 @@ def refit_foreground(
     gives them), the core by 1, and push-pull spreads the result over the band, as for
     :func:`interpolate_foreground`. One pass: iterating drifts, since F and alpha trade off."""
     x = image.astype(np.float32)
-    observed = plate + (x - plate) / np.maximum(alpha, 1e-3)[..., None]
-    observed[core] = x[core]
     weight = np.where(alpha >= min_alpha, alpha * alpha, 0.0).astype(np.float32)
     weight[core] = 1.0
     if not weight.any():
         return x
+    # Solved where it has weight (outside, push-pull ignores the value), the core keeps the image.
+    solve = (weight > 0) & ~core
+    observed = x.copy()
+    b = np.asarray(plate, dtype=np.float32)[solve]
+    observed[solve] = b + (x[solve] - b) / np.maximum(alpha[solve], 1e-3)[:, None]
     return push_pull(observed, weight, min_weight=0.5).astype(np.float32)
 
 
@@ -44,12 +47,14 @@ def unmix_foreground(
 
     Dividing by alpha amplifies noise where alpha is small, so the solution is blended with the
     interpolated core colour: fully trusted from ``solid_from`` up, not at all at alpha 0."""
-    a = alpha[..., None].astype(np.float32)
     x = image.astype(np.float32)
-    solved = plate + (x - plate) / np.maximum(a, 1e-3)
+    fg = np.where((alpha >= 1.0)[..., None], x, np.asarray(fg_guess, dtype=np.float32))
+    mixed = (alpha > 0.0) & (alpha < 1.0)  # alpha 0 keeps the interpolated colour, 1 the image
+    a = alpha[mixed].astype(np.float32)[:, None]
+    b = np.asarray(plate, dtype=np.float32)[mixed]
     t = np.clip(a / solid_from, 0.0, 1.0)
-    fg = t * solved + (1.0 - t) * fg_guess
-    return np.clip(np.where(a >= 1.0, x, fg), 0.0, 255.0).astype(np.float32)
+    fg[mixed] = t * (b + (x[mixed] - b) / np.maximum(a, 1e-3)) + (1.0 - t) * fg[mixed]
+    return np.clip(fg, 0.0, 255.0)
 
 
 def ml_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -111,9 +111,11 @@ def key_colored_pixels(
         return greenish & object_core
     x = image.astype(np.float32)
     diff = x - plate
-    differs = dot3(diff, diff) >= min_difference**2
-    off_hue = dot3(chroma_direction(x), chroma_direction(plate)) < np.cos(np.deg2rad(hue_deg))
+    found = greenish & (dot3(diff, diff) >= min_difference**2)
+    # The colour tests on those pixels only (usually few: the board is greenish but close to the plate).
+    xs, ps = x[found], np.asarray(plate, dtype=np.float32)[found]
+    off_hue = dot3(chroma_direction(xs), chroma_direction(ps)) < np.cos(np.deg2rad(hue_deg))
     d = int(np.argmax(key_color))
-    lighter = x[..., d] > brighter * plate[..., d]
-    found = greenish & differs & (off_hue | lighter)
+    lighter = xs[:, d] > brighter * ps[:, d]
+    found[found] = off_hue | lighter
     return ndimage.binary_opening(found, structure=np.ones((5, 5), dtype=bool))
