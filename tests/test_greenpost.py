@@ -215,6 +215,34 @@ def test_board_mix_ratio_matches_its_definition_pixel_by_pixel() -> None:
     assert (board_mix_ratio(offset, np.zeros((23, 31), bool)) == 1.0).all()
 
 
+def test_board_mix_ratio_compiles_without_a_disk_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba refuses ``cache=True`` when no cache directory is writable (a read-only install, no
+    home): the kernel is then compiled without it and gives the same ratios."""
+    import numba
+
+    from factory.matte import trimap
+
+    offset = np.zeros((12, 16, 3), np.float32)
+    offset[:, :8] = (150.0, -120.0, 60.0)
+    offset[:, 8:] = (60.0, -48.0, 24.0)  # the same material at 40 %
+    expected = board_mix_ratio(offset, np.ones((12, 16), bool), radius=4, step=2)
+    real_njit = numba.njit
+
+    def njit_without_cache(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache)
+    trimap._mix_ratio_kernel.cache_clear()
+    try:
+        ratio = board_mix_ratio(offset, np.ones((12, 16), bool), radius=4, step=2)
+    finally:
+        trimap._mix_ratio_kernel.cache_clear()
+    assert np.array_equal(ratio, expected)
+    assert np.allclose(ratio[:, 9:12], 0.4, atol=1e-4)
+
+
 @pytest.mark.parametrize("depth", [0.5, 1.0, 1.3, 2.0, 3.5])
 def test_deeper_than_is_the_distance_transform(depth: float) -> None:
     rng = np.random.default_rng(int(depth * 10))
