@@ -62,9 +62,11 @@ def test_the_object_does_not_take_over() -> None:
 def test_reference_and_background_mask() -> None:
     img = flat((0, 177, 64))
     assert gsg(img, reference=(0, 177, 64)).score == 1.0
+    assert gsg(img).score < 0.7  # the default reference is pure green
     img[:, :60] = (150, 40, 40)  # the object fills most of the frame and two borders
     background = np.zeros(img.shape[:2], np.float32)
     background[:, 60:] = 1.0
+    assert gsg(img, reference=(0, 177, 64)).canvas_color == (150, 40, 40)  # unmasked, the dominant colour wins
     assert gsg(img, reference=(0, 177, 64), mask=background).canvas_color == (0, 177, 64)
     assert gsg(img, reference=(0, 177, 64), mask=(background * 255).astype(np.uint8)).score == 1.0
 
