@@ -55,40 +55,22 @@ def plan_cmd(
     The same manifest, N and seed give the same plan, byte for byte; a larger N keeps the first
     rows unchanged. Prints a summary: rows, classes or cells, and min/max samples per class.
     """
+    from factory.fsutil import check_output_file
     from factory.manifest import load_manifest
-    from factory.plan import build_plan, summarize, write_plan
-    from factory.errors import InputError
+    from factory.plan import build_plan, check_n, summarize, write_plan
 
-    if n <= 0:
-        raise InputError(f"--n must be a positive integer, got {n}")
+    check_n(n)
     m = load_manifest(manifest)
     if seed is not None:
         m = m.model_copy(update={"seed": seed})
     table = build_plan(m, n)
     if out is not None:
-        _check_output_file(out)
+        check_output_file(out)
         write_plan(table, out)
     for line in summarize(table, m).lines():
         _echo(line)
     if out is not None:
         _echo(f"plan written to {out}")
-
-
-def _check_output_file(path: Path) -> None:
-    from factory.errors import InputError
-
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory; give a file name for --out")
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as exc:
-            raise InputError(f"{parent}: cannot create output directory ({exc.strerror or exc})") from exc
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"{parent}: output directory is not writable")
 
 
 # ------------------------------------------------------------------------------------- generate
@@ -171,11 +153,8 @@ def generate_cmd(
     Starts a local Ray instance sized to the machine unless --address is given. Failed samples are
     recorded with their error and the run goes on; the exit code is 0 unless --strict.
     """
-    from factory.errors import InputError
     from factory.generate import GenerateOptions, run_generate
 
-    if n <= 0:
-        raise InputError(f"--n must be a positive integer, got {n}")
     summary = run_generate(
         GenerateOptions(
             manifest=manifest,
@@ -205,7 +184,7 @@ def generate_cmd(
             raise typer.Exit(1)
 
 
-# --- matte / eval commands (issue 3) ---
+# ------------------------------------------------------------------------------ matte / eval
 
 
 def _parse_rgb(value: str, option: str) -> tuple[int, int, int]:
@@ -261,7 +240,7 @@ def matte_cmd(
     """
     from factory.errors import RunError
     from factory.matte import GreenPostSettings
-    from factory.matte.folder import matte_folder
+    from factory.matte_folder import matte_folder
 
     settings = GreenPostSettings(chroma=chroma)
     summary = matte_folder(
@@ -301,18 +280,19 @@ def eval_cmd(
     and left out of the mean.
     """
     from factory.evaluate import evaluate_folders
+    from factory.fsutil import atomic_write_text, check_output_file
 
     if json_out is not None:
-        _check_output_file(json_out)
+        check_output_file(json_out)
     report = evaluate_folders(pred, gt, trimap, workers=workers)
     for line in report.issues:
         typer.echo(f"warning: {line}", err=True)
     _print_table(report.table())
     if json_out is not None:
-        json_out.write_text(report.to_json())
+        atomic_write_text(json_out, report.to_json())
         _echo(f"metrics written to {json_out}")
 
-# --- filter / export commands (issue 6) ---
+# ---------------------------------------------------------------------------- filter / export
 
 _RUN_HELP = "Run directory. Default: the latest run made by `factory generate` in this directory."
 
@@ -408,11 +388,11 @@ def export_cmd(
     image_format: Annotated[
         Optional[str], typer.Option("--image-format", help="png (bytes copied) or jpg (re-encoded).")
     ] = None,
-    jpeg_quality: Annotated[int, typer.Option("--jpeg-quality", min=1, max=100, help="JPEG quality.")] = 95,
+    jpeg_quality: Annotated[Optional[int], typer.Option("--jpeg-quality", help="JPEG quality (1..100). Default: the manifest's, 95.")] = None,
     alpha_bits: Annotated[
         Optional[int], typer.Option("--alpha-bits", help="8 or 16; copied when equal to the stored depth, else re-encoded.")
     ] = None,
-    maxcount: Annotated[Optional[int], typer.Option("--maxcount", min=1, help="Samples per shard at most.")] = None,
+    maxcount: Annotated[Optional[int], typer.Option("--maxcount", help="Samples per shard at most.")] = None,
     maxsize: Annotated[
         Optional[str], typer.Option("--maxsize", help="Bytes of members per shard at most, e.g. 1G, 512Mi, 3e9.")
     ] = None,
@@ -437,8 +417,7 @@ def export_cmd(
     name and renamed when complete; re-running the same command resumes (or restarts cleanly when the
     plan changed). Damaged samples are reported as `KEY: corrupt ...` and skipped (exit 1 with --strict).
     """
-    from factory.export import ExportOptions, run_export
-    from factory.export.common import parse_size, parse_splits
+    from factory.export import ExportOptions, parse_size, parse_splits, run_export
 
     summary = run_export(
         ExportOptions(
@@ -465,7 +444,7 @@ def export_cmd(
         _echo(line)
 
 
-# --- train command (issue 7) ---
+# ------------------------------------------------------------------------------------- train
 
 
 @app.command("train")

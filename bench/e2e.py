@@ -211,7 +211,7 @@ def end_to_end(manifest_path: Path, model: str, n: int, batch_size: int, workers
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
-    from factory.distribute.cluster import plan_workers
+    from factory.distribute.sizing import plan_workers
 
     work = Path(tempfile.mkdtemp(prefix="e2e-", dir=args.tmp))
     try:
@@ -312,11 +312,12 @@ def seed_store(manifest_path: Path, out: Path, n: int, work: int) -> float:
     from factory.finish import FinishSettings, finish_sample
     from factory.generate import GenerateOptions, resolve_manifest
     from factory.sampler import model_identity
-    from factory.store import RunStore, SampleResult
+    from factory.sample import SampleResult
+    from factory.store import RunStore
 
     import functools
 
-    import factory.store as store_module
+    import factory.store.run as store_module
 
     t0 = time.perf_counter()
     manifest = resolve_manifest(GenerateOptions(manifest=manifest_path, n=n, model="tiny"))

@@ -42,12 +42,14 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from factory import store as store_mod  # noqa: E402
+from factory.store import run as store_mod  # noqa: E402
 from factory.export import ExportOptions, run_export  # noqa: E402
-from factory.filter import FilterParams, run_filter, select  # noqa: E402
+from factory.filter import run_filter, select  # noqa: E402
+from factory.manifest import FilterSettings  # noqa: E402
 from factory.manifest import manifest_from_dict  # noqa: E402
 from factory.plan import PLAN_SCHEMA, slugify  # noqa: E402
-from factory.store import INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, RunStore, SampleResult  # noqa: E402
+from factory.sample import SampleResult  # noqa: E402
+from factory.store import INDEX_FILE, INDEX_SCHEMA, PLAN_FILE, RunStore  # noqa: E402
 
 MANIFEST = {
     "name": "bench",
@@ -157,13 +159,13 @@ def _time_tar(files: list[Path], root: Path, out: Path, sync: bool) -> tuple[flo
 
 def _time_export(store: RunStore, out: Path, plain_zlib: bool = False, **kw: object) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process, all threads) of one export."""
-    from factory.export import common
+    from factory import integrity
 
-    crc = common._crc32
+    crc = integrity._crc32
     if plain_zlib:  # what the export costs without the optional zlib-ng package
         import zlib
 
-        common._crc32 = zlib.crc32
+        integrity._crc32 = zlib.crc32
     try:
         cpu = time.process_time()
         start = time.perf_counter()
@@ -171,7 +173,7 @@ def _time_export(store: RunStore, out: Path, plain_zlib: bool = False, **kw: obj
         seconds = time.perf_counter() - start
         cpu = time.process_time() - cpu
     finally:
-        common._crc32 = crc
+        integrity._crc32 = crc
     shutil.rmtree(out)
     return seconds, cpu
 
@@ -212,7 +214,7 @@ def bench_export(work: Path, n: int, repeat: int, decode_repeat: int = 1) -> lis
             print(f"  {name}: {wall:.2f} s wall, {cpu:.2f} s CPU", file=sys.stderr)
 
     # the cost of the integrity check alone (PNG chunk walk + CRCs over every PNG)
-    from factory.export.common import check_png
+    from factory.integrity import check_png
 
     pngs = [p.read_bytes() for p in files if p.suffix == ".png"]
     start = time.perf_counter()
@@ -321,16 +323,17 @@ def _best(fn, repeat: int) -> tuple[float, object]:
 
 
 def bench_filter(work: Path, rows: int, repeat: int) -> list[tuple[str, float, float]]:
-    from factory.filter import _CATEGORICAL, _NEEDED, near_duplicates, read_index
+    from factory.dedup import near_duplicates
+    from factory.filter import _CATEGORICAL, _NEEDED
 
     t0 = time.perf_counter()
     store = make_index_run(work / "index-run", rows)
     size = (store.root / INDEX_FILE).stat().st_size
     print(f"synthetic index: {rows} rows, {size / 1e6:.0f} MB, made in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     read_raw, _ = _best(lambda: pq.read_table(store.root / INDEX_FILE), repeat)
-    read_store, _ = _best(store.index, repeat)
-    read_cols, index = _best(lambda: read_index(store, list(_NEEDED), dictionary=_CATEGORICAL), repeat)
-    params = FilterParams()  # the manifest defaults: GSG 0.8, coverage, key colour, dedup 4 bits
+    read_store, _ = _best(lambda: store.index(only_plan=False), repeat)
+    read_cols, index = _best(lambda: store.index(columns=list(_NEEDED), dictionary=_CATEGORICAL), repeat)
+    params = FilterSettings()  # the manifest defaults: GSG 0.8, coverage, key colour, dedup 4 bits
     t_select, result = _best(lambda: select(index, params), repeat)
     hashes = pc.fill_null(index["phash"], 0).to_numpy(zero_copy_only=False)
     t_dedup_all, _ = _best(lambda: near_duplicates(hashes, np.arange(rows), 4), repeat)
@@ -338,8 +341,8 @@ def bench_filter(work: Path, rows: int, repeat: int) -> list[tuple[str, float, f
     print(f"kept {summary.kept} of {rows}; dropped {summary.dropped}", file=sys.stderr)  # type: ignore[attr-defined]
     return [
         ("read index.parquet, all columns (pyarrow read_table)", read_raw, 1.0),
-        ("RunStore.index() (the store's reader: journal fold, plan join)", read_store, read_store / read_raw),
-        ("read the filter's columns (read_index fast path, classes and status as dictionaries)", read_cols, read_cols / read_raw),
+        ("RunStore.index(only_plan=False) (the merging reader: journal fold, plan join)", read_store, read_store / read_raw),
+        ("read the filter's columns (RunStore.index fast path, classes and status as dictionaries)", read_cols, read_cols / read_raw),
         ("select(): every criterion, near-duplicates among the ~47 % that pass", t_select, t_select / read_raw),
         (f"near_duplicates() alone on all {rows:,} hashes (4 bits)", t_dedup_all, t_dedup_all / read_raw),
         ("`factory filter` end to end (read, select, write the selection)", t_filter, t_filter / read_raw),

@@ -1,7 +1,7 @@
 """The CPU half of one sample: matte, score, encode. Runs beside the GPU sampler, never inside it.
 
 ``finish_sample`` turns what the sampler drew for one plan row (image on green, optional coarse
-alpha from the matting head) into a :class:`~factory.store.SampleResult`: GreenPost alpha and
+alpha from the matting head) into a :class:`~factory.sample.SampleResult`: GreenPost alpha and
 foreground, the GSG score, coverage, border and key-colour flags, a perceptual hash for
 near-duplicate filtering, and the encoded files with their metadata JSON. It is a pure function of
 its inputs, so it can run in a process pool or a Ray task.
@@ -23,7 +23,7 @@ from factory.imageio import encode_alpha_png, encode_png
 from factory.matte import GreenPostSettings, greenpost
 from factory.plan import PlanRow
 from factory.score import gsg
-from factory.store import STATUS_DONE, STATUS_FAILED, SampleResult
+from factory.sample import STATUS_DONE, STATUS_FAILED, SampleResult
 
 #: A sample "touches the border" when more than this share of its border pixels is foreground.
 BORDER_FOREGROUND_SHARE = 0.01

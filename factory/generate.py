@@ -1,6 +1,7 @@
 """`factory generate`: plan -> sample -> matte -> score -> store, resumable.
 
-The driver (this module) is the single writer of the run store. Work goes to an *executor*, which
+The driver (this module) is the single writer of the run store; the worker side (loading a
+sampler, finishing a batch) is :mod:`factory.worker`. Work goes to an *executor*, which
 yields finished samples in batches as they complete:
 
 - :class:`LocalExecutor` samples and finishes in this process (``--no-ray``; debugging, tests);
@@ -24,11 +25,13 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from factory.errors import InputError, Interrupted
-from factory.finish import FinishSettings, failed_result, finish_sample
-from factory.manifest import CanvasSettings, Manifest, ModelSpec, SamplerSettings, load_manifest
-from factory.plan import PlanRow
-from factory.store import SampleResult, RunStore, remember_latest_run
+from factory.errors import Interrupted
+from factory.finish import FinishSettings
+from factory.manifest import Manifest, ModelSpec, load_manifest
+from factory.plan import PlanRow, check_n
+from factory.sample import SampleResult
+from factory.store import RunStore, remember_latest_run
+from factory.worker import WorkSpec, load_work_sampler, process_batch
 
 
 @dataclass(frozen=True)
@@ -53,25 +56,6 @@ class GenerateOptions:
     compile: bool = False
     seed: int | None = None
     progress: bool = True
-
-
-@dataclass(frozen=True)
-class WorkSpec:
-    """What a sampler worker needs to load its model and finish samples (picklable).
-
-    ``batch_size`` None lets each sampler choose (its ``batch_size``: fitted to its GPU's memory).
-    ``sampler_factory``: a callable or ``"module:function"`` used instead of ``load_sampler``, with
-    the same arguments; a seam for fault-injection tests (picklable), never set by the CLI.
-    """
-
-    model: ModelSpec
-    sampler: SamplerSettings
-    canvas: CanvasSettings
-    finish: FinishSettings
-    batch_size: int | None
-    device: str | None = None
-    compile: bool = False
-    sampler_factory: Any = None
 
 
 class Executor(Protocol):
@@ -109,54 +93,13 @@ class GenerateSummary:
         return out
 
 
-# ------------------------------------------------------------------------------ the batch
-
-
-def process_batch(sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
-    """Sample a batch, then finish each sample. A batch-wide exception fails every row with it."""
-    try:
-        generated = sampler.sample(rows)
-    except Exception as exc:  # noqa: BLE001 - recorded per row; the run goes on
-        return [failed_result(r, f"sampling failed: {type(exc).__name__}: {exc}", finish, worker=worker) for r in rows]
-    return finish_generated(rows, generated, finish, worker)
-
-
-def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
-    results = []
-    for row, gen in zip(rows, generated, strict=True):
-        if gen.error:
-            results.append(failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds))
-        else:
-            results.append(finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker))
-    return results
-
-
-def load_work_sampler(spec: WorkSpec, device: str | None) -> Any:
-    """The sampler a worker uses: ``load_sampler``, or the test seam ``spec.sampler_factory``."""
-    if callable(spec.sampler_factory):
-        factory = spec.sampler_factory
-    elif spec.sampler_factory:
-        import importlib
-
-        module, _, name = spec.sampler_factory.partition(":")
-        factory = getattr(importlib.import_module(module), name)
-    else:
-        from factory.sampler import load_sampler as factory
-    return factory(spec.model, spec.sampler, spec.canvas, device=device, compile=spec.compile)
-
-
-def worker_batch_size(spec: WorkSpec, sampler: Any, device: str | None) -> int:
-    """Rows per sampler call: the command's or manifest's, else the sampler's own choice."""
-    return int(spec.batch_size or getattr(sampler, "batch_size", None) or default_batch_size(spec.sampler, device))
-
-
 class LocalExecutor:
     """Everything in this process: one sampler, batches in plan order."""
 
     def __init__(self, spec: WorkSpec) -> None:
         self.spec = spec
         self.sampler = load_work_sampler(spec, spec.device)
-        self.batch_size = worker_batch_size(spec, self.sampler, spec.device)
+        self.batch_size = spec.batch_size_for(self.sampler)
 
     def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]:
         size = self.batch_size
@@ -187,17 +130,11 @@ def resolve_manifest(opts: GenerateOptions) -> Manifest:
     return manifest.model_copy(update=top) if top else manifest
 
 
-def default_batch_size(settings: SamplerSettings, device: str | None) -> int:
-    """Images per sampler call when neither the command, the manifest nor the sampler says."""
-    return settings.batch_size or 2
-
-
 def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> GenerateSummary:
     """Run (or resume) a generation. ``executor_factory(spec, opts)`` is a seam for tests."""
     from factory.sampler import model_identity
 
-    if opts.n <= 0:
-        raise InputError(f"--n must be a positive integer, got {opts.n}")
+    check_n(opts.n)  # before anything slow
     manifest = resolve_manifest(opts)
     identity = model_identity(manifest.model)
     out = opts.out or Path("runs") / manifest.name
@@ -232,11 +169,10 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
             alpha_bits=manifest.export.alpha_bits,
             sampler={"steps": manifest.sampler.steps, "guidance": manifest.sampler.guidance, "scheduler": manifest.sampler.scheduler},
         ),
-        batch_size=opts.batch_size or manifest.sampler.batch_size,
         device=opts.device,
         compile=opts.compile,
     )
-    factory = executor_factory or _default_executor
+    make_executor = executor_factory or _default_executor
     start = time.perf_counter()
     console = Console(stderr=True)
     progress = Progress(
@@ -256,7 +192,7 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
         # Ctrl-C anywhere from here (starting the workers, the loop, shutting them down) ends
         # as Interrupted with what is committed; executors defer it while they shut down.
         try:
-            executor = factory(spec, opts)
+            executor = make_executor(spec, opts)
             with progress:
                 task = progress.add_task("generate", total=len(rows), failed=0, rate="-")
                 for results in executor.run(rows):

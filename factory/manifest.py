@@ -18,7 +18,7 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -169,7 +169,10 @@ class CanvasSettings(_Strict):
         return v
 
 
-class FilterDefaults(_Strict):
+class FilterSettings(_Strict):
+    """What ``factory filter`` keeps (docs/filter-export.md). The one source of defaults and limits:
+    the manifest's ``filter:`` section and the command's options are both validated here."""
+
     min_gsg: float = Field(0.8, ge=0.0, le=1.0)
     min_coverage: float = Field(0.01, ge=0.0, le=1.0)
     max_coverage: float = Field(0.95, ge=0.0, le=1.0)
@@ -178,15 +181,58 @@ class FilterDefaults(_Strict):
     dedup_distance: int = Field(4, ge=-1, le=64)  # perceptual-hash Hamming distance; -1 disables
     per_class_cap: int | None = Field(None, ge=1)
 
+    @model_validator(mode="after")
+    def _coverage_range(self) -> FilterSettings:
+        if self.min_coverage > self.max_coverage:
+            raise ValueError(
+                f"min_coverage {self.min_coverage:g} is above max_coverage {self.max_coverage:g}; nothing could pass"
+            )
+        return self
 
-class ExportDefaults(_Strict):
+
+#: The split every sample not held out goes to.
+TRAIN_SPLIT = "train"
+_SPLIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class ExportSettings(_Strict):
+    """How ``factory export`` writes (docs/filter-export.md): the manifest's ``export:`` section,
+    and the command's options validated by the same fields."""
+
     format: Literal["webdataset", "folder"] = "webdataset"
     image_format: Literal["png", "jpg"] = "png"
     alpha_bits: Literal[8, 16] = 8
     maxcount: int = Field(1000, ge=1)
     maxsize: int = Field(1_000_000_000, ge=1)
-    split: dict[str, float] = {"val": 0.05}
+    split: dict[str, float] = {"val": 0.05}  # held-out splits by fraction; train is the remainder
     shuffle_seed: int = 0
+    jpeg_quality: int = Field(95, ge=1, le=100)  # with image_format jpg
+
+    @field_validator("image_format", mode="before")
+    @classmethod
+    def _jpeg_alias(cls, v: Any) -> Any:
+        return "jpg" if isinstance(v, str) and v.lower() == "jpeg" else (v.lower() if isinstance(v, str) else v)
+
+    @field_validator("split")
+    @classmethod
+    def _splits(cls, splits: dict[str, float]) -> dict[str, float]:
+        for name, frac in splits.items():
+            if name == TRAIN_SPLIT:
+                raise ValueError("'train' is the remainder; give only the held-out splits, e.g. val=0.05")
+            if not _SPLIT_NAME_RE.match(name):
+                raise ValueError(f"split name {name!r}: lowercase letters, digits or '_'")
+            if not 0.0 < frac < 1.0:
+                raise ValueError(f"{name}={frac:g}: the fraction must be between 0 and 1")
+        if sum(splits.values()) >= 1.0:
+            raise ValueError(f"the fractions add up to {sum(splits.values()):g}; leave some for train")
+        return splits
+
+    @property
+    def image_ext(self) -> str:
+        return self.image_format
+
+    def split_order(self) -> list[str]:
+        return [TRAIN_SPLIT, *self.split]
 
 
 class Manifest(_Strict):
@@ -198,8 +244,8 @@ class Manifest(_Strict):
     sampler: SamplerSettings = SamplerSettings()
     canvas: CanvasSettings = CanvasSettings()
     seed: int = Field(0, ge=0, le=2**62)
-    filter: FilterDefaults = FilterDefaults()
-    export: ExportDefaults = ExportDefaults()
+    filter: FilterSettings = FilterSettings()
+    export: ExportSettings = ExportSettings()
 
     @field_validator("name")
     @classmethod
@@ -267,6 +313,26 @@ def _validate(raw: dict[str, Any], path: Path) -> Manifest:
             msg = "required key is missing"
         more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
         raise InputError(f"{path}: {where}: {msg}{more}") from exc
+
+
+_Settings = TypeVar("_Settings", bound=BaseModel)
+
+
+def with_overrides(settings: _Settings, overrides: dict[str, Any]) -> _Settings:
+    """``settings`` with the command line's ``overrides`` (``None``: not given), validated by the
+    same model, so the manifest's fields are the one source of defaults and limits. A bad value is
+    a one-line ``InputError`` naming the option (``--min-gsg``)."""
+    values = settings.model_dump()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return type(settings).model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            raise InputError(msg) from exc
+        option = "--" + str(err["loc"][0]).replace("_", "-")
+        raise InputError(f"{option} {values.get(err['loc'][0])!r}: {msg}") from exc
 
 
 def _read_yaml(path: Path, what: str) -> Any:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.errors import InputError
+from factory.fsutil import atomic_write_parquet
 from factory.manifest import Manifest
 
 PLAN_SCHEMA = pa.schema(
@@ -151,10 +152,16 @@ class _Cells:
         return len(self.items)
 
 
+def check_n(n: int) -> int:
+    """N, the number of samples of a plan or run: a positive integer, or a one-line error."""
+    if n <= 0:
+        raise InputError(f"--n must be a positive integer, got {n}")
+    return n
+
+
 def build_rows(manifest: Manifest, n: int, start: int = 0) -> list[PlanRow]:
     """Rows ``start .. n-1`` of the manifest's plan."""
-    if n <= 0:
-        raise InputError(f"N must be a positive integer, got {n}")
+    check_n(n)
     cells = _Cells(manifest)
     prompts = manifest.prompts
     seed = manifest.seed
@@ -240,8 +247,6 @@ def table_rows(table: pa.Table) -> list[PlanRow]:
 
 def write_plan(table: pa.Table, path: str | Path) -> None:
     """Write a plan atomically, with options that make the bytes a function of the content."""
-    from factory.store import atomic_write_parquet  # the store owns atomic writes
-
     atomic_write_parquet(table, Path(path))
 
 

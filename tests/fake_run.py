@@ -18,7 +18,8 @@ import numpy as np
 from factory.imageio import encode_alpha_png, encode_png
 from factory.manifest import load_manifest
 from factory.plan import PlanRow, table_rows
-from factory.store import RunStore, SampleResult
+from factory.sample import SampleResult
+from factory.store import RunStore
 from tests.conftest import SMALL_MANIFEST, write_manifest
 
 SIZE = 32

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from factory.distribute.cluster import MAX_TEMP_DIR_CHARS, choose_temp_dir, plan_workers, prune_sessions, worker_env_vars
+from factory.distribute.sizing import plan_workers
+from factory.ray_session import MAX_TEMP_DIR_CHARS, choose_temp_dir, prune_sessions, worker_env_vars
 from factory.errors import InputError, RunError
 from factory.generate import GenerateOptions, run_generate
-from factory.store import SAMPLE_SUFFIXES, RunStore
+from factory.sample import SAMPLE_SUFFIXES
+from factory.store import RunStore
 from tests import fault_samplers
 from tests.conftest import SMALL_MANIFEST, write_manifest
 

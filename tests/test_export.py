@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from factory.export.common import check_png, parse_size, parse_splits, plan_order
+from factory.export.options import ExportOptions, parse_size, parse_splits, resolve_settings
+from factory.export.ordering import plan_order
+from factory.integrity import check_png
+from factory.manifest import ExportSettings
 from factory.errors import InputError
 from tests.fake_run import make_run
 
@@ -336,8 +339,12 @@ def test_option_parsing() -> None:
     assert parse_splits(["val=0.05,test=0.1"]) == {"val": 0.05, "test": 0.1}
     assert parse_splits(["none"]) == {} and parse_splits(None) is None
     for bad in (["train=0.1"], ["val"], ["val=1.5"], ["val=0.6", "test=0.5"], ["Val=0.1"]):
-        with pytest.raises(InputError):
-            parse_splits(bad)
+        with pytest.raises(InputError, match="--split"):
+            resolve_settings(ExportOptions(splits=parse_splits(bad)), ExportSettings())
+    for option, value in (("format", "zip"), ("image_format", "gif"), ("alpha_bits", 12), ("maxcount", 0), ("jpeg_quality", 101)):
+        with pytest.raises(InputError, match="--" + option.replace("_", "-")):
+            resolve_settings(ExportOptions(**{option: value}), ExportSettings())
+    assert resolve_settings(ExportOptions(image_format="JPEG"), ExportSettings()).image_format == "jpg"
     assert parse_size("1G") == 10**9 and parse_size("512Mi") == 512 * 2**20 and parse_size("3e9") == 3 * 10**9
     with pytest.raises(InputError):
         parse_size("lots")
@@ -346,7 +353,7 @@ def test_option_parsing() -> None:
 def test_png_check_catches_damage(tmp_path: Path) -> None:
     """The in-memory check and the on-disk one (read through a small buffer, as the WebDataset
     export does) agree on good files and give the same error on damaged ones."""
-    from factory.export.common import PngError, check_png_fd
+    from factory.integrity import PngError, check_png_fd
     from factory.imageio import encode_png
 
     rng = np.random.default_rng(0)

@@ -11,15 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.errors import InputError
-from factory.filter import (
-    REASONS,
-    FilterParams,
-    choose_blocks,
-    list_selections,
-    load_selection,
-    near_duplicates,
-    select,
-)
+from factory.filter import REASONS, filter_settings, select
+from factory.manifest import FilterSettings
+from factory.selection import list_selections, load_selection
 from factory.store import remember_latest_run
 from tests.fake_run import make_run
 
@@ -61,7 +55,7 @@ def index_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(full, schema=schema)
 
 
-def reasons_of(table: pa.Table, params: FilterParams) -> list[str]:
+def reasons_of(table: pa.Table, params: FilterSettings) -> list[str]:
     result = select(table, params)
     names = {0: "kept", -1: "not_candidate", **{v: k for k, v in CODE.items()}}
     return [names[int(c)] for c in result.reason]
@@ -83,13 +77,13 @@ def test_each_reason_with_first_reason_wins() -> None:
             {"alpha_coverage": None},  # 10 no coverage: counted as empty
         ]
     )
-    params = FilterParams(min_gsg=0.8, min_coverage=0.01, max_coverage=0.95, drop_border=True, drop_key_color=True)
+    params = FilterSettings(min_gsg=0.8, min_coverage=0.01, max_coverage=0.95, drop_border=True, drop_key_color=True)
     assert reasons_of(table, params) == [
         "kept", "low_gsg", "empty_matte", "full_matte", "touches_border", "key_color", "low_gsg",
         "not_candidate", "not_candidate", "low_gsg", "empty_matte",
     ]  # fmt: skip
     # switched-off tests keep those samples
-    relaxed = FilterParams(min_gsg=0.0, min_coverage=0.0, max_coverage=1.0, drop_border=False, drop_key_color=False, dedup_distance=-1)
+    relaxed = FilterSettings(min_gsg=0.0, min_coverage=0.0, max_coverage=1.0, drop_border=False, drop_key_color=False, dedup_distance=-1)
     assert reasons_of(table, relaxed)[:7] == ["kept"] * 7
     result = select(table, params)
     assert result.counts_by_reason()["low_gsg"] == 3 and sum(result.counts_by_reason().values()) == 8
@@ -108,7 +102,7 @@ def test_near_duplicates_keep_best_gsg_and_resolve_chains() -> None:
             {"phash": None},  # 5: no hash: never a duplicate
         ]
     )
-    params = FilterParams(dedup_distance=4)
+    params = FilterSettings(dedup_distance=4)
     result = select(table, params)
     assert reasons_of(table, params) == ["near_duplicate", "kept", "near_duplicate", "kept", "near_duplicate", "kept"]
     assert result.duplicate_of[[0, 2, 4]].tolist() == [1, 1, 1]
@@ -119,68 +113,8 @@ def test_near_duplicates_keep_best_gsg_and_resolve_chains() -> None:
     chain = index_table([{"phash": a, "gsg": 0.99}, {"phash": b, "gsg": 0.95}, {"phash": c, "gsg": 0.9}])
     assert reasons_of(chain, params) == ["kept", "near_duplicate", "kept"]
     # distance 0: only identical hashes
-    assert reasons_of(table, FilterParams(dedup_distance=0)) == ["kept", "kept", "kept", "kept", "near_duplicate", "kept"]
-    assert reasons_of(table, FilterParams(dedup_distance=-1)) == ["kept"] * 6
-
-
-def _greedy(h: np.ndarray, rank: np.ndarray, d: int) -> np.ndarray:
-    u = h.view(np.uint64)
-    out = np.full(h.size, -1)
-    kept: list[int] = []
-    for i in np.argsort(rank):
-        for k in kept:
-            if bin(int(u[i] ^ u[k])).count("1") <= d:
-                out[i] = k
-                break
-        else:
-            kept.append(int(i))
-    return out
-
-
-@pytest.mark.parametrize("distance", [0, 1, 3, 4, 6, 10])
-def test_near_duplicates_equal_greedy_reference(distance: int) -> None:
-    rng = np.random.default_rng(distance)
-    for _ in range(40):
-        centres = rng.integers(-(2**63), 2**63 - 1, size=int(rng.integers(1, 5)), dtype=np.int64).view(np.uint64)
-        n = int(rng.integers(2, 90))
-        h = centres[rng.integers(0, centres.size, n)].copy()
-        for j in range(n):  # flip 0..8 random bits: distances straddle the threshold
-            for bit in rng.integers(0, 64, int(rng.integers(0, 9))):
-                h[j] ^= np.uint64(1) << np.uint64(bit)
-        if rng.random() < 0.3:  # some bits equal in every hash (they are dropped before blocking)
-            h &= np.uint64(0xFFFF_FFFF_FFFF_F000)
-        rank = rng.permutation(n)
-        want = _greedy(h.view(np.int64), rank, distance)
-        for budget in (None, 0):  # vectorised pairs, and the sample-by-sample fallback
-            got = near_duplicates(h.view(np.int64), rank, distance, pair_budget=budget)
-            assert ((got >= 0) == (want >= 0)).all()
-            for i in np.flatnonzero(got >= 0):  # each duplicate points at a kept, better, close sample
-                j = got[i]
-                assert got[j] == -1 and rank[j] < rank[i] and bin(int(h[i] ^ h[j])).count("1") <= distance
-
-
-def test_near_duplicates_dense_cluster_and_few_varying_bits() -> None:
-    rng = np.random.default_rng(5)
-    centre = np.uint64(0x0123_4567_89AB_CDEF)
-    flips = rng.integers(0, 2**12, 1500, dtype=np.uint64)  # 1500 hashes within 12 bits of each other
-    h = (centre ^ flips).view(np.int64)
-    rank = rng.permutation(h.size)
-    want = _greedy(h, rank, 3)
-    got = near_duplicates(h, rank, 3, pair_budget=1000)  # forces the fallback
-    assert ((got >= 0) == (want >= 0)).all() and (got >= 0).sum() > 1000
-    assert ((near_duplicates(h, rank, 3) >= 0) == (want >= 0)).all()
-    # only 12 bits vary: a distance of 12 or more makes everything a duplicate of the best
-    got = near_duplicates(h, rank, 12)
-    best = int(np.argmin(rank))
-    assert got[best] == -1 and (np.delete(got, best) == best).all()
-
-
-def test_block_choice_grows_tables_with_n() -> None:
-    assert choose_blocks(1000, 4) == (5, 1)  # small: one block must match
-    m, t = choose_blocks(1_000_000, 4)
-    assert t >= 2 and m - t == 4  # large: two blocks must match, fewer collisions
-    with pytest.raises(TypeError):
-        near_duplicates(np.zeros(3, np.float64), np.arange(3), 4)  # a float array (nulls) is refused
+    assert reasons_of(table, FilterSettings(dedup_distance=0)) == ["kept", "kept", "kept", "kept", "near_duplicate", "kept"]
+    assert reasons_of(table, FilterSettings(dedup_distance=-1)) == ["kept"] * 6
 
 
 def test_select_same_on_any_row_order_and_encoding() -> None:
@@ -201,7 +135,7 @@ def test_select_same_on_any_row_order_and_encoding() -> None:
         for i in range(n)
     ]
     table = index_table(rows)
-    params = FilterParams(min_gsg=0.0, dedup_distance=3, per_class_cap=25)
+    params = FilterSettings(min_gsg=0.0, dedup_distance=3, per_class_cap=25)
     want = select(table, params)
     assert (want.reason == CODE["near_duplicate"]).sum() > 50 and (want.reason == CODE["class_cap"]).sum() > 0
     perm = rng.permutation(n)
@@ -218,20 +152,20 @@ def test_select_same_on_any_row_order_and_encoding() -> None:
 def test_per_class_cap_keeps_best_gsg() -> None:
     rows = [{"class_name": "a", "gsg": g} for g in (0.81, 0.99, 0.9, 0.85)] + [{"class_name": "b", "gsg": 0.9}]
     table = index_table(rows)
-    got = reasons_of(table, FilterParams(per_class_cap=2))
+    got = reasons_of(table, FilterSettings(per_class_cap=2))
     assert got == ["class_cap", "kept", "kept", "class_cap", "kept"]
-    per_class = select(table, FilterParams(per_class_cap=2)).per_class()
+    per_class = select(table, FilterSettings(per_class_cap=2)).per_class()
     assert per_class == {"a": {"done": 4, "kept": 2, "class_cap": 2}, "b": {"done": 1, "kept": 1}}
 
 
 def test_params_validation() -> None:
-    from factory.manifest import FilterDefaults
-
-    with pytest.raises(InputError, match="min-coverage"):
-        FilterParams.from_defaults(FilterDefaults(), min_coverage=0.5, max_coverage=0.4)
-    with pytest.raises(InputError, match="min-gsg"):
-        FilterParams.from_defaults(FilterDefaults(), min_gsg=1.5)
-    p = FilterParams.from_defaults(FilterDefaults(), per_class_cap=0, min_gsg=None)
+    with pytest.raises(InputError, match="min_coverage 0.5 is above max_coverage 0.4"):
+        filter_settings(FilterSettings(), min_coverage=0.5, max_coverage=0.4)
+    with pytest.raises(InputError, match="--min-gsg 1.5: Input should be less than or equal to 1"):
+        filter_settings(FilterSettings(), min_gsg=1.5)
+    with pytest.raises(InputError, match="--dedup-distance"):
+        filter_settings(FilterSettings(), dedup_distance=65)
+    p = filter_settings(FilterSettings(per_class_cap=3), per_class_cap=0, min_gsg=None)
     assert p.per_class_cap is None and p.min_gsg == 0.8  # None keeps the manifest default
 
 
@@ -336,25 +270,26 @@ def test_selection_metadata_is_json(run) -> None:
     assert meta["name"] == "x1" and meta["kept"] == summary.kept and meta["fingerprint"] == run.info["fingerprint"]
 
 
-def test_read_index_fast_path_equals_store_index(run, monkeypatch) -> None:
-    from factory.filter import read_index
+def test_index_fast_path_equals_merging_reader(run, monkeypatch) -> None:
+    """``RunStore.index(columns, dictionary)`` reads a folded index.parquet in one call; the rows
+    are those of the merging reader, on a folded run and on a run with a newer journal chunk."""
     from factory.plan import table_rows
     from factory.store import RunStore
     from tests.fake_run import sample_result
 
     cols = ["index", "key", "class_name", "status", "gsg", "phash", "image_bytes"]
-    want = run.index().select(cols)
+    want = pa.concat_tables(list(run._merged(cols)))
     with monkeypatch.context() as m:  # folded run: index.parquet is read directly
-        m.setattr(RunStore, "index", lambda self: (_ for _ in ()).throw(AssertionError("slow path taken")))
-        assert read_index(run, cols).equals(want)
-        fast = read_index(run, cols, dictionary=("class_name", "status"))
+        m.setattr(RunStore, "_merged", lambda self, *a, **k: (_ for _ in ()).throw(AssertionError("slow path taken")))
+        assert run.index(columns=cols).equals(want)
+        fast = run.index(columns=cols, dictionary=("class_name", "status"))
     assert pa.types.is_dictionary(fast.schema.field("class_name").type)
     assert fast.cast(want.schema).equals(want)
-    # a newer journal chunk (a run being written): the store's reader is used, and sees the change
+    # a newer journal chunk (a run being written): the merging reader is used, and sees the change
     store = RunStore.open(run.root)
     row = table_rows(store.plan())[23]  # was failed
     store.save([sample_result(row, {"gsg": 0.99})])
-    got = read_index(store, cols)
-    assert got.equals(store.index().select(cols)) and got["status"][23].as_py() == "done"
-    slow = read_index(store, cols, dictionary=("class_name", "status"))  # encoded on this path too
+    got = store.index(columns=cols)
+    assert got.equals(pa.concat_tables(list(store._merged(cols)))) and got["status"][23].as_py() == "done"
+    slow = store.index(columns=cols, dictionary=("class_name", "status"))  # encoded on this path too
     assert slow.schema == fast.schema and slow.cast(got.schema).equals(got)

@@ -11,7 +11,7 @@ import pytest
 from matte_fixtures import composite, shaded_board, soft_disc, strands
 from PIL import Image
 
-from factory.matte.folder import matte_folder
+from factory.matte_folder import matte_folder
 from factory.metrics import evaluate_pair
 
 

@@ -12,7 +12,7 @@ from factory.errors import InputError
 from factory.manifest import CanvasSettings, ModelSpec, SamplerSettings
 from factory.plan import PlanRow
 from factory.sampler import build_tiny_pipeline, load_sampler
-from factory.sampler.canvas import shift_noise
+from factory.sampler.noise_shift import shift_noise
 from factory.sampler.pipeline import NAN_ERROR, NO_HEAD, render_size
 from factory.sampler.schedulers import SCHEDULERS
 

@@ -17,13 +17,8 @@ import pytest
 from factory.errors import InputError
 from factory.manifest import load_manifest
 from factory.plan import table_rows
-from factory.store import (
-    INDEX_FILE,
-    RunStore,
-    SampleResult,
-    remember_latest_run,
-    resolve_run,
-)
+from factory.sample import SampleResult
+from factory.store import INDEX_FILE, RunStore, remember_latest_run, resolve_run
 from tests.conftest import SMALL_MANIFEST, write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,7 +173,7 @@ def test_extend_and_shrink_n(store: RunStore) -> None:
 def test_streaming_passes_match_a_whole_table_reference(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
     """resume/fold/index go a step of buckets at a time: with 2-sample buckets and 4-index steps,
     a history of commits, retries, folds and N changes gives what the whole journal says."""
-    import factory.store as store_mod
+    import factory.store.layout as store_mod
 
     monkeypatch.setattr(store_mod, "BUCKET_SIZE", 2)
     monkeypatch.setattr(store_mod, "STEP_ROWS", 4)
@@ -228,7 +223,7 @@ def test_streaming_passes_match_a_whole_table_reference(small_manifest: Path, tm
 
 
 def test_plan_is_written_in_row_groups_and_kept_on_reopen(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
-    import factory.store as store_mod
+    import factory.store.run as store_mod
     from factory.plan import build_plan
 
     monkeypatch.setattr(store_mod, "PLAN_ROW_GROUP", 4)

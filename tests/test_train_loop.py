@@ -14,7 +14,7 @@ import torch
 
 from factory.errors import InputError
 from factory.train import TrainOptions, run_train
-from factory.train import state as S
+from factory.train import run_folder
 from factory.train.data import assign_prompts, collate, scan_sources
 from factory.train.distributed import single
 from factory.train.loop import Trainer, TrainJob
@@ -139,7 +139,7 @@ def test_thirty_steps_lower_the_loss(toy: Path, tmp_path: Path) -> None:
     assert result.step == 30 and result.checkpoint is not None
     assert after["loss"] < 0.9 * before["loss"], (before, after)
     assert after["latent"] < before["latent"] and after["green"] < before["green"]
-    logged = [json.loads(line) for line in (tmp_path / "o" / S.LOG_FILE).read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "o" / run_folder.LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 31))
     assert {r["stage"] for r in logged[:10]} == {"generator"} and {r["stage"] for r in logged[10:]} == {"joint"}
     assert all({"loss", "noise", "green", "detail", "lr", "grad_norm", "seconds"} <= set(r) for r in logged)
@@ -154,14 +154,14 @@ def test_checkpoint_loads_in_the_sampler_with_its_head(toy: Path, tmp_path: Path
     out = tmp_path / "run"
     s = _train(toy, out, steps=4, checkpoint_every=2, generator_steps=2, validation_prompts=["a red disc on a green background"], validation_steps=2)
     assert s.step == 4 and not s.stopped
-    ckpts = [p.name for _, p in S.list_checkpoints(out)]
+    ckpts = [p.name for _, p in run_folder.list_checkpoints(out)]
     assert ckpts == ["step-00000002", "step-00000004"]
     desc = json.loads((out / "diffumatting.json").read_text())
     assert desc["latest_checkpoint"] == "checkpoints/step-00000004" and desc["training"]["head_trained"]
     # the generator-stage checkpoint has no (untrained) head; the joint one has the trained head
     assert json.loads((out / "checkpoints/step-00000002/diffumatting.json").read_text())["head"] is None
     head = load_head(out / "checkpoints/step-00000004/matting_head.safetensors")
-    assert torch.equal(head.conv1.weight, S.read_tensors(out / "checkpoints/step-00000004", S.HEAD_FILE)["conv1.weight"])
+    assert torch.equal(head.conv1.weight, run_folder.read_tensors(out / "checkpoints/step-00000004", run_folder.RAW_HEAD_FILE)["conv1.weight"])
     sampler = load_sampler(ModelSpec(source=str(out)), SamplerSettings(steps=2, width=64, height=64, scheduler="ddim"), CanvasSettings())
     assert sampler.has_head and sampler.identity.startswith("diffumatting:")
     row = PlanRow(index=0, key="k", class_name="disc", category="o", prompt="a red disc on green", negative_prompt="", seed=3, attributes={})
@@ -178,18 +178,18 @@ def test_resume_repeats_an_uninterrupted_run(toy: Path, tmp_path: Path) -> None:
     parts = tmp_path / "parts"
     first = _train(toy, parts, stop_at=10, **over)
     assert first.step == 10 and first.stopped
-    with (parts / S.LOG_FILE).open("a") as fh:  # a step after the checkpoint, lost in a crash
+    with (parts / run_folder.LOG_FILE).open("a") as fh:  # a step after the checkpoint, lost in a crash
         fh.write(json.dumps({"step": 11, "loss": 9.9}) + "\n")
     second = run_train(TrainOptions(out=parts, resume=True, progress=False))  # the saved settings come back
     assert second.start_step == 10 and second.step == 20
-    logs = [[json.loads(x) for x in (d / S.LOG_FILE).read_text().splitlines()] for d in (whole, parts)]
+    logs = [[json.loads(x) for x in (d / run_folder.LOG_FILE).read_text().splitlines()] for d in (whole, parts)]
     assert [r["step"] for r in logs[1]] == list(range(1, 21))
     for a, b in zip(*logs):
         for key in ("loss", "noise", "green", "detail", "lr", "head_lr"):
             assert a.get(key) == pytest.approx(b.get(key), rel=1e-4, abs=1e-6), (a["step"], key)
-    w = [S.read_tensors(d / "checkpoints/step-00000020", S.RAW_UNET_FILE) for d in (whole, parts)]
+    w = [run_folder.read_tensors(d / "checkpoints/step-00000020", run_folder.RAW_UNET_FILE) for d in (whole, parts)]
     assert all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0])
-    ema = [S.read_tensors(d / "checkpoints/step-00000020", S.EMA_HEAD_FILE) for d in (whole, parts)]
+    ema = [run_folder.read_tensors(d / "checkpoints/step-00000020", run_folder.EMA_HEAD_FILE) for d in (whole, parts)]
     assert all(torch.allclose(ema[0][k], ema[1][k], atol=1e-6) for k in ema[0])
 
 
@@ -205,10 +205,10 @@ def test_run_folder_rules(toy: Path, tmp_path: Path) -> None:
     # a run that failed before its first checkpoint starts over, with other settings if need be
     failed = tmp_path / "failed"
     failed.mkdir()
-    (failed / S.TRAIN_FILE).write_text(json.dumps({"config": {"lr": 1.0}}))
-    (failed / S.LOG_FILE).write_text('{"step": 1}\n')
+    (failed / run_folder.TRAIN_FILE).write_text(json.dumps({"config": {"lr": 1.0}}))
+    (failed / run_folder.LOG_FILE).write_text('{"step": 1}\n')
     s = _train(toy, failed, steps=1, checkpoint_every=1)
-    assert (s.start_step, s.step) == (0, 1) and len((failed / S.LOG_FILE).read_text().splitlines()) == 1
+    assert (s.start_step, s.step) == (0, 1) and len((failed / run_folder.LOG_FILE).read_text().splitlines()) == 1
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.txt").write_text("x")
@@ -310,11 +310,11 @@ def test_two_processes_train_data_parallel(toy: Path, tmp_path: Path) -> None:
     assert results[0]["lines"] and not results[1]["lines"]  # only rank 0 reports
     # DDP kept the ranks' weights identical although each rank saw different samples
     assert results[0]["unet"] == results[1]["unet"] and results[0]["head"] == results[1]["head"]
-    logged = [json.loads(x) for x in (out / S.LOG_FILE).read_text().splitlines()]
+    logged = [json.loads(x) for x in (out / run_folder.LOG_FILE).read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3]  # one log, written by rank 0
-    state = S.read_state(out / "checkpoints/step-00000003")
+    state = run_folder.read_state(out / "checkpoints/step-00000003")
     assert state["world_size"] == 2 and state["positions_done"] == 3 * 2 * 1
-    assert len(S.read_rng(out / "checkpoints/step-00000003")) == 2
+    assert len(run_folder.read_rng(out / "checkpoints/step-00000003")) == 2
 
 
 @pytest.mark.slow
@@ -324,4 +324,4 @@ def test_ray_train_two_workers(toy: Path, tmp_path: Path) -> None:
     values = {**FAST, "data": [str(toy)], "steps": 2, "checkpoint_every": 2, "stage": "joint", "batch_size": 1}
     s = run_train(TrainOptions(out=out, overrides=values, workers=2, progress=False))
     assert (s.engine, s.world, s.step) == ("ray", 2, 2)
-    assert S.read_state(out / "checkpoints/step-00000002")["world_size"] == 2
+    assert run_folder.read_state(out / "checkpoints/step-00000002")["world_size"] == 2

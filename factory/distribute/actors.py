@@ -20,7 +20,9 @@ from typing import Any
 
 import ray
 
+from factory.errors import FactoryError
 from factory.plan import PlanRow
+from factory.worker import finish_generated, load_work_sampler
 
 
 class SamplerWorker:
@@ -33,7 +35,7 @@ class SamplerWorker:
         self.sampler: Any = None
         self.batches = 0
         self.device = "cpu"
-        self.batch_size = spec.batch_size
+        self.batch_size = spec.sampler.batch_size
         ctx = ray.get_runtime_context()
         self.node = ctx.get_node_id()[:8]
         self.name = f"w{slot}@{self.node}"
@@ -45,13 +47,9 @@ class SamplerWorker:
                 self.device = "cuda"
             elif spec.device and not spec.device.startswith("cuda"):
                 self.device = spec.device
-            from factory.generate import load_work_sampler, worker_batch_size
-
             self.sampler = load_work_sampler(spec, self.device)
-            self.batch_size = worker_batch_size(spec, self.sampler, self.device)
+            self.batch_size = spec.batch_size_for(self.sampler)
         except Exception as exc:  # noqa: BLE001 - reported by info(); the driver decides
-            from factory.errors import FactoryError
-
             self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, FactoryError) else str(exc)
             self.exit_code = getattr(exc, "exit_code", 1)
 
@@ -89,15 +87,13 @@ def finish_batch(rows: Sequence[PlanRow], generated: Any, finish: Any, worker: s
 
     ``generated`` arrives as the sampler actor's payload ObjectRef, resolved by Ray on this worker.
     """
-    from factory.generate import finish_generated
-
     return finish_generated(rows, generated, finish, worker)
 
 
 def warm_up() -> int:
     """Import the finishing stack (GreenPost, GSG, PNG encoders; numba kernels) in a CPU worker
     while the sampler actors load their models, so the first batches are not finished late."""
-    import factory.generate  # noqa: F401
+    import factory.finish  # noqa: F401
 
     return os.getpid()
 

@@ -51,11 +51,12 @@ import ray
 from ray import exceptions as rex
 
 from factory.distribute.actors import SamplerActor, finish_task, warm_up_task
-from factory.distribute.cluster import RaySession, WorkerPlan, plan_workers, start_ray
+from factory.distribute.sizing import WorkerPlan, plan_workers
+from factory.ray_session import RaySession, start_ray
 from factory.errors import InputError, RunError
 from factory.finish import failed_result
 from factory.plan import PlanRow
-from factory.store import SampleResult
+from factory.sample import SampleResult
 
 QUEUE_DEPTH = 2
 MAX_ATTEMPTS = 3
@@ -109,7 +110,6 @@ class _Slot:
     solo: bool = False  # a re-submitted batch runs alone on this actor
     failures_in_row: int = 0
     retired: bool = False
-    busy_s: float = 0.0
     last_error: str = ""
 
 
@@ -252,7 +252,7 @@ class RayExecutor:
         for note in info.get("notes") or []:  # e.g. "tiny: randomly initialised test model"
             if note not in self.notes:
                 self.notes.append(note)
-        slot.batch_size = int(self.spec.batch_size or info["batch_size"] or 1)
+        slot.batch_size = int(info["batch_size"] or 1)
         if self.stats.first_ready_at is None:
             self.stats.first_ready_at = time.monotonic()
 
@@ -319,7 +319,6 @@ class RayExecutor:
             slot.failures_in_row = 0
         self.stats.batches += 1
         self.stats.sampler_busy_s += status["seconds"]
-        slot.busy_s += status["seconds"]
         self.stats.workers_seen.add(status["worker"])
         if status["error"]:
             self._fail_rows(batch, status["error"], status["worker"])

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 from factory import __version__
 from factory.imageio import decode_alpha, decode_rgb
 from factory.manifest import Manifest
-from factory.store import RunStore, atomic_write_bytes, atomic_write_text
+from factory.fsutil import atomic_write_bytes, atomic_write_text
+from factory.store import RunStore
 
 HISTOGRAM = "gsg_histogram.png"
 CONTACT_SHEET = "contact_sheet.png"
@@ -242,8 +243,8 @@ def write_card(info: CardInfo) -> Path:
         md.append("- filter: none (every done sample)")
     st = info.settings
     md.append(f"- export: image {st['image_format']}, alpha {st['alpha_bits']}-bit, split "
-              + (", ".join(f"{k}={v}" for k, v in st["splits"].items()) or "none")
-              + f" by class, shuffle seed {st['seed']}"
+              + (", ".join(f"{k}={v}" for k, v in st["split"].items()) or "none")
+              + f" by class, shuffle seed {st['shuffle_seed']}"
               + (f", at most {st['maxcount']} samples / {_mb(st['maxsize'])} per shard" if info.format == "webdataset" else ""))
     if info.problems:
         md.append(f"- skipped {len(info.problems)} damaged samples (listed in stats.json)")

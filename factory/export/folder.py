@@ -18,6 +18,7 @@ files are all present (copied ones with the store's size) are kept; stale files 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,28 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from factory.export.common import (
-    SLOW_ENV,
-    FileReader,
-    OutDir,
-    Prepared,
-    Records,
-    load_or_skip,
-    split_rows,
-)
-from factory.export.webdataset import SplitResult, WriteResult
-from factory.store import TMP_PREFIX
+from factory.export.card import FOLDER_LOADING
+from factory.export.members import load_or_skip
+from factory.export.options import SLOW_ENV
+from factory.export.outdir import OutDir
+from factory.export.prepare import Prepared
+from factory.export.records import Records, SplitResult, WriteResult, split_rows
+from factory.fsutil import AtomicFile, atomic_write_bytes
+from factory.integrity import FileReader
 
 SUBDIRS = ("image", "alpha", "fg")
 METADATA = "metadata.jsonl"
-
-
-def _write(path: Path, data: bytes | memoryview) -> None:
-    """Temp-then-rename without fsync (one sync for the whole export happens before the commit)."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
 def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int) -> dict[str, Any]:
@@ -83,13 +73,12 @@ def write_folder(
     out = outdir.root
     delay = float(os.environ.get(SLOW_ENV, "0") or 0)
     result = WriteResult(records=Records(), splits={}, problems=[])
-    pending: list[tuple[Any, Path, Path]] = []  # open metadata.jsonl temporaries, renamed at the end
+    pending: list[AtomicFile] = []  # each split's metadata.jsonl, committed once every file is written
     try:
         _write_splits(p, out, advance, on_problem, result, pending, delay)
     finally:
-        for fh, tmp, _ in pending:  # interrupted: drop the unfinished metadata files
-            fh.close()
-            tmp.unlink(missing_ok=True)
+        for meta in pending:  # interrupted: drop the unfinished metadata files
+            meta.abort()
     for path in out.iterdir():  # split folders of an older plan
         if path.is_dir() and path.name not in result.splits and (path / METADATA).exists():
             shutil.rmtree(path)
@@ -102,7 +91,7 @@ def _write_splits(
     advance: Callable[[int, int], None],
     on_problem: Callable[[str], None],
     result: WriteResult,
-    pending: list[tuple[Any, Path, Path]],
+    pending: list[AtomicFile],
     delay: float,
 ) -> None:
     settings = p.settings
@@ -118,10 +107,8 @@ def _write_splits(
             continue
         for sub in SUBDIRS:
             (base / sub).mkdir(parents=True, exist_ok=True)
-        meta_final = base / METADATA
-        meta_tmp = meta_final.with_name(f"{TMP_PREFIX}{METADATA}.{os.getpid()}")
-        meta_fh = open(meta_tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-        pending.append((meta_fh, meta_tmp, meta_final))
+        meta_fh = AtomicFile(base / METADATA, "w", fsync=False, encoding="utf-8")
+        pending.append(meta_fh)
         wanted: dict[str, set[str]] = {sub: set() for sub in SUBDIRS}
         for rec in rows.iter_from(0):
             key = rec["key"]
@@ -138,7 +125,7 @@ def _write_splits(
                     continue
                 data = {"image": m.image, "alpha": m.alpha, "fg": m.fg}
                 for sub, path in paths.items():
-                    _write(path, data[sub])
+                    atomic_write_bytes(path, data[sub], fsync=False)  # one sync for all before the commit
                 sizes = {sub: len(d) for sub, d in data.items()}
                 written = sum(sizes.values())
                 result.bytes_written += written
@@ -173,9 +160,8 @@ def _write_splits(
 
     if p.options.fsync:
         os.sync()  # the sample files, once, before the metadata files commit them
-    for fh, tmp, final in pending:
-        fh.close()
-        os.replace(tmp, final)
+    for meta in pending:
+        meta.commit()
     pending.clear()
 
 
@@ -194,3 +180,33 @@ def _existing_sizes(paths: dict[str, Path], rec: dict[str, Any], settings: Any) 
     if sizes["fg"] != rec["fg_bytes"]:
         return None
     return sizes
+
+
+class FolderFormat:
+    """The ``folder`` output format: ``SPLIT/image|alpha|fg/`` and ``SPLIT/metadata.jsonl``."""
+
+    name = "folder"
+
+    def write(self, p: Prepared, outdir: OutDir, advance: Callable[[int, int], None], on_problem: Callable[[str], None]) -> WriteResult:
+        return write_folder(p, outdir, advance, on_problem)
+
+    def sidecars(self, out: Path, result: WriteResult) -> None:
+        """Nothing beyond each split's ``metadata.jsonl``, written with the split."""
+
+    def clean(self, out: Path) -> None:
+        """Delete the split folders an earlier export wrote: their known sub-folders and metadata
+        only (a split folder is removed when nothing else is left in it)."""
+        for path in out.iterdir():
+            if not path.is_dir() or path.is_symlink():
+                continue
+            if not ((path / METADATA).exists() or any((path / s).is_dir() for s in SUBDIRS)):
+                continue
+            for sub in SUBDIRS:
+                if not (path / sub).is_symlink():
+                    shutil.rmtree(path / sub, ignore_errors=True)
+            (path / METADATA).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+    def loading(self, p: Prepared, result: WriteResult) -> str:
+        return FOLDER_LOADING

@@ -19,26 +19,19 @@ import re
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.export.common import (
-    SLOW_ENV,
-    CorruptSample,
-    FileReader,
-    LazyRows,
-    OpenFile,
-    OutDir,
-    Prepared,
-    Records,
-    copy_file,
-    load_members,
-    load_or_skip,
-    sample_json,
-    split_rows,
-)
-from factory.store import TMP_PREFIX, fsync_path
+from factory.export.card import stats_json, webdataset_loading
+from factory.export.members import load_members, load_or_skip, sample_json
+from factory.export.options import SLOW_ENV
+from factory.export.outdir import OutDir
+from factory.export.prepare import Prepared
+from factory.export.records import LazyRows, Records, SplitResult, WriteResult, split_rows
+from factory.fsutil import atomic_write_text, fsync_path, temp_name
+from factory.integrity import CorruptSample, FileReader, OpenFile, copy_file
+
+WIDS_SUFFIX = ".wids.json"
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to a whole record
@@ -104,7 +97,7 @@ class TarShard:
 
     def __init__(self, final: Path, mtime: int, fsync: bool = True) -> None:
         self.final = final
-        self.tmp = final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}")
+        self.tmp = temp_name(final)
         self.mtime = mtime
         self.fsync = fsync
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -164,24 +157,6 @@ def members_size(members: list[tuple[str, Any]], mtime: int) -> int:
         (BLOCK if len(n) <= 100 and n.isascii() else len(_header(n, len(d), mtime))) + len(d) + (-len(d) % BLOCK)
         for n, d in members
     )
-
-
-@dataclass
-class SplitResult:
-    name: str
-    shards: list[dict[str, Any]] = field(default_factory=list)  # url, nsamples, filesize
-    samples: int = 0
-    bytes: int = 0
-    resumed_shards: int = 0
-
-
-@dataclass
-class WriteResult:
-    records: Records
-    splits: dict[str, SplitResult]
-    problems: list[str]
-    resumed_samples: int = 0
-    bytes_written: int = 0  # by this invocation
 
 
 def write_webdataset(
@@ -353,7 +328,36 @@ def _resume_split(
         sres.shards.append({"url": path.name, "nsamples": len(samples), "filesize": size})
         sres.samples += len(samples)
         sres.bytes += size
-        sres.resumed_shards += 1
         cursor, number = consumed, number + 1
     _remove_shards_from(out, split, number)
     return cursor, number
+
+
+class WebDatasetFormat:
+    """The ``webdataset`` output format: tar shards per split and a wids index per split."""
+
+    name = "webdataset"
+
+    def write(self, p: Prepared, outdir: OutDir, advance: Callable[[int, int], None], on_problem: Callable[[str], None]) -> WriteResult:
+        return write_webdataset(p, outdir, advance, on_problem)
+
+    def sidecars(self, out: Path, result: WriteResult) -> None:
+        """A ``wids-shard-index-v1`` JSON per split that has shards; stale ones removed."""
+        for name, s in result.splits.items():
+            if s.shards:  # an empty split (every class too small) gets no index
+                index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name, "shardlist": s.shards}
+                atomic_write_text(out / f"{name}{WIDS_SUFFIX}", stats_json(index))
+        for path in out.glob(f"*{WIDS_SUFFIX}"):
+            split = path.name[: -len(WIDS_SUFFIX)]
+            if split not in result.splits or not result.splits[split].shards:
+                path.unlink()
+
+    def clean(self, out: Path) -> None:
+        """Delete the shards and indexes an earlier export wrote (known names only)."""
+        for path in out.iterdir():
+            if path.is_file() and not path.is_symlink() and (SHARD_RE.match(path.name) or path.name.endswith(WIDS_SUFFIX)):
+                path.unlink()
+
+    def loading(self, p: Prepared, result: WriteResult) -> str:
+        train = result.splits.get("train")
+        return webdataset_loading(p.settings.image_ext, len(train.shards) - 1 if train else 0)

@@ -3,7 +3,7 @@
 Modules: ``pipeline`` (the sampler, ``auto_batch_size``), ``sources`` (model sources and
 identities, LoRAs, ControlNet), ``hub`` (the local Hugging Face cache), ``tiny`` (the random test
 model), ``head`` (the ConR matting head and the single decode pass), ``attention`` (cross-attention
-capture), ``checkpoint`` (the DiffuMatting checkpoint format), ``canvas`` (the initial-noise shift),
+capture), ``checkpoint`` (the DiffuMatting checkpoint format), ``noise_shift`` (the initial-noise shift),
 ``schedulers``, ``components``, ``fingerprint``.
 
 The names below are imported lazily (PEP 562): ``from factory.sampler import model_identity`` in

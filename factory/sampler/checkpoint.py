@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -56,6 +55,7 @@ import torch
 
 from factory import __version__
 from factory.errors import InputError
+from factory.fsutil import replace_dir, temp_dir_for
 from factory.sampler.components import ModelComponents, load_base_folder, place, save_base_folder
 from factory.sampler.head import HEAD_FEATURES, MattingHead, load_head, save_head
 
@@ -63,7 +63,7 @@ CHECKPOINT_FILE = "diffumatting.json"
 CHECKPOINT_FORMAT = "diffumatting-checkpoint"
 CHECKPOINT_VERSION = 1
 UNET_DIR = "unet"
-HEAD_FILE = "matting_head.safetensors"
+MATTING_HEAD_FILE = "matting_head.safetensors"
 BASE_DIR = "base"
 BASE_KINDS = ("embedded", "tiny", "diffusers", "hub", "single_file")
 
@@ -95,8 +95,8 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     if not (path / cfg.get("unet", UNET_DIR) / "config.json").is_file():
         raise InputError(f"{path}: checkpoint has no {cfg.get('unet', UNET_DIR)}/config.json")
     head = cfg.get("head")
-    if head is not None and not (path / head.get("file", HEAD_FILE)).is_file():
-        raise InputError(f"{path}: descriptor lists a matting head but {head.get('file', HEAD_FILE)} is missing")
+    if head is not None and not (path / head.get("file", MATTING_HEAD_FILE)).is_file():
+        raise InputError(f"{path}: descriptor lists a matting head but {head.get('file', MATTING_HEAD_FILE)} is missing")
     return cfg
 
 
@@ -136,7 +136,7 @@ def save_checkpoint(
         "created_by": f"factory {__version__}",
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "unet": UNET_DIR,
-        "head": None if the_head is None else {"file": HEAD_FILE, **the_head.config, "features": HEAD_FEATURES},
+        "head": None if the_head is None else {"file": MATTING_HEAD_FILE, **the_head.config, "features": HEAD_FEATURES},
         "base": {"kind": "embedded", "path": BASE_DIR} if embed_base else base,
         "base_identity": base_identity,
         "training": training or {},
@@ -145,22 +145,15 @@ def save_checkpoint(
         cfg["loras"] = list(components.loras)
     if embed_base:  # provenance: where the embedded parts originally came from
         cfg["embedded_from"] = base.get("origin") if base["kind"] == "embedded" else base
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_dir_for(path)
     try:
         components.unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
         if the_head is not None:
-            save_head(the_head, tmp / HEAD_FILE)
+            save_head(the_head, tmp / MATTING_HEAD_FILE)
         if embed_base:
             save_base_folder(components, tmp / BASE_DIR)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,7 +209,7 @@ def load_checkpoint(
         raise InputError(f"{path}: cannot load the checkpoint's UNet ({str(exc).splitlines()[0]})") from exc
     head = None
     if cfg.get("head") is not None:
-        head = place(load_head(path / cfg["head"].get("file", HEAD_FILE)), dtype=torch_dtype)
+        head = place(load_head(path / cfg["head"].get("file", MATTING_HEAD_FILE)), dtype=torch_dtype)
         expected = int(parts["vae"].config.block_out_channels[0])
         if head.in_channels != expected:
             raise InputError(f"{path}: matting head expects {head.in_channels} feature channels, the VAE gives {expected}")

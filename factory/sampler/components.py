@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 #: Component folders of a diffusers Stable Diffusion folder that the sampler needs.
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
 @dataclass

@@ -43,7 +43,7 @@ from factory.errors import InputError, RunError
 from factory.manifest import CanvasSettings, ModelSpec, SamplerSettings
 from factory.plan import PlanRow
 from factory.sampler.attention import AttentionCapture, background_mask, token_weights
-from factory.sampler.canvas import canvas_latent_mean, shift_noise
+from factory.sampler.noise_shift import canvas_latent_mean, shift_noise
 from factory.sampler.components import ModelComponents, place, quiet_transformers
 from factory.sampler.head import decode
 from factory.sampler.schedulers import make_scheduler

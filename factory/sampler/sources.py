@@ -60,7 +60,7 @@ CONFIG_INCLUDE = " --include '*.json' --include '*.txt'"
 
 
 @dataclass(frozen=True)
-class Source:
+class ModelSource:
     """A resolved model source: ``kind``, ``ref`` (absolute path, hub id or ``tiny``), tiny ``seed``."""
 
     kind: str
@@ -72,35 +72,35 @@ class Source:
         return Path(self.ref)
 
 
-def resolve_source(source: str) -> Source:
+def resolve_source(source: str) -> ModelSource:
     """Classify a ``--model`` value. One-line ``InputError`` when it names nothing usable."""
     source = source.strip()
     m = _TINY_RE.match(source)
     if m:
-        return Source(TINY, TINY, int(m.group(1) or 0))
+        return ModelSource(TINY, TINY, int(m.group(1) or 0))
     path = Path(source).expanduser()
     if path.exists():
         path = path.resolve()
         if path.is_dir():
             if (path / "diffumatting.json").is_file():
-                return Source(DIFFUMATTING, str(path))
+                return ModelSource(DIFFUMATTING, str(path))
             if (path / "model_index.json").is_file():
-                return Source(DIFFUSERS, str(path))
+                return ModelSource(DIFFUSERS, str(path))
             raise InputError(f"{path}: not a model folder (no model_index.json or diffumatting.json)")
         if path.suffix.lower() == ".safetensors" or path.suffix.lower() in PICKLE_FILE_SUFFIXES:
-            return Source(SINGLE_FILE, str(path))
+            return ModelSource(SINGLE_FILE, str(path))
         raise InputError(f"{path}: not a model file (expected .safetensors, or a folder)")
     if source.startswith((".", "/", "~")) or source.lower().endswith((".safetensors", *PICKLE_FILE_SUFFIXES)):
         raise InputError(f"{source}: model path not found")
     if _HUB_RE.match(source):
-        return Source(HUB, source)
+        return ModelSource(HUB, source)
     raise InputError(f"{source}: not 'tiny', an existing model path, or a hub id (owner/name)")
 
 
 # ------------------------------------------------------------------------------ identities
 
 
-def source_identity(src: Source, allow_pickle: bool = False) -> str:
+def source_identity(src: ModelSource, allow_pickle: bool = False) -> str:
     """The identity of one source (no LoRAs, no ControlNet). Cheap: see ``fingerprint.py``."""
     if src.kind == TINY:
         from factory.sampler.tiny import TINY_VERSION
@@ -127,14 +127,14 @@ def base_identity(base: dict[str, Any], allow_pickle: bool = False) -> str:
     """The identity of a checkpoint's referenced base (``{"kind": ..., ...}``)."""
     kind = base["kind"]
     if kind == TINY:
-        return source_identity(Source(TINY, TINY, int(base.get("seed", 0))))
+        return source_identity(ModelSource(TINY, TINY, int(base.get("seed", 0))))
     ref = base.get("id") if kind == HUB else base.get("path")
     if not ref:
         raise InputError(f"checkpoint base {base} names no path or id")
-    return source_identity(Source(kind, str(ref)), allow_pickle)
+    return source_identity(ModelSource(kind, str(ref)), allow_pickle)
 
 
-def _hub_identity(src: Source, what: str = "model", instead: str = "pass a local folder with --model") -> str:
+def _hub_identity(src: ModelSource, what: str = "model", instead: str = "pass a local folder with --model") -> str:
     """``hub:<id>@<commit>``: the cached snapshot's commit names the files exactly (no hashing).
 
     One-line ``InputError`` when the id is not in the local cache (the factory never downloads).
@@ -155,7 +155,7 @@ def _controlnet_identity(cn: ControlNetSpec, allow_pickle: bool) -> str:
     if ref.exists():
         ident = f"{ref.resolve()}#{fingerprint(ref)}"
     elif _HUB_RE.match(cn.model):
-        ident = _hub_identity(Source(HUB, cn.model), "ControlNet", "set model.controlnet.model to a local folder")
+        ident = _hub_identity(ModelSource(HUB, cn.model), "ControlNet", "set model.controlnet.model to a local folder")
     else:
         raise InputError(f"{cn.model}: ControlNet model not found")
     h = hashlib.blake2b(digest_size=8)
@@ -184,7 +184,7 @@ def model_identity(model: ModelSpec) -> str:
 # ------------------------------------------------------------------------------ loaders
 
 
-def load_tiny(src: Source, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
+def load_tiny(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
     from factory.sampler.components import ModelComponents, place
     from factory.sampler.tiny import TINY_NOTE, TINY_SAMPLE_SIZE, build_tiny_components
 
@@ -204,18 +204,18 @@ def load_tiny(src: Source, model: ModelSpec, torch_dtype: torch.dtype) -> ModelC
     return comps
 
 
-def load_diffusers(src: Source, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
+def load_diffusers(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
     from factory.sampler.components import load_diffusers_folder
 
     return load_diffusers_folder(src.path, allow_pickle=model.allow_pickle, safety_checker=model.safety_checker, torch_dtype=torch_dtype)
 
 
-def load_diffumatting(src: Source, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
+def load_diffumatting(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
     from factory.sampler.checkpoint import load_checkpoint
 
     def resolve(base: dict[str, Any], dtype: torch.dtype) -> ModelComponents:
         ref = base.get("id") if base["kind"] == HUB else base.get("path")
-        kind_src = Source(base["kind"], str(ref))
+        kind_src = ModelSource(base["kind"], str(ref))
         if base["kind"] != HUB and not kind_src.path.exists():
             raise InputError(f"{ref}: base model not found; put it back there or retrain")
         return LOADERS[base["kind"]](kind_src, model, dtype)
@@ -290,7 +290,7 @@ def single_file_config(path: Path, kind: str, marker: str, what: str) -> Path:
     return found[1]
 
 
-def load_single_file(src: Source, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
+def load_single_file(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
     """A single-file SD1.x/2.x checkpoint via ``StableDiffusionPipeline.from_single_file``, offline.
 
     safetensors unless ``allow_pickle``; configs from :func:`single_file_config`; the safety checker
@@ -356,7 +356,7 @@ def _single_file_safety_checker(config: Path, model: ModelSpec, torch_dtype: tor
     return {"safety_checker": checker, "requires_safety_checker": False}  # feature_extractor: from the config folder
 
 
-def load_hub(src: Source, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
+def load_hub(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
     """A hub id from the local cache only: its cached snapshot is a diffusers folder."""
     from factory.sampler.components import load_diffusers_folder
 

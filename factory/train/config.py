@@ -212,10 +212,6 @@ class TrainConfig(BaseModel):
             return 0
         return self.generator_steps if self.generator_steps is not None else self.steps // 2
 
-    @property
-    def trains_head(self) -> bool:
-        return self.stage in ("joint", "both") and self.generator_boundary < self.steps
-
     def math_fingerprint(self) -> str:
         """Hash of the fields that decide what the steps compute (not in RESUME_MUTABLE)."""
         data = {k: v for k, v in self.model_dump(mode="json").items() if k not in RESUME_MUTABLE}

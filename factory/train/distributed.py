@@ -1,4 +1,5 @@
-"""Data-parallel training: one process per device, the same loop in each (``loop.train_worker``).
+"""Data-parallel training: one process per device, the same loop in each (``loop.train_worker``,
+handed in by the caller).
 
 Engines:
 
@@ -41,7 +42,6 @@ class Dist:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
     engine: str = "single"
 
@@ -122,7 +122,7 @@ def from_env(device: str | None) -> Dist:
         torch.cuda.set_device(dev)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
-    return Dist(rank=rank, world=world, local_rank=local, device=dev, engine="env")
+    return Dist(rank=rank, world=world, device=dev, engine="env")
 
 
 def from_ray() -> Dist:
@@ -134,7 +134,7 @@ def from_ray() -> Dist:
     dev = ray.train.torch.get_device()
     if isinstance(dev, list):
         dev = dev[0]
-    return Dist(rank=ctx.get_world_rank(), world=ctx.get_world_size(), local_rank=ctx.get_local_rank(), device=torch.device(dev), engine="ray")
+    return Dist(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=torch.device(dev), engine="ray")
 
 
 def close(dist: Dist) -> None:
@@ -147,14 +147,12 @@ def close(dist: Dist) -> None:
 
 def _ray_worker(cfg: dict[str, Any]) -> None:
     """Ray Train's per-worker entry: rebuild the job and run the loop; user errors travel as text."""
-    from factory.train.loop import train_worker
-
     threads = int(cfg.get("threads") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
     dist = from_ray()
     try:
-        train_worker(cfg["job"], dist)
+        cfg["worker"](cfg["job"], dist)
     except FactoryError as exc:
         raise RuntimeError(f"{FACTORY_ERROR_TAG}{type(exc).__name__}{FACTORY_ERROR_TAG}{exc}") from None
 
@@ -175,6 +173,7 @@ def _error_from_ray(exc: BaseException) -> FactoryError:
 
 def run_ray(
     job: Any,
+    worker: Callable[[Any, Dist], None],
     *,
     workers: int,
     use_gpu: bool,
@@ -183,7 +182,7 @@ def run_ray(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     threads: int = 0,
 ) -> None:
-    """Run ``train_worker(job)`` on ``workers`` Ray Train workers; raise a FactoryError on failure.
+    """Run ``worker(job, dist)`` on ``workers`` Ray Train workers; raise a FactoryError on failure.
 
     Starts a local Ray instance (temporary files under ``OUT/.ray``) unless ``address`` names a
     cluster; ``on_progress`` receives each new line of ``OUT/log.jsonl`` while training runs.
@@ -192,7 +191,7 @@ def run_ray(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from factory.distribute.cluster import start_ray
+    from factory.ray_session import start_ray
 
     session = start_ray(out, address, out / ".ray", None, workers)
     try:
@@ -203,7 +202,7 @@ def run_ray(
             raise InputError(f"--workers {workers}, but the Ray cluster has {avail.get('CPU', 0):g} CPUs")
         trainer = TorchTrainer(
             _ray_worker,
-            train_loop_config={"job": job, "threads": threads},
+            train_loop_config={"job": job, "worker": worker, "threads": threads},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
             run_config=RunConfig(name="factory-train", storage_path=str((out / ".ray" / "results").resolve())),
         )

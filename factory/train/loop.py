@@ -38,8 +38,7 @@ import numpy as np
 import torch
 
 from factory.errors import FactoryError, InputError, Interrupted, RunError
-from factory.train import losses as L
-from factory.train import state as S
+from factory.train import losses, run_folder
 from factory.train.config import TrainConfig
 from factory.train.data import MattingDataset, Record, StepBatches, collate, make_loader
 from factory.train.distributed import Dist
@@ -209,7 +208,7 @@ class Trainer:
             self.capture = AttentionCapture(self.unet, accumulate=False, keep_graph=True).install()
         self.unet_ddp = self.dist.wrap(self.unet)
         self.head_ddp = self.dist.wrap(self.head)
-        self.ema = S.EMA({"unet": self.unet, "head": self.head}, cfg.ema_decay) if cfg.ema else None
+        self.ema = run_folder.EMA({"unet": self.unet, "head": self.head}, cfg.ema_decay) if cfg.ema else None
 
     def _setup_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -266,27 +265,27 @@ class Trainer:
             self.capture.begin(weights.to(dev), self.latent_hw)
         with self._autocast():
             pred = self.unet_ddp(z_t, t, context.float()).sample
-        terms: dict[str, torch.Tensor] = {"noise": L.noise_loss(pred, target)}
+        terms: dict[str, torch.Tensor] = {"noise": losses.noise_loss(pred, target)}
         if self.capture is not None and weights is not None:
             maps = [calls[0] for calls in self.capture.calls().values()]
             if cfg.lambda_green > 0:
-                terms["green"] = L.attention_loss([m[:, 0] for m in maps], 1.0 - alpha, self.latent_hw, norm=cfg.attention_norm, valid=weights[:, 0].sum(-1) > 0)
+                terms["green"] = losses.attention_loss([m[:, 0] for m in maps], 1.0 - alpha, self.latent_hw, norm=cfg.attention_norm, valid=weights[:, 0].sum(-1) > 0)
             if cfg.lambda_object > 0:
-                terms["object"] = L.attention_loss([m[:, 1] for m in maps], alpha, self.latent_hw, norm=cfg.attention_norm, valid=weights[:, 1].sum(-1) > 0)
+                terms["object"] = losses.attention_loss([m[:, 1] for m in maps], alpha, self.latent_hw, norm=cfg.attention_norm, valid=weights[:, 1].sum(-1) > 0)
         z0_hat = None
         decoded = None
         joint = stage == "joint" and cfg.lambda_latent > 0
         if cfg.lambda_detail > 0 or (joint and cfg.latent_source == "pred"):
-            z0_hat = L.one_step_estimate(z_t, pred, self.alphas_cumprod, t, self.prediction_type)
+            z0_hat = losses.one_step_estimate(z_t, pred, self.alphas_cumprod, t, self.prediction_type)
         if cfg.lambda_detail > 0:
             assert z0_hat is not None
             gate = (t <= cfg.detail_max_timestep).float()
-            band = L.transition_band(alpha, cfg.detail_band)
+            band = losses.transition_band(alpha, cfg.detail_band)
             if cfg.detail_space == "latent":
-                terms["detail"] = L.detail_loss(z0_hat, z0, L.band_to(band, self.latent_hw), gate)
+                terms["detail"] = losses.detail_loss(z0_hat, z0, losses.band_to(band, self.latent_hw), gate)
             elif gate.sum() > 0:
                 decoded = self._decode_pred(z0_hat, with_head=joint and cfg.latent_source == "pred")
-                terms["detail"] = L.detail_loss(L.grey(decoded.image), L.grey(x0), band, gate)
+                terms["detail"] = losses.detail_loss(losses.grey(decoded.image), losses.grey(x0), band, gate)
             else:
                 terms["detail"] = z0_hat.sum() * 0.0
         if joint:
@@ -300,7 +299,7 @@ class Trainer:
                 if decoded is None or decoded.alpha is None:
                     decoded = self._decode_pred(z0_hat, with_head=True)
                 p = decoded.alpha
-            terms["latent"] = L.latent_loss(p.float(), alpha)
+            terms["latent"] = losses.latent_loss(p.float(), alpha)
         return terms
 
     def _decode_pred(self, z0_hat: torch.Tensor, with_head: bool) -> Any:
@@ -337,7 +336,7 @@ class Trainer:
                             stack.enter_context(m.no_sync())
                 try:
                     terms = self.compute_losses(batch, stage, gen)
-                    loss = L.total_loss(terms, self.weights())
+                    loss = losses.total_loss(terms, self.weights())
                     (loss / n).backward()
                 finally:
                     self.release()
@@ -371,7 +370,7 @@ class Trainer:
         finally:
             self.release()
         out = {k: float(v) for k, v in terms.items()}
-        out["loss"] = float(L.total_loss(terms, self.weights()))
+        out["loss"] = float(losses.total_loss(terms, self.weights()))
         return out
 
     # -------------------------------------------------------------- the loop
@@ -390,7 +389,7 @@ class Trainer:
         end = min(cfg.steps, self.job.stop_at) if self.job.stop_at is not None else cfg.steps
         last_ckpt = None
         saved_at = -1
-        log_path = self.out / S.LOG_FILE
+        log_path = self.out / run_folder.LOG_FILE
         t_prev = time.perf_counter()
         data_wait = 0.0
         try:
@@ -435,8 +434,8 @@ class Trainer:
 
     def save_checkpoint(self, validate: bool = True) -> Path | None:
         """Rank 0 writes the checkpoint, its training state and the pointer; all ranks wait."""
-        rng = self.dist.gather(S.rng_state())
-        ckpt = S.checkpoint_dir(self.out, self.step)
+        rng = self.dist.gather(run_folder.rng_state())
+        ckpt = run_folder.checkpoint_dir(self.out, self.step)
         if self.dist.is_main:
             self._write_checkpoint(ckpt, rng)
             if validate and self.cfg.validation_prompts:
@@ -465,10 +464,10 @@ class Trainer:
             "base_identity": self.job.base_identity,
             "settings": cfg.model_dump(mode="json"),
         }
-        tensors: dict[str, dict[str, torch.Tensor]] = {S.HEAD_FILE: self.head.state_dict()}
+        tensors: dict[str, dict[str, torch.Tensor]] = {run_folder.RAW_HEAD_FILE: self.head.state_dict()}
         if self.ema is not None:
-            tensors[S.RAW_UNET_FILE] = self.unet.state_dict()
-            tensors[S.EMA_HEAD_FILE] = dict(self.ema.shadow["head"])
+            tensors[run_folder.RAW_UNET_FILE] = self.unet.state_dict()
+            tensors[run_folder.EMA_HEAD_FILE] = dict(self.ema.shadow["head"])
         view = ModelComponents(
             kind=comps.kind, ref=comps.ref, unet=self.unet, vae=comps.vae, text_encoder=comps.text_encoder,
             tokenizer=comps.tokenizer, scheduler=comps.scheduler, head=self.head if self.head_trained else None, base=comps.base,
@@ -485,9 +484,9 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema is not None else None,
         }
         optim = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
-        S.write_state(ckpt, state, optim, rng, tensors)
-        S.write_pointer(self.out, ckpt)
-        S.prune_checkpoints(self.out, cfg.keep_checkpoints, ckpt)
+        run_folder.write_state(ckpt, state, optim, rng, tensors)
+        run_folder.write_pointer(self.out, ckpt)
+        run_folder.prune_checkpoints(self.out, cfg.keep_checkpoints, ckpt)
 
     def validate(self, ckpt: Path) -> Path:
         """Draw the validation prompts with the sampler from the saved checkpoint (image + alpha PNGs)."""
@@ -497,7 +496,7 @@ class Trainer:
         from factory.sampler import DiffuMattingSampler, load_components
 
         cfg = self.cfg
-        folder = self.out / S.VALIDATION_DIR / ckpt.name
+        folder = self.out / run_folder.VALIDATION_DIR / ckpt.name
         folder.mkdir(parents=True, exist_ok=True)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         comps = load_components(ModelSpec(source=str(ckpt)), torch_dtype=dtype)
@@ -510,7 +509,7 @@ class Trainer:
             PlanRow(index=i, key=f"val-{i:02d}", class_name="", category="", prompt=p, negative_prompt="", seed=cfg.validation_seed + i, attributes={})
             for i, p in enumerate(cfg.validation_prompts)
         ]
-        from factory.store import atomic_write_bytes
+        from factory.fsutil import atomic_write_bytes, atomic_write_text
 
         listing = []
         for i, g in enumerate(sampler.sample(rows)):
@@ -520,7 +519,7 @@ class Trainer:
                 atomic_write_bytes(folder / f"{i:02d}.alpha.png", encode_alpha_png(g.coarse_alpha), fsync=False)
                 entry["alpha"] = f"{i:02d}.alpha.png"
             listing.append(entry)
-        (folder / "prompts.json").write_text(json.dumps({"step": self.step, "has_head": sampler.has_head, "samples": listing}, indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(folder / "prompts.json", json.dumps({"step": self.step, "has_head": sampler.has_head, "samples": listing}, indent=1) + "\n")
         del sampler, comps
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -532,7 +531,7 @@ class Trainer:
         """Load weights, optimizer, lr scheduler, EMA and RNG from checkpoint ``ckpt``."""
         from diffusers import UNet2DConditionModel
 
-        state = S.read_state(ckpt)
+        state = run_folder.read_state(ckpt)
         cfg = self.cfg
         if state.get("settings_fingerprint") != cfg.math_fingerprint():
             raise InputError(f"{ckpt}: its training settings differ from these (fingerprint {state.get('settings_fingerprint')}); resume with the run's own settings")
@@ -543,21 +542,21 @@ class Trainer:
             )
         with torch.no_grad():
             if cfg.ema:
-                raw_unet = S.read_tensors(ckpt, S.RAW_UNET_FILE)
+                raw_unet = run_folder.read_tensors(ckpt, run_folder.RAW_UNET_FILE)
             else:
                 raw_unet = UNet2DConditionModel.from_pretrained(ckpt / "unet", use_safetensors=True, local_files_only=True).state_dict()
             self.unet.load_state_dict(raw_unet, strict=True)
-            self.head.load_state_dict(S.read_tensors(ckpt, S.HEAD_FILE), strict=True)
+            self.head.load_state_dict(run_folder.read_tensors(ckpt, run_folder.RAW_HEAD_FILE), strict=True)
             if self.ema is not None:
                 self.ema.load("unet", UNet2DConditionModel.from_pretrained(ckpt / "unet", use_safetensors=True, local_files_only=True).state_dict())
-                self.ema.load("head", S.read_tensors(ckpt, S.EMA_HEAD_FILE))
+                self.ema.load("head", run_folder.read_tensors(ckpt, run_folder.EMA_HEAD_FILE))
                 self.ema.updates = int(state.get("ema_updates") or 0)
-        optim = S.read_optimizer(ckpt, self.device)
+        optim = run_folder.read_optimizer(ckpt, self.device)
         self.optimizer.load_state_dict(optim["optimizer"])
         self.lr_scheduler.load_state_dict(optim["lr_scheduler"])
-        rng = S.read_rng(ckpt)
+        rng = run_folder.read_rng(ckpt)
         if self.dist.rank < len(rng):
-            S.set_rng_state(rng[self.dist.rank])
+            run_folder.set_rng_state(rng[self.dist.rank])
         self.step = int(state["step"])
 
 
@@ -566,11 +565,11 @@ def train_worker(job: TrainJob, dist: Dist, on_step: Callable[[dict[str, Any]], 
     out = Path(job.out)
     trainer = Trainer(job, dist, on_step)
     if job.resume:
-        found = S.latest_checkpoint(out)
+        found = run_folder.latest_checkpoint(out)
         if found is not None:
             trainer.resume_from(found[1])
             if dist.is_main:
-                S.truncate_log(out / S.LOG_FILE, trainer.step)
+                run_folder.truncate_log(out / run_folder.LOG_FILE, trainer.step)
         dist.barrier()
     result = trainer.run()
     if trainer.capture is not None:

@@ -19,8 +19,8 @@ from typing import Any
 
 from factory import __version__
 from factory.errors import FactoryError, InputError, RunError
-from factory.store import atomic_write_text
-from factory.train import state as S
+from factory.fsutil import atomic_write_text
+from factory.train import run_folder
 from factory.train.config import TrainConfig, make_config, read_config_file, resume_config
 from factory.train.data import assign_prompts, data_summary, read_captions, scan_sources
 
@@ -154,21 +154,21 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     restart = False
-    if S.latest_checkpoint(out) is not None:
+    if run_folder.latest_checkpoint(out) is not None:
         if not opts.resume:
             raise InputError(f"{out}: already holds a training run; pass --resume to continue it, or choose another --out")
         try:
-            saved = json.loads((out / S.TRAIN_FILE).read_text(encoding="utf-8"))
+            saved = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise InputError(f"{out / S.TRAIN_FILE}: unreadable ({exc}); cannot resume") from exc
+            raise InputError(f"{out / run_folder.TRAIN_FILE}: unreadable ({exc}); cannot resume") from exc
         cfg = resume_config(saved["config"], values, str(out))
-    elif S.is_run_folder(out):
+    elif run_folder.is_run_folder(out):
         # A run that never completed a checkpoint: nothing to resume exactly, so it starts over
         # (with --resume, from its saved settings under the ones given now).
         previous: dict[str, Any] = {}
         if opts.resume:
             try:
-                previous = json.loads((out / S.TRAIN_FILE).read_text(encoding="utf-8")).get("config", {})
+                previous = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8")).get("config", {})
             except (OSError, ValueError):
                 previous = {}
         cfg = make_config({**previous, **values})
@@ -191,7 +191,7 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
             f"{summary['samples']} now, or other files/captions); resume needs the same data"
         )
     if restart:
-        S.clear_run(out)
+        run_folder.clear_run(out)
     return cfg, records, summary, saved
 
 
@@ -202,16 +202,16 @@ def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | No
     first, rank 0 alone checks the run folder, reads the data and writes ``train.json``, and the
     others receive its settings and sample list (or its error) by broadcast.
     """
-    from factory.train import distributed as D
+    from factory.train import distributed
 
     opts = TrainOptions(**{**opts.__dict__, "out": opts.out.expanduser().resolve()})
     if opts.workers < 1:
         raise InputError(f"--workers must be at least 1, got {opts.workers}")
-    env = D.launched_by_env()
+    env = distributed.launched_by_env()
     if opts.workers > 1 and env:
         raise InputError("--workers starts Ray Train workers; do not combine it with torchrun/accelerate launch")
     engine = "ray" if opts.workers > 1 else ("torchrun" if env else "single")
-    dist = D.from_env(_early_device(opts)) if env else None
+    dist = distributed.from_env(_early_device(opts)) if env else None
     try:
         if dist is None or dist.is_main:
             try:
@@ -228,7 +228,7 @@ def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | No
         return _run(opts, job, cfg, summary, start_step, engine, dist, on_step)
     finally:
         if dist is not None:
-            D.close(dist)
+            distributed.close(dist)
 
 
 def _early_device(opts: TrainOptions) -> str | None:
@@ -252,16 +252,16 @@ def _prepare_run(opts: TrainOptions, engine: str) -> tuple[Any, TrainConfig, dic
     notes: list[str] = []
     start_step = 0
     if saved is not None:
-        found = S.latest_checkpoint(out)
+        found = run_folder.latest_checkpoint(out)
         start_step = found[0] if found else 0
         if found is None:
             notes.append("no complete checkpoint to resume from: started from step 0")
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    info = saved or {"format": S.RUN_FORMAT, "version": 1, "created_at": now, "history": []}
+    info = saved or {"format": run_folder.RUN_FORMAT, "version": 1, "created_at": now, "history": []}
     info.update({"factory": __version__, "config": cfg.model_dump(mode="json"), "data": summary, "base_identity": base_identity, "updated_at": now})
     info.setdefault("history", []).append({"started_at": now, "from_step": start_step, "stop_at": opts.stop_at, "engine": engine, "workers": opts.workers})
-    atomic_write_text(out / S.TRAIN_FILE, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / run_folder.TRAIN_FILE, json.dumps(info, indent=2) + "\n")
     job = TrainJob(
         config=cfg.model_dump(mode="json"), records=records, out=str(out), resume=saved is not None,
         stop_at=opts.stop_at, base_identity=base_identity, notes=notes,
@@ -270,7 +270,7 @@ def _prepare_run(opts: TrainOptions, engine: str) -> tuple[Any, TrainConfig, dic
 
 
 def _run(opts: TrainOptions, job: Any, cfg: TrainConfig, summary: dict[str, Any], start_step: int, engine: str, dist: Any, on_step: Any) -> TrainSummary:
-    from factory.train import distributed as D
+    from factory.train import distributed
     from factory.train.loop import train_worker
 
     out = opts.out
@@ -285,14 +285,14 @@ def _run(opts: TrainOptions, job: Any, cfg: TrainConfig, summary: dict[str, Any]
 
         if opts.workers > 1:
             use_gpu = cfg.device != "cpu" and _cluster_has_gpus(opts.address)
-            D.run_ray(job, workers=opts.workers, use_gpu=use_gpu, address=opts.address, out=out, on_progress=step_cb, threads=opts.threads)
-            found = S.latest_checkpoint(out)
-            last = _last_log(out / S.LOG_FILE)
+            distributed.run_ray(job, train_worker, workers=opts.workers, use_gpu=use_gpu, address=opts.address, out=out, on_progress=step_cb, threads=opts.threads)
+            found = run_folder.latest_checkpoint(out)
+            last = _last_log(out / run_folder.LOG_FILE)
             step = int(last.get("step", start_step)) if last else start_step
             result_ckpt = str(found[1]) if found else None
             world, worker_notes = opts.workers, []
         else:
-            the_dist = dist if dist is not None else D.single(cfg.device)
+            the_dist = dist if dist is not None else distributed.single(cfg.device)
             res = train_worker(job, the_dist, step_cb if is_main else None)
             step, result_ckpt, last, world, worker_notes = res.step, res.checkpoint, res.last, the_dist.world, res.notes
             start_step = res.start_step

@@ -16,7 +16,6 @@ import csv
 import multiprocessing
 import os
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError, InputError
+from factory.fsutil import AtomicFile, atomic_write_bytes, check_writable_dir
 from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, read_rgb
 from factory.matte.pipeline import GreenPostSettings, greenpost
 from factory.score import REFERENCE_GREEN, gsg
@@ -93,15 +93,6 @@ def _row(path: Path, status: str, message: str = "") -> dict[str, Any]:
     return row
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def matte_one(
     path: Path, out_dir: Path, bits: int, settings: GreenPostSettings, reference: tuple[int, int, int]
 ) -> dict[str, Any]:
@@ -112,8 +103,8 @@ def matte_one(
         image = read_rgb(path)
         result = greenpost(image, None, settings)
         score = gsg(image, reference=reference)
-        _write_atomic(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(result.alpha, bits))
-        _write_atomic(out_dir / f"{path.stem}.fg.png", encode_png(result.fg))
+        atomic_write_bytes(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(result.alpha, bits), fsync=False)
+        atomic_write_bytes(out_dir / f"{path.stem}.fg.png", encode_png(result.fg), fsync=False)
     except FactoryError as exc:
         return _row(path, STATUS_SKIPPED, str(exc).replace(f"{path}: ", ""))
     except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
@@ -152,23 +143,15 @@ def _check_dirs(in_dir: Path, out_dir: Path) -> None:
         raise InputError(f"input folder {in_dir} does not exist")
     if not in_dir.is_dir():
         raise InputError(f"{in_dir} is not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InputError(f"cannot write to output folder {out_dir}: {exc.strerror or exc}") from exc
+    check_writable_dir(out_dir)
 
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     """The per-file CSV (``COLUMNS``), in name order."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+    with AtomicFile(path, "w", fsync=False, encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh.fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["file"]))
-    os.replace(tmp, path)
 
 
 def matte_folder(

@@ -1,4 +1,4 @@
-"""Starting, joining and sizing the Ray instance that `factory generate` fans out over.
+"""Starting or joining the Ray instance a command fans out over (generate, train).
 
 - No ``--address``: a local Ray instance sized to this machine (all its GPUs and CPUs), whose
   temporary files go under ``<run>/ray`` (or ``--ray-tmp``); it is shut down at the end. A driver
@@ -8,11 +8,6 @@
   cluster's own, and the ``factory`` package is shipped to its workers (``py_modules``).
 - A Ray session that is already initialised in this process (tests, notebooks) is used as it is and
   left running.
-
-Sizing (:func:`plan_workers`): one sampler actor per GPU (``--gpus`` caps the GPUs, ``--workers``
-the actors; more actors than GPUs share them); with no GPU, ``--workers`` (default 2) CPU sampler
-actors. The CPUs not reserved by sampler actors run the finishing tasks (matting, scoring, PNG
-encoding); at least one CPU is always left to them.
 """
 
 from __future__ import annotations
@@ -30,8 +25,6 @@ from typing import Any
 
 from factory.errors import InputError, RunError
 
-#: Default number of CPU sampler actors on a machine without GPU.
-DEFAULT_CPU_WORKERS = 2
 #: Ray's Unix sockets live at ``<tmp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store``;
 #: AF_UNIX paths are limited to 107 bytes, which leaves this much for ``<tmp>`` itself.
 MAX_TEMP_DIR_CHARS = 107 - len("/session_2024-01-01_00-00-00_000000_4194304/sockets/plasma_store.99")
@@ -56,32 +49,6 @@ class RaySession:
 
         if self.owned and ray.is_initialized():
             ray.shutdown()
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """How many sampler actors, with which resources, and how many CPUs are left for finishing."""
-
-    workers: int
-    gpus_per_worker: float  # 0 for CPU sampler actors
-    cpus_per_worker: float  # Ray's (logical) CPU reservation of one sampler actor
-    threads_per_worker: int  # torch threads inside one sampler actor
-    finish_slots: int  # finishing tasks that can run at once (one CPU each)
-    total_cpus: float
-    total_gpus: float
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
-
-    def describe(self) -> str:
-        kind = "GPU" if self.on_gpu else "CPU"
-        share = f", {self.gpus_per_worker:g} GPU each" if self.on_gpu and self.gpus_per_worker != 1 else ""
-        return (
-            f"{self.workers} {kind} sampler worker{'s' if self.workers != 1 else ''}{share}, "
-            f"{self.finish_slots} finishing slot{'s' if self.finish_slots != 1 else ''} "
-            f"({self.total_cpus:g} CPUs, {self.total_gpus:g} GPUs)"
-        )
 
 
 # ------------------------------------------------------------------------------ temp dir
@@ -205,40 +172,3 @@ def detect_gpus() -> int:
 
         return int(torch.cuda.device_count())
     return 0
-
-
-# ------------------------------------------------------------------------------ sizing
-
-
-def plan_workers(resources: dict[str, float], gpus: int | None, workers: int | None) -> WorkerPlan:
-    """Sampler actors and finishing slots for a cluster with ``resources`` (``ray.cluster_resources()``)."""
-    total_cpus = float(resources.get("CPU", 0.0))
-    total_gpus = float(resources.get("GPU", 0.0))
-    if total_cpus < 1:
-        raise RunError(f"the Ray cluster has {total_cpus:g} CPUs; factory needs at least one for finishing samples")
-    if gpus is not None and gpus > total_gpus:
-        raise InputError(f"--gpus {gpus}: the Ray cluster has {total_gpus:g} GPUs")
-    use_gpus = total_gpus if gpus is None else float(gpus)
-    if use_gpus >= 1:
-        n = workers or int(use_gpus)
-        gpus_per = 1.0 if n <= use_gpus else use_gpus / n
-        # One CPU per GPU actor drives the sampling loop (tokenizer, host-side decode).
-        cpus_per = 1.0 if total_cpus - n >= 1 else max(0.01, (total_cpus - 1) / n)
-        threads = 1
-    else:
-        n = workers or DEFAULT_CPU_WORKERS
-        gpus_per = 0.0
-        threads = max(1, int(total_cpus) // (n + 1))
-        # Ray's CPU counts are logical: keep at least one CPU for finishing tasks.
-        cpus_per = min(float(threads), max(0.01, (total_cpus - 1) / n))
-    cpus_per = round(cpus_per, 4)
-    finish_slots = max(1, int(total_cpus - n * cpus_per + 1e-6))
-    return WorkerPlan(
-        workers=n,
-        gpus_per_worker=round(gpus_per, 4),
-        cpus_per_worker=cpus_per,
-        threads_per_worker=threads,
-        finish_slots=finish_slots,
-        total_cpus=total_cpus,
-        total_gpus=total_gpus,
-    )

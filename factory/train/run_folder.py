@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,14 +40,14 @@ import numpy as np
 import torch
 
 from factory.errors import InputError
-from factory.store import atomic_write_text
+from factory.fsutil import TMP_PREFIX, atomic_write_text, replace_dir, temp_dir_for
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "training_state"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.json"
-HEAD_FILE = "head.safetensors"
+RAW_HEAD_FILE = "head.safetensors"
 RAW_UNET_FILE = "unet.safetensors"
 EMA_HEAD_FILE = "ema_head.safetensors"
 TRAIN_FILE = "train.json"
@@ -113,16 +112,14 @@ def write_state(ckpt: Path, state: dict[str, Any], optimizer: dict[str, Any], rn
     from safetensors.torch import save_file
 
     final = ckpt / STATE_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STATE_DIR}.tmp-", dir=ckpt))
+    tmp = temp_dir_for(final)
     try:
         torch.save(optimizer, tmp / OPTIMIZER_FILE)
         (tmp / RNG_FILE).write_text(json.dumps(rng), encoding="utf-8")
         for name, tensor_map in tensors.items():
             save_file({k: v.detach().to("cpu").contiguous() for k, v in tensor_map.items()}, str(tmp / name))
         (tmp / STATE_FILE).write_text(json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -164,7 +161,7 @@ def prune_checkpoints(out: Path, keep: int, current: Path) -> None:
     newest_step = complete[-1][0] if complete else -1
     doomed += [p for s, p in list_checkpoints(out, complete=False) if s < newest_step and not (p / STATE_DIR / STATE_FILE).is_file()]
     root = out / CHECKPOINTS_DIR
-    doomed += [p for pattern in (".step-*.tmp-*", ".step-*.old-*") for p in root.glob(pattern) if p.is_dir()]  # a crash mid-save
+    doomed += [p for p in root.glob(f"{TMP_PREFIX}step-*") if p.is_dir()]  # a crash mid-save
     for p in doomed:
         if p != current:
             shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,242 @@
+"""The `factory export` command: write a run's selected samples as WebDataset shards or a folder tree.
+
+Steps: resolve the run and the selection (:mod:`factory.export.prepare`), decide the order (split by
+class, shuffle), write (:mod:`~factory.export.webdataset` or :mod:`~factory.export.folder`),
+then the sidecar files (``samples.parquet``, ``stats.json``, wids index) and the dataset card
+(:mod:`~factory.export.card`). ``export.json`` in the output folder records the plan's fingerprint
+and whether the export is complete; re-running resumes a matching export or restarts a stale one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from factory.errors import Interrupted
+from factory.export.card import (
+    CONTACT_SHEET,
+    HISTOGRAM,
+    README,
+    CardInfo,
+    pick_sheet_rows,
+    stats_json,
+    write_card,
+)
+from factory.export.folder import FolderFormat
+from factory.export.options import ExportOptions
+from factory.export.outdir import OutDir, export_state
+from factory.export.prepare import Prepared, prepare
+from factory.export.records import WriteResult
+from factory.export.webdataset import WebDatasetFormat
+from factory.fsutil import atomic_write_parquet, atomic_write_text
+
+#: The output formats by name (the manifest's ``export.format`` values). A format writes the
+#: planned samples into the output folder, resuming its own finished work (``write``), adds its
+#: index files (``sidecars``), removes what it wrote before (``clean``) and tells the dataset card
+#: how to load it (``loading``): a new output format is one more class here.
+FORMATS = {f.name: f for f in (WebDatasetFormat(), FolderFormat())}
+
+SAMPLES_FILE = "samples.parquet"
+STATS_FILE = "stats.json"
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    format: str
+    source: str
+    settings: dict[str, Any]
+    splits: dict[str, dict[str, Any]]
+    problems: list[str] = field(default_factory=list)
+    resumed_samples: int = 0
+    restarted: str | None = None
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+    @property
+    def exported(self) -> int:
+        return sum(s["samples"] for s in self.splits.values())
+
+    def lines(self) -> list[str]:
+        out = [f"samples: {self.source}"]
+        if self.restarted:
+            out.append(f"restarted: {self.restarted}")
+        if self.resumed_samples:
+            out.append(f"resumed: {self.resumed_samples} samples already written were kept")
+        for name, s in self.splits.items():
+            if not s["samples"]:
+                why = "empty" if name == "train" else "empty: classes of one sample stay in train"
+                out.append(f"  {name:<8} {0:>9} samples  ({why})")
+                continue
+            where = f"{s['shards']} shard{'s' if s['shards'] != 1 else ''}" if self.format == "webdataset" else f"{name}/"
+            out.append(f"  {name:<8} {s['samples']:>9} samples  {where}  {s['bytes'] / 1e6:,.1f} MB")
+        rate = self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        out.append(
+            f"exported {self.exported} samples ({self.format}) to {self.out} in {self.seconds:.1f} s"
+            + (f" ({rate:,.0f} MB/s written)" if self.bytes_written else "")
+        )
+        if self.problems:
+            out.append(f"skipped {len(self.problems)} damaged samples (listed above and in {STATS_FILE})")
+        out.append(f"dataset card: {self.out / README}")
+        return out
+
+
+def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None = None) -> ExportSummary:
+    """Export a run. ``on_problem`` receives each ``KEY: corrupt ...`` line as it is found."""
+    start = time.perf_counter()
+    p = prepare(options)
+    outdir = OutDir(p.out)
+    previous = outdir.open()
+    problems_cb = on_problem or (lambda _line: None)
+    try:
+        restarted = None
+        if previous is not None and (options.restart or previous.get("plan") != p.fingerprint):
+            restarted = "--restart given" if options.restart else "the folder held an export of another plan"
+            if previous.get("plan") is None and not options.restart:
+                restarted = "the folder's export.json was unreadable"
+            clean(p.out)
+        outdir.remove_temporaries()
+        started = datetime.now(UTC).isoformat(timespec="seconds")
+        outdir.write_state(export_state(p, "writing", started=started))
+        output = FORMATS[p.settings.format]
+        total_bytes = int(
+            sum(np.nansum(p.ordered[c].to_numpy(zero_copy_only=False).astype(float)) for c in ("image_bytes", "alpha_bytes", "fg_bytes"))
+        )
+        with _progress(options.progress, p.ordered.num_rows, total_bytes) as advance:
+            try:
+                result = output.write(p, outdir, advance, problems_cb)
+            except KeyboardInterrupt as exc:
+                raise Interrupted(f"interrupted; finished parts of {p.out} are kept: re-run the same command to resume") from exc
+        summary = _finish(p, outdir, result, started)
+        summary.restarted = restarted
+        summary.seconds = time.perf_counter() - start
+        return summary
+    finally:
+        outdir.close()
+
+
+def clean(out: Path) -> None:
+    """Delete what an earlier export wrote in ``out`` (known names only, never foreign files)."""
+    for output in FORMATS.values():
+        output.clean(out)
+    for name in (SAMPLES_FILE, STATS_FILE, README, HISTOGRAM, CONTACT_SHEET):
+        path = out / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+
+
+def _finish(p: Prepared, outdir: OutDir, result: WriteResult, started: str) -> ExportSummary:
+    out = outdir.root
+    fmt = p.settings.format
+    table = result.records.table()
+    atomic_write_parquet(table, out / SAMPLES_FILE)
+
+    splits: dict[str, dict[str, Any]] = {}
+    for name, s in result.splits.items():
+        splits[name] = {"samples": s.samples, "bytes": s.bytes}
+        if fmt == "webdataset":
+            splits[name]["shards"] = len(s.shards)
+    FORMATS[fmt].sidecars(out, result)
+
+    per_class: dict[str, dict[str, int]] = {}
+    counts = table.group_by(["class_name", "split"]).aggregate([("key", "count")])
+    for cls, split, n in zip(*(counts[c].to_pylist() for c in ("class_name", "split", "key_count")), strict=True):
+        per_class.setdefault(cls, {})[split] = n
+    gsg = {}
+    for name in result.splits:
+        part = table.filter(pc.equal(table["split"], name))["gsg"]
+        gsg[name] = pc.drop_null(part).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    settings = p.settings.model_dump(mode="json")
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    stats = {
+        "format": fmt,
+        "run": str(p.store.root),
+        "source": p.source.description,
+        "settings": settings,
+        "splits": splits,
+        "per_class": per_class,
+        "exported": table.num_rows,
+        "planned": p.ordered.num_rows,
+        "skipped": result.problems,
+        "resumed_samples": result.resumed_samples,
+        "started": started,
+        "finished": finished,
+    }
+    atomic_write_text(out / STATS_FILE, stats_json(stats))
+
+    card = CardInfo(
+        format=fmt,
+        out=out,
+        store=p.store,
+        manifest=p.manifest,
+        settings=settings,
+        source=p.source.description,
+        selection_meta=p.source.selection.meta if p.source.selection is not None else None,
+        splits=splits,
+        per_class=per_class,
+        gsg=gsg,
+        sheet_rows=pick_sheet_rows(table.slice(0, 5000).to_pylist()),
+        problems=result.problems,
+        loading=FORMATS[fmt].loading(p, result),
+    )
+    write_card(card)
+    outdir.write_state(
+        export_state(p, "complete", started=started, finished=finished, exported=table.num_rows, skipped=len(result.problems))
+    )
+    return ExportSummary(
+        out=out,
+        format=fmt,
+        source=p.source.description,
+        settings=settings,
+        splits=splits,
+        problems=result.problems,
+        resumed_samples=result.resumed_samples,
+        bytes_written=result.bytes_written,
+    )
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, total_bytes: int):
+    """A rich progress bar on stderr (samples, MB/s); yields ``advance(samples, bytes)``."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]export"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} MB/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=False,
+    )
+    start = time.perf_counter()
+    written = [0]
+    with progress:
+        task = progress.add_task("export", total=total, rate="-")
+
+        def advance(samples: int, nbytes: int) -> None:
+            written[0] += nbytes
+            elapsed = time.perf_counter() - start
+            progress.update(task, advance=samples, rate=f"{written[0] / 1e6 / elapsed:.0f}" if elapsed > 0 else "-")
+
+        yield advance

@@ -1,0 +1,269 @@
+"""File-system primitives every stage relies on: atomic writes, fsync, locks, folder checks.
+
+The rules they implement, which the run store, the exporters and training all depend on:
+
+- A file under its final name is always complete: it is written under a temporary name in the
+  same folder (``.tmp-<name>.<pid>.<random>``, the one prefix clean-ups look for) and renamed.
+- A directory is replaced by an atomic exchange (``renameat2(RENAME_EXCHANGE)`` on Linux), so at
+  every moment the final name holds either the complete old tree or the complete new one.
+- Errors of the operating system become one-line :class:`~factory.errors.RunError` naming the path
+  (disk full, permission denied), never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory.errors import InputError, RunError
+
+#: The prefix of every temporary file and folder factory writes; clean-ups delete only these.
+TMP_PREFIX = ".tmp-"
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary sibling of ``path``, unique to this process and call."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def write_error(exc: OSError, path: Path) -> RunError:
+    """The one-line error for a failed write of ``path``."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return RunError(f"disk full while writing {path}; free space and re-run the same command to resume")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return RunError(f"cannot write {path}: permission denied")
+    if exc.errno == errno.ENAMETOOLONG:
+        return RunError(f"cannot write {path}: file name too long")
+    return RunError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (errors ignored: some file systems refuse directories)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------ atomic files
+
+
+class AtomicFile:
+    """A file written under a temporary name and renamed to ``path`` by :meth:`commit`.
+
+    Use as a context manager (commit on success, remove the temporary file on any exception), or
+    call :meth:`commit` / :meth:`abort` yourself for a file kept open across a longer job.
+    """
+
+    def __init__(self, path: Path, mode: str = "wb", fsync: bool = True, encoding: str | None = None) -> None:
+        self.path = Path(path)
+        self.tmp = temp_name(self.path)
+        self.fsync = fsync
+        try:
+            self.fh: IO[Any] = open(self.tmp, mode, encoding=encoding if "b" not in mode else None)  # noqa: SIM115
+        except OSError as exc:
+            raise write_error(exc, self.path) from exc
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.abort()
+            raise write_error(exc, self.path) from exc
+
+    def commit(self) -> None:
+        """Flush (and fsync), then give the file its final name."""
+        try:
+            self.fh.flush()
+            if self.fsync:
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise write_error(exc, self.path) from exc
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fh.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def atomic_write_bytes(path: Path, data: bytes | memoryview, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    with AtomicFile(Path(path), "wb", fsync=fsync) as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None, **options: Any) -> bytes:
+    """Serialize a table with fixed options: the same table always gives the same bytes.
+    ``options`` go to ``pyarrow.parquet.write_table`` (e.g. which columns get dictionaries)."""
+    if metadata:
+        table = table.replace_schema_metadata(_with_metadata(table.schema, metadata).metadata)
+    buf = io.BytesIO()
+    settings: dict[str, Any] = {"compression": "zstd", "compression_level": 3, "write_statistics": True, **options}
+    pq.write_table(table, buf, **settings)
+    return buf.getvalue()
+
+
+def atomic_write_parquet(table: pa.Table, path: Path, metadata: dict[str, str] | None = None, **options: Any) -> None:
+    atomic_write_bytes(path, parquet_bytes(table, metadata, **options))
+
+
+def _with_metadata(schema: pa.Schema, metadata: dict[str, str]) -> pa.Schema:
+    meta = dict(schema.metadata or {})
+    meta.update({k.encode(): v.encode() for k, v in metadata.items()})
+    return schema.with_metadata(meta)
+
+
+@contextlib.contextmanager
+def atomic_parquet_writer(path: Path, schema: pa.Schema, metadata: dict[str, str] | None = None) -> Iterator[pq.ParquetWriter]:
+    """A Parquet writer on a temporary file that becomes ``path`` (fsynced) when the block ends.
+
+    For tables written in parts (a plan or an index of millions of rows): nothing is held whole in
+    memory, and ``path`` is the old file or the complete new one, never a partial file.
+    """
+    if metadata:
+        schema = _with_metadata(schema, metadata)
+    tmp = temp_name(path)
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", compression_level=3, write_statistics=True) as writer:
+            yield writer
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_error(exc, path) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# ------------------------------------------------------------------------------ directories
+
+
+def temp_dir_for(final: Path) -> Path:
+    """A new empty temporary folder beside ``final``, to be moved in with :func:`replace_dir`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder ``tmp`` to ``final``, replacing any folder there.
+
+    The two are exchanged atomically where the system allows (so ``final`` always holds a whole
+    tree); elsewhere the old folder is renamed aside first (a reader then finds no ``final`` for the
+    instant between the two renames). The old tree is deleted afterwards either way.
+    """
+    if not final.exists():
+        os.rename(tmp, final)
+        fsync_path(final.parent)
+        return
+    if _exchange(tmp, final):
+        fsync_path(final.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = final.with_name(f"{TMP_PREFIX}{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(final, aside)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_writable_dir(path: Path, what: str = "output folder") -> None:
+    """Create ``path`` if needed and prove it writable with a probe file; one-line error if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(path / "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{path}: {what} is not writable ({exc.strerror or exc})") from exc
+
+
+def check_output_file(path: Path) -> None:
+    """Check, before any work, that a file can be written at ``path`` (its folder is created)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give a file name")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), "the output file's folder")
+
+
+# ------------------------------------------------------------------------------ locks
+
+
+class FileLock:
+    """An exclusive advisory lock (``flock``) on a file, held until released or the process dies."""
+
+    def __init__(self, path: Path, busy_message: str) -> None:
+        self.path = Path(path)
+        self._fh: io.BufferedRandom | None = open(self.path, "a+b")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._fh.close()
+            self._fh = None
+            raise InputError(busy_message) from exc
+
+    def release(self) -> None:
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,56 @@
+"""The run directory's names and the index's schema: the store's on-disk format."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from factory.plan import PLAN_SCHEMA
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.yaml"
+PLAN_FILE = "plan.parquet"
+INDEX_FILE = "index.parquet"
+JOURNAL_DIR = "index"
+SAMPLES_DIR = "samples"
+SELECTIONS_DIR = "selections"
+LOCK_FILE = ".lock"
+STORE_FORMAT = 1
+BUCKET_SIZE = 1000
+#: Plan indices per step of the store's streaming passes (resume, fold, index): whole buckets, so a
+#: pass holds one step of rows (a few MB) however large the run.
+STEP_ROWS = 16 * BUCKET_SIZE
+
+#: Index rows: the plan's columns, then what happened to the sample.
+RESULT_FIELDS = [
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("attempts", pa.int32()),
+    pa.field("model", pa.string()),
+    pa.field("alpha_source", pa.string()),  # "head" (matting head + GreenPost) or "greenpost" alone
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("alpha_bits", pa.int8()),
+    pa.field("image_bytes", pa.int64()),
+    pa.field("alpha_bytes", pa.int64()),
+    pa.field("fg_bytes", pa.int64()),
+    pa.field("meta_bytes", pa.int64()),
+    pa.field("gsg", pa.float32()),
+    pa.field("gsg_distance", pa.float32()),
+    pa.field("bg_uniformity", pa.float32()),
+    pa.field("canvas_color", pa.string()),  # "#rrggbb", estimated key colour
+    pa.field("alpha_coverage", pa.float32()),  # mean alpha
+    pa.field("touches_border", pa.bool_()),
+    pa.field("contains_key_color", pa.bool_()),
+    pa.field("phash", pa.int64()),  # 64-bit perceptual hash of the alpha-weighted image
+    pa.field("t_sample_s", pa.float32()),  # sampler time per image (batch time / batch size)
+    pa.field("t_post_s", pa.float32()),  # matting, scoring and encoding
+    pa.field("worker", pa.string()),
+    pa.field("updated_at", pa.timestamp("ms", tz="UTC")),
+]
+INDEX_SCHEMA = pa.schema([*PLAN_SCHEMA, *RESULT_FIELDS])
+RESULT_NAMES = [f.name for f in RESULT_FIELDS]
+
+
+def bucket_name(index: int) -> str:
+    """The ``samples/`` sub-folder of plan index ``index``."""
+    return f"{index // BUCKET_SIZE:05d}"

@@ -1,0 +1,73 @@
+"""The worker side of generation: what a sampler worker loads, and how it turns a batch of plan
+rows into finished samples. Used by the in-process executor (``--no-ray``) and by the Ray actors
+and tasks of :mod:`factory.distribute` alike, so both modes run the same code."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from factory.finish import FinishSettings, failed_result, finish_sample
+from factory.manifest import CanvasSettings, ModelSpec, SamplerSettings
+from factory.plan import PlanRow
+from factory.sample import SampleResult
+
+#: Rows per sampler call when neither the command, the manifest nor the sampler says.
+DEFAULT_BATCH_SIZE = 2
+
+
+@dataclass(frozen=True)
+class WorkSpec:
+    """What a sampler worker needs to load its model and finish samples (picklable).
+
+    ``sampler.batch_size`` (the command's ``--batch-size`` or the manifest's) fixes the rows per
+    sampler call; None lets each sampler choose (fitted to its GPU's memory).
+    ``sampler_factory``: a callable or ``"module:function"`` used instead of ``load_sampler``, with
+    the same arguments; a seam for fault-injection tests (picklable), never set by the CLI.
+    """
+
+    model: ModelSpec
+    sampler: SamplerSettings
+    canvas: CanvasSettings
+    finish: FinishSettings
+    device: str | None = None
+    compile: bool = False
+    sampler_factory: Any = None
+
+    def batch_size_for(self, sampler: Any) -> int:
+        """Rows per sampler call: the settings', else the sampler's own choice, else the default."""
+        return int(self.sampler.batch_size or getattr(sampler, "batch_size", None) or DEFAULT_BATCH_SIZE)
+
+
+def load_work_sampler(spec: WorkSpec, device: str | None) -> Any:
+    """The sampler a worker uses: ``load_sampler``, or the test seam ``spec.sampler_factory``."""
+    if callable(spec.sampler_factory):
+        make_sampler = spec.sampler_factory
+    elif spec.sampler_factory:
+        module, _, name = spec.sampler_factory.partition(":")
+        make_sampler = getattr(importlib.import_module(module), name)
+    else:
+        from factory.sampler import load_sampler as make_sampler
+    return make_sampler(spec.model, spec.sampler, spec.canvas, device=device, compile=spec.compile)
+
+
+def process_batch(sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
+    """Sample a batch, then finish each sample. A batch-wide exception fails every row with it."""
+    try:
+        generated = sampler.sample(rows)
+    except Exception as exc:  # noqa: BLE001 - recorded per row; the run goes on
+        return [failed_result(r, f"sampling failed: {type(exc).__name__}: {exc}", finish, worker=worker) for r in rows]
+    return finish_generated(rows, generated, finish, worker)
+
+
+def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
+    """Finish what a sampler drew for ``rows`` (one result per row, failed ones included)."""
+    results = []
+    for row, gen in zip(rows, generated, strict=True):
+        if gen.error:
+            results.append(failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds))
+        else:
+            results.append(finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker))
+    return results
