@@ -207,6 +207,8 @@ class ExportSettings(_Strict):
     split: dict[str, float] = {"val": 0.05}  # held-out splits by fraction; train is the remainder
     shuffle_seed: int = 0
     jpeg_quality: int = Field(95, ge=1, le=100)  # with image_format jpg
+    #: The dataset card's licence (a Hub licence id such as cc-by-4.0); default: the model's.
+    license: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.+-]*$")
 
     @field_validator("image_format", mode="before")
     @classmethod

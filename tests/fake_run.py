@@ -92,11 +92,13 @@ def make_run(
     status: Callable[[PlanRow], str] | None = None,
     alpha_bits: int = 8,
     name: str = "run",
+    model: str = "fake:1",
 ) -> RunStore:
     """A run of ``n`` samples of the small manifest (4 classes); ``fields(row)`` overrides scores,
-    ``status(row)`` may return 'failed' or 'planned' to leave a sample undone."""
+    ``status(row)`` may return 'failed' or 'planned' to leave a sample undone; ``model`` is the
+    run's model identity."""
     manifest = write_manifest(folder, SMALL_MANIFEST, f"{name}.yaml")
-    store = RunStore.prepare(folder / name, load_manifest(manifest), n, "fake:1")
+    store = RunStore.prepare(folder / name, load_manifest(manifest), n, model)
     try:
         results = []
         for row in table_rows(store.plan()):
@@ -104,9 +106,9 @@ def make_run(
             if s == "planned":
                 continue
             if s == "failed":
-                results.append(SampleResult(plan=plan_dict(row), status="failed", error="boom", fields={"model": "fake:1"}))
+                results.append(SampleResult(plan=plan_dict(row), status="failed", error="boom", fields={"model": model}))
             else:
-                results.append(sample_result(row, fields(row) if fields else None, alpha_bits))
+                results.append(sample_result(row, {"model": model, **((fields(row) if fields else None) or {})}, alpha_bits))
         store.save(results)
         store.fold()
     finally:

@@ -109,6 +109,8 @@ def test_dataset_card(cli, run) -> None:
     card = (out / "README.md").read_text()
     assert "| train | 29 |" in card and "| val | 8 |" in card
     assert "| red fox |" in card and "fake:1" in card and "min_gsg=0.8" in card and "low_gsg 3" in card
+    # the true size of the images (32x32), not the manifest's sampler size (64x64)
+    assert "image size: 32x32 pixels" in card and "64x64" not in card and "512x512" not in card
     assert "gsg_histogram.png" in card and "contact_sheet.png" in card
     with Image.open(out / "gsg_histogram.png") as im:
         assert im.size == (720, 360)
@@ -281,7 +283,7 @@ def test_folder_export_rules(cli, run, tmp_path: Path) -> None:
             assert (out / split / x["file_name"]).read_bytes() == files[".png"]
             assert (out / split / x["alpha_file_name"]).read_bytes() == files[".alpha.png"]
             assert (out / split / x["fg_file_name"]).read_bytes() == files[".fg.png"]
-            assert json.loads(x["attributes"]) == json.loads(files[".json"])["attributes"]
+            assert x["attributes"] == json.loads(files[".json"])["attributes"]  # an object, not JSON text
     assert seen["train"] | seen["val"] == selected and not seen["train"] & seen["val"] and len(seen["val"]) == 8
 
 
@@ -419,3 +421,86 @@ def test_empty_selection_and_empty_split(cli, tmp_path: Path) -> None:
         assert not (out / "val").exists() and not (out / "val.wids.json").exists() and not list(out.glob("val-*"))
         assert pq.read_table(out / "samples.parquet")["split"].to_pylist() == ["train"] * 4
         assert 'path: "val' not in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------ Hub-ready exports
+
+
+def _load_offline(datasets, path: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    return datasets.load_dataset(str(path), cache_dir=str(tmp_path / "hf" / "datasets"))
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "folder"])
+def test_card_header_is_valid_and_datasets_loads_typed_columns(cli, run, tmp_path: Path, monkeypatch, fmt: str) -> None:
+    datasets = pytest.importorskip("datasets")
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    out = tmp_path / fmt
+    assert cli(["export", "--run", run.root, "--all", "--format", fmt, "--out", out, "--split", "val=0.2"]).code == 0
+    card = DatasetCard.load(out / "README.md")
+    data = card.data
+    assert isinstance(data, DatasetCardData)
+    resources = Path(datasets.__file__).parent / "utils" / "resources"
+    assert data.license == "other"  # the fake model implies no licence
+    assert data.size_categories == ["n<1K"] and set(data.size_categories) <= set(json.loads((resources / "size_categories.json").read_text()))
+    assert set(data.annotations_creators) <= set(json.loads((resources / "creators.json").read_text())["annotations"])
+    assert "image-segmentation" in data.task_categories and {"synthetic", "machine-generated", "image-matting"} <= set(data.tags)
+    configs = MetadataConfigs.from_dataset_card_data(data)
+    assert [f["split"] for f in configs["default"]["data_files"]] == ["train", "val"]
+    declared = DatasetInfosDict.from_dataset_card_data(data)["default"].features
+    assert declared is not None
+
+    ds = _load_offline(datasets, out, tmp_path, monkeypatch)
+    assert set(ds) == {"train", "val"} and ds["train"].num_rows == 32 and ds["val"].num_rows == 8
+    assert ds["train"].features == declared  # the card tells the loader the columns and their types
+    index = {r["key"]: r for r in run.index().to_pylist()}
+    row = ds["val"][0]
+    meta = row["json"] if fmt == "webdataset" else row
+    key = meta["key"]
+    assert isinstance(meta["attributes"], dict) and meta["attributes"] == json.loads(index[key]["attributes"])
+    # phash: imagehash's 16 hex digits, the same in the loaded columns and in samples.parquet
+    phash = meta["scores"]["phash"] if fmt == "webdataset" else meta["phash"]
+    assert phash == f"{index[key]['phash'] & (2**64 - 1):016x}"
+    parquet = pq.read_table(out / "samples.parquet")
+    assert pa.types.is_struct(parquet.schema.field("attributes").type) and parquet.schema.field("phash").type == pa.string()
+    rec = next(r for r in parquet.to_pylist() if r["key"] == key)
+    assert rec["phash"] == phash and rec["attributes"] == meta["attributes"]
+    image = row["png"] if fmt == "webdataset" else row["image"]
+    assert image.size == (32, 32)
+
+
+def test_exported_files_name_no_local_path(cli, tmp_path: Path) -> None:
+    """Every exported file, tar members and Parquet cells included, is free of this machine's
+    absolute paths (the temp dir, home, cwd), even for a model loaded from a local folder."""
+    model = f"diffusers:{tmp_path}/models/sd15#0123456789abcdef +lora:{tmp_path}/loras/style.safetensors@0.8#feedbeef"
+    store = make_run(tmp_path, 12, model=model)
+    victim = store.sample_path(3, store.index()["key"][3].as_py(), ".fg.png")
+    victim.write_bytes(victim.read_bytes()[:40])  # a damaged sample: its problem goes into stats.json
+    forbidden = {str(tmp_path), str(tmp_path.resolve()), str(Path.home()), os.getcwd()} - {"/", ""}
+    for fmt in ("webdataset", "folder"):
+        out = tmp_path / "exports" / fmt
+        res = cli(["export", "--run", store.root, "--all", "--format", fmt, "--out", out, "--split", "none"])
+        assert res.code == 0 and "skipped 1 damaged sample " in res.out, res.err
+        texts: dict[str, str] = {}
+        for path in out.rglob("*"):
+            if path.suffix == ".tar":
+                with tarfile.open(path) as tar:
+                    for m in tar.getmembers():
+                        if not m.name.endswith(".png"):
+                            texts[f"{path.name}/{m.name}"] = tar.extractfile(m).read().decode()
+            elif path.suffix == ".parquet":
+                texts[path.name] = json.dumps(pq.read_table(path).to_pylist(), default=str)
+            elif path.is_file() and path.suffix != ".png":
+                texts[str(path.relative_to(out))] = path.read_text()
+        assert {"README.md", "export.json", "stats.json", "samples.parquet"} <= set(texts)
+        leaks = [(name, p) for name, text in texts.items() for p in forbidden if p in text]
+        assert not leaks, leaks[:3]
+        assert json.loads(texts["export.json"])["run"] == "run" and json.loads(texts["stats.json"])["run"] == "run"
+        assert "diffusers:sd15#0123456789abcdef +lora:style.safetensors@0.8#feedbeef" in texts["export.json"]
+        assert "license: creativeml-openrail-m" in texts["README.md"]  # a Stable Diffusion model's licence

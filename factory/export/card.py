@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from factory import __version__
+from factory.export.header import dataset_license, front_matter
+from factory.export.schema import hf_features, public_model
 from factory.imageio import decode_alpha, decode_rgb
 from factory.manifest import Manifest
 from factory.fsutil import atomic_write_bytes, atomic_write_text
@@ -44,6 +46,9 @@ class CardInfo:
     sheet_rows: list[dict[str, Any]]  # index rows of the samples to show
     problems: list[str] = field(default_factory=list)
     loading: str = ""
+    attribute_keys: list[str] = field(default_factory=list)  # the exported attributes struct's fields
+    image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> samples, from the index
+    extra_members: list[tuple[str, str]] = field(default_factory=list)  # WebDataset (suffix, dtype)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -179,13 +184,22 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _license(info: CardInfo) -> tuple[str, str]:
+    return dataset_license(info.settings.get("license"), info.store.info.get("model"))
+
+
 def _front_matter(info: CardInfo) -> str:
-    lines = ["---", "configs:", "- config_name: default", "  data_files:"]
-    for split in (name for name, s in info.splits.items() if s["samples"]):
-        pattern = f"{split}-*.tar" if info.format == "webdataset" else f"{split}/**"
-        lines += [f"  - split: {split}", f"    path: \"{pattern}\""]
-    lines += ["tags:", "- image-matting", "- synthetic", "- diffumatting", "---", ""]
-    return "\n".join(lines)
+    splits = {name: s["samples"] for name, s in info.splits.items() if s["samples"]}
+    files = {name: f"{name}-*.tar" if info.format == "webdataset" else f"{name}/**" for name in splits}
+    features = hf_features(info.format, info.settings["image_format"], info.attribute_keys, info.extra_members)
+    pretty = f"{info.manifest.name}: synthetic image-matting dataset"
+    return front_matter(pretty_name=pretty, license=_license(info)[0], splits=splits, data_files=files, features=features) + "\n"
+
+
+def _sizes(sizes: dict[str, int]) -> str:
+    if len(sizes) == 1:
+        return f"{next(iter(sizes))} pixels (every sample)"
+    return ", ".join(f"{size} ({n})" for size, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
 
 
 def write_card(info: CardInfo) -> Path:
@@ -223,13 +237,16 @@ def write_card(info: CardInfo) -> Path:
         md.append(f"\n... and {len(classes) - 200} more classes (see samples.parquet).")
     md.append("")
     md.append("## Source\n")
-    md.append(f"- run: `{info.store.root}` (made {run.get('created')})")
+    md.append(f"- run: `{info.store.root.name}` (made {run.get('created')})")
     md.append(f"- manifest: `{run.get('manifest')}`, fingerprint `{run.get('fingerprint')}`"
               + (f": {manifest.description}" if manifest.description else ""))
-    md.append(f"- model: `{run.get('model')}`")
+    md.append(f"- model: `{public_model(run.get('model'))}`")
     s = manifest.sampler
-    md.append(f"- sampler: {s.scheduler}, {s.steps} steps, guidance {s.guidance}, {s.width}x{s.height}; "
-              f"canvas colour {tuple(manifest.canvas.color)}")
+    md.append(f"- sampler: {s.scheduler}, {s.steps} steps, guidance {s.guidance}; canvas colour {tuple(manifest.canvas.color)}")
+    if info.image_sizes:
+        md.append(f"- image size: {_sizes(info.image_sizes)}")
+    license_id, license_why = _license(info)
+    md.append(f"- license: `{license_id}`, from {license_why}")
     md.append(f"- samples: {info.source}")
     sel = info.selection_meta
     if sel:
@@ -247,7 +264,7 @@ def write_card(info: CardInfo) -> Path:
               + f" by class, shuffle seed {st['shuffle_seed']}"
               + (f", at most {st['maxcount']} samples / {_mb(st['maxsize'])} per shard" if info.format == "webdataset" else ""))
     if info.problems:
-        md.append(f"- skipped {len(info.problems)} damaged samples (listed in stats.json)")
+        md.append(f"- skipped {plural(len(info.problems), 'damaged sample')} (listed in stats.json)")
     md.append("")
     md.append("## Quality\n")
     md.append(f"![GSG histogram]({HISTOGRAM})\n")
@@ -294,7 +311,7 @@ def webdataset_loading(image_ext: str, last_train_shard: int) -> str:
 FOLDER_LOADING = """\
 `{split}/image/KEY.png` (or `.jpg`), `{split}/alpha/KEY.png`, `{split}/fg/KEY.png` and
 `{split}/metadata.jsonl` (one line per sample: `file_name`, `alpha_file_name`, `fg_file_name`,
-key, class, prompt, seed, attributes as JSON text, model and scores). `samples.parquet` lists every
+key, class, prompt, seed, attributes (an object), model, scores, phash). `samples.parquet` lists every
 sample; `stats.json` has the counts.
 
 ```python
@@ -302,6 +319,11 @@ from datasets import load_dataset
 ds = load_dataset("imagefolder", data_dir="THIS_FOLDER")  # columns image, alpha, fg + metadata
 ```
 """
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 damaged sample``, ``2 damaged samples``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def stats_json(data: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@
     OUT/train/alpha/KEY.png      alpha matte, one channel, 8 or 16 bits
     OUT/train/fg/KEY.png         decontaminated foreground
     OUT/train/metadata.jsonl     one line per sample: file_name, alpha_file_name, fg_file_name, key,
-                                 class, prompt, seed, attributes (JSON text), model and scores
+                                 class, prompt, seed, attributes (an object), model and scores
     OUT/val/...                  the same for each held-out split
 
 ``file_name`` and the ``*_file_name`` columns make imagefolder load three image columns
@@ -32,6 +32,7 @@ from factory.export.members import load_or_skip
 from factory.export.options import SLOW_ENV
 from factory.export.outdir import OutDir
 from factory.export.prepare import Prepared
+from factory.export.schema import attributes_of, phash_hex, public_model
 from factory.export.records import Records, SplitResult, WriteResult, split_rows
 from factory.fsutil import AtomicFile, atomic_write_bytes
 from factory.integrity import FileReader
@@ -40,7 +41,8 @@ SUBDIRS = ("image", "alpha", "fg")
 METADATA = "metadata.jsonl"
 
 
-def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int) -> dict[str, Any]:
+def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int, attribute_keys: list[str]) -> dict[str, Any]:
+    """One line of metadata.jsonl: the columns :data:`factory.export.schema.FOLDER_COLUMNS` types."""
     return {
         "file_name": names["image"],
         "alpha_file_name": names["alpha"],
@@ -52,8 +54,8 @@ def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int) ->
         "prompt": rec["prompt"],
         "negative_prompt": rec["negative_prompt"],
         "seed": rec["seed"],
-        "attributes": rec["attributes"],
-        "model": rec.get("model"),
+        "attributes": attributes_of(rec, attribute_keys),
+        "model": public_model(rec.get("model")),
         "width": rec.get("width"),
         "height": rec.get("height"),
         "alpha_bits": alpha_bits,
@@ -64,6 +66,7 @@ def metadata_row(rec: dict[str, Any], names: dict[str, str], alpha_bits: int) ->
         "alpha_coverage": rec.get("alpha_coverage"),
         "touches_border": rec.get("touches_border"),
         "contains_key_color": rec.get("contains_key_color"),
+        "phash": phash_hex(rec.get("phash")),
     }
 
 
@@ -72,7 +75,7 @@ def write_folder(
 ) -> WriteResult:
     out = outdir.root
     delay = float(os.environ.get(SLOW_ENV, "0") or 0)
-    result = WriteResult(records=Records(), splits={}, problems=[])
+    result = WriteResult(records=Records(p.attribute_keys), splits={}, problems=[])
     pending: list[AtomicFile] = []  # each split's metadata.jsonl, committed once every file is written
     try:
         _write_splits(p, out, advance, on_problem, result, pending, delay)
@@ -134,7 +137,7 @@ def _write_splits(
                     time.sleep(delay)
             for sub, path in paths.items():
                 wanted[sub].add(path.name)
-            meta_fh.write(json.dumps(metadata_row(rec, names, settings.alpha_bits), allow_nan=False) + "\n")
+            meta_fh.write(json.dumps(metadata_row(rec, names, settings.alpha_bits, p.attribute_keys), allow_nan=False) + "\n")
             result.records.append(
                 {
                     "key": key,
@@ -149,6 +152,8 @@ def _write_splits(
                     "alpha_bytes": sizes["alpha"],
                     "fg_bytes": sizes["fg"],
                     "json_bytes": None,
+                    "attributes": attributes_of(rec, p.attribute_keys),
+                    "phash": phash_hex(rec.get("phash")),
                 }
             )
             sres.samples += 1

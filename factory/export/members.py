@@ -3,7 +3,6 @@ changes) and the exported metadata JSON."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from factory import __version__
 from factory.errors import InputError, RunError
 from factory.imageio import decode_alpha, decode_rgb, encode_alpha_png, encode_jpeg
+from factory.export.schema import attributes_of, phash_hex, public_model
 from factory.integrity import CorruptSample, FileReader, OpenFile, checked_png, close_all, stored_metadata
 from factory.manifest import ExportSettings
 from factory.store import RunStore
@@ -78,24 +78,29 @@ def _round(value: Any) -> Any:
     return round(value, 6) if isinstance(value, float) else value
 
 
-def sample_json(rec: dict[str, Any], m: Members, split: str, settings: ExportSettings) -> bytes:
-    """The exported metadata: the stored JSON (prompt, class, attributes, seed, scores, model,
-    sampler), completed from the index row where it lacks a field, with the exported sizes."""
-    attributes = rec.get("attributes")
-    with contextlib.suppress(TypeError, ValueError):
-        attributes = json.loads(attributes) if isinstance(attributes, str) else attributes
-    phash = rec.get("phash")
-    base = {
+def sample_json(rec: dict[str, Any], m: Members, split: str, settings: ExportSettings, p: Prepared) -> bytes:
+    """The exported metadata, in the one shape :func:`factory.export.schema.sample_json_feature`
+    declares: from the index row and the run's manifest (the stored JSON is checked, not copied),
+    with the exported sizes, local paths removed."""
+    sampler = p.manifest.sampler
+    meta = {
         "key": rec["key"],
         "index": rec["index"],
         "class_name": rec.get("class_name"),
         "category": rec.get("category"),
         "prompt": rec.get("prompt"),
         "negative_prompt": rec.get("negative_prompt"),
-        "attributes": attributes,
+        "attributes": attributes_of(rec, p.attribute_keys),
         "seed": rec.get("seed"),
-        "model": rec.get("model"),
+        "model": public_model(rec.get("model")),
         "alpha_source": rec.get("alpha_source"),
+        "sampler": {
+            "steps": sampler.steps,
+            "guidance": float(sampler.guidance),
+            "scheduler": sampler.scheduler,
+            "width": sampler.width,
+            "height": sampler.height,
+        },
         "size": {"width": rec.get("width"), "height": rec.get("height")},
         "scores": {
             "gsg": _round(rec.get("gsg")),
@@ -105,18 +110,17 @@ def sample_json(rec: dict[str, Any], m: Members, split: str, settings: ExportSet
             "alpha_coverage": _round(rec.get("alpha_coverage")),
             "touches_border": rec.get("touches_border"),
             "contains_key_color": rec.get("contains_key_color"),
-            "phash": None if phash is None else f"{phash & ((1 << 64) - 1):016x}",
+            "phash": phash_hex(rec.get("phash")),
         },
-    }
-    meta = {**base, **m.meta}
-    meta["alpha_bits"] = settings.alpha_bits
-    meta["file_bytes"] = {"image": len(m.image), "alpha": len(m.alpha), "fg": len(m.fg)}
-    meta["export"] = {
-        "split": split,
-        "image_format": settings.image_format,
-        "image_copied": m.image_copied,
-        "alpha_copied": m.alpha_copied,
-        "factory_version": __version__,
+        "alpha_bits": settings.alpha_bits,
+        "file_bytes": {"image": len(m.image), "alpha": len(m.alpha), "fg": len(m.fg)},
+        "export": {
+            "split": split,
+            "image_format": settings.image_format,
+            "image_copied": m.image_copied,
+            "alpha_copied": m.alpha_copied,
+            "factory_version": __version__,
+        },
     }
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str).encode()
 

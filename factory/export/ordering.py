@@ -84,6 +84,11 @@ def plan_order(rows: pa.Table, splits: dict[str, float], seed: int) -> pa.Table:
     return out.append_column("split", split_col.cast(pa.string()))
 
 
+#: The shape of the exported members (their names and JSON fields): a new shape restarts an
+#: export made by an older factory instead of resuming it with samples of two shapes.
+MEMBERS_VERSION = 2
+
+
 def plan_fingerprint(ordered: pa.Table, settings: ExportSettings, store: RunStore) -> str:
     """Identity of an export plan: same fingerprint, same shards (so finished ones can be kept)."""
     info = store.info
@@ -91,6 +96,8 @@ def plan_fingerprint(ordered: pa.Table, settings: ExportSettings, store: RunStor
     content = settings.model_dump(mode="json")
     if settings.image_format != "jpg":
         content.pop("jpeg_quality")  # PNG exports do not depend on it
+    content.pop("license")  # only the card shows it
+    content["members"] = MEMBERS_VERSION
     h.update(json.dumps({"settings": content, "fingerprint": info.get("fingerprint"), "model": info.get("model")}, sort_keys=True).encode())
     for name in ("key", "split"):
         h.update("\n".join(ordered[name].to_pylist()).encode())

@@ -12,6 +12,7 @@ from typing import Any
 from factory import __version__
 from factory.errors import InputError
 from factory.export.prepare import Prepared
+from factory.export.schema import public_model
 from factory.fsutil import TMP_PREFIX, FileLock, atomic_write_text
 
 EXPORT_FILE = "export.json"
@@ -75,10 +76,10 @@ def export_state(p: Prepared, state: str, **extra: Any) -> dict[str, Any]:
         "format": p.settings.format,
         "plan": p.fingerprint,
         "settings": p.settings.model_dump(mode="json"),
-        "run": str(p.store.root),
+        "run": p.store.root.name,  # the run folder's name: no path of this machine in an export
         "manifest": info.get("manifest"),
         "fingerprint": info.get("fingerprint"),
-        "model": info.get("model"),
+        "model": public_model(info.get("model")),
         "selection": p.source.selection.name if p.source.selection is not None else None,
         "samples": p.ordered.num_rows,
         "factory_version": __version__,

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from factory.errors import InputError
 from factory.export.options import ExportOptions, resolve_settings
 from factory.export.ordering import plan_fingerprint, plan_order
+from factory.export.schema import attribute_keys
 from factory.manifest import ExportSettings, Manifest
 from factory.sample import STATUS_DONE
 from factory.selection import Selection, list_selections, load_selection
@@ -69,6 +70,7 @@ class Prepared:
     out: Path
     fingerprint: str
     options: ExportOptions
+    attribute_keys: list[str]  # every attribute key of the rows: the exported struct's fields
 
 
 def prepare(options: ExportOptions) -> Prepared:
@@ -89,7 +91,8 @@ def prepare(options: ExportOptions) -> Prepared:
     ordered = plan_order(source.rows, settings.split, settings.shuffle_seed)
     name = source.selection.name if source.selection is not None else "all"
     out = Path(options.out) if options.out is not None else store.root / "export" / f"{name}-{settings.format}"
-    return Prepared(store, manifest, settings, source, ordered, out, plan_fingerprint(ordered, settings, store), options)
+    fingerprint = plan_fingerprint(ordered, settings, store)
+    return Prepared(store, manifest, settings, source, ordered, out, fingerprint, options, attribute_keys(ordered))
 
 
 #: The option that relaxes each filter reason (for the "nothing to export" hint).

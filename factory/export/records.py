@@ -38,30 +38,41 @@ class LazyRows:
             yield self[i]
 
 
-RECORD_SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string()),
-        pa.field("index", pa.int64()),
-        pa.field("split", pa.string()),
-        pa.field("shard", pa.string()),
-        pa.field("path", pa.string()),
-        pa.field("class_name", pa.string()),
-        pa.field("category", pa.string()),
-        pa.field("gsg", pa.float32()),
-        pa.field("alpha_coverage", pa.float32()),
-        pa.field("image_bytes", pa.int64()),
-        pa.field("alpha_bytes", pa.int64()),
-        pa.field("fg_bytes", pa.int64()),
-        pa.field("json_bytes", pa.int64()),
-    ]
-)
+RECORD_FIELDS = [
+    pa.field("key", pa.string()),
+    pa.field("index", pa.int64()),
+    pa.field("split", pa.string()),
+    pa.field("shard", pa.string()),
+    pa.field("path", pa.string()),
+    pa.field("class_name", pa.string()),
+    pa.field("category", pa.string()),
+    pa.field("gsg", pa.float32()),
+    pa.field("alpha_coverage", pa.float32()),
+    pa.field("image_bytes", pa.int64()),
+    pa.field("alpha_bytes", pa.int64()),
+    pa.field("fg_bytes", pa.int64()),
+    pa.field("json_bytes", pa.int64()),
+]
+
+
+def record_schema(attribute_keys: list[str]) -> pa.Schema:
+    """The columns of samples.parquet; ``attributes`` is a struct of the export's attribute keys."""
+    return pa.schema(
+        [
+            *RECORD_FIELDS[:7],
+            pa.field("attributes", pa.struct([pa.field(k, pa.string()) for k in attribute_keys])),
+            *RECORD_FIELDS[7:],
+            pa.field("phash", pa.string()),  # imagehash's 16 hex digits
+        ]
+    )
 
 
 class Records:
     """The exported samples (rows of samples.parquet), kept column by column."""
 
-    def __init__(self) -> None:
-        self.cols: dict[str, list[Any]] = {name: [] for name in RECORD_SCHEMA.names}
+    def __init__(self, attribute_keys: list[str]) -> None:
+        self.schema = record_schema(attribute_keys)
+        self.cols: dict[str, list[Any]] = {name: [] for name in self.schema.names}
 
     def __len__(self) -> int:
         return len(self.cols["key"])
@@ -71,7 +82,7 @@ class Records:
             values.append(row.get(name))
 
     def table(self) -> pa.Table:
-        return pa.table(self.cols, schema=RECORD_SCHEMA)
+        return pa.table(self.cols, schema=self.schema)
 
 
 def split_rows(ordered: pa.Table, split: str) -> LazyRows:

@@ -27,6 +27,7 @@ from factory.export.card import (
     README,
     CardInfo,
     pick_sheet_rows,
+    plural,
     stats_json,
     write_card,
 )
@@ -78,15 +79,24 @@ class ExportSummary:
                 continue
             where = f"{s['shards']} shard{'s' if s['shards'] != 1 else ''}" if self.format == "webdataset" else f"{name}/"
             out.append(f"  {name:<8} {s['samples']:>9} samples  {where}  {s['bytes'] / 1e6:,.1f} MB")
-        rate = self.bytes_written / 1e6 / self.seconds if self.seconds > 0 else 0.0
         out.append(
-            f"exported {self.exported} samples ({self.format}) to {self.out} in {self.seconds:.1f} s"
-            + (f" ({rate:,.0f} MB/s written)" if self.bytes_written else "")
+            f"exported {plural(self.exported, 'sample')} ({self.format}) to {self.out} in {self.seconds:.1f} s"
+            + (f" ({_rate(self.bytes_written, self.seconds)} written)" if self.bytes_written else "")
         )
         if self.problems:
-            out.append(f"skipped {len(self.problems)} damaged samples (listed above and in {STATS_FILE})")
+            out.append(f"skipped {plural(len(self.problems), 'damaged sample')} (listed above and in {STATS_FILE})")
         out.append(f"dataset card: {self.out / README}")
         return out
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    """Bytes per second with a unit that shows a non-zero figure (``0.2 MB/s``, ``35 kB/s``)."""
+    per_s = nbytes / seconds if seconds > 0 else 0.0
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if per_s >= scale:
+            value = per_s / scale
+            return f"{value:,.0f} {unit}" if value >= 10 else f"{value:.1f} {unit}"
+    return f"{per_s:.0f} B/s"
 
 
 def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None = None) -> ExportSummary:
@@ -159,14 +169,14 @@ def _finish(p: Prepared, outdir: OutDir, result: WriteResult, started: str) -> E
     finished = datetime.now(UTC).isoformat(timespec="seconds")
     stats = {
         "format": fmt,
-        "run": str(p.store.root),
+        "run": p.store.root.name,
         "source": p.source.description,
         "settings": settings,
         "splits": splits,
         "per_class": per_class,
         "exported": table.num_rows,
         "planned": p.ordered.num_rows,
-        "skipped": result.problems,
+        "skipped": [relative_text(line, p) for line in result.problems],
         "resumed_samples": result.resumed_samples,
         "started": started,
         "finished": finished,
@@ -187,6 +197,8 @@ def _finish(p: Prepared, outdir: OutDir, result: WriteResult, started: str) -> E
         sheet_rows=pick_sheet_rows(table.slice(0, 5000).to_pylist()),
         problems=result.problems,
         loading=FORMATS[fmt].loading(p, result),
+        attribute_keys=p.attribute_keys,
+        image_sizes=_image_sizes(p),
     )
     write_card(card)
     outdir.write_state(
@@ -202,6 +214,19 @@ def _finish(p: Prepared, outdir: OutDir, result: WriteResult, started: str) -> E
         resumed_samples=result.resumed_samples,
         bytes_written=result.bytes_written,
     )
+
+
+def relative_text(text: str, p: Prepared) -> str:
+    """``text`` with the run's and the export's absolute paths named relative to the export."""
+    for root, name in ((p.out.resolve(), "."), (p.store.root.resolve(), p.store.root.name)):
+        text = text.replace(f"{root}/", f"{name}/").replace(str(root), name)
+    return text
+
+
+def _image_sizes(p: Prepared) -> dict[str, int]:
+    """``"WxH" -> samples`` of the exported rows, from the index (the true sizes)."""
+    counts = p.ordered.group_by(["width", "height"]).aggregate([("key", "count")])
+    return {f"{w}x{h}": n for w, h, n in zip(*(counts[c].to_pylist() for c in ("width", "height", "key_count")), strict=True)}
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from factory.export.members import load_members, load_or_skip, sample_json
 from factory.export.options import SLOW_ENV
 from factory.export.outdir import OutDir
 from factory.export.prepare import Prepared
+from factory.export.schema import attributes_of, phash_hex
 from factory.export.records import LazyRows, Records, SplitResult, WriteResult, split_rows
 from factory.fsutil import atomic_write_text, fsync_path, temp_name
 from factory.integrity import CorruptSample, FileReader, OpenFile, copy_file
@@ -166,7 +167,7 @@ def write_webdataset(
     settings, out = p.settings, outdir.root
     mtime = _run_mtime(p)
     delay = float(os.environ.get(SLOW_ENV, "0") or 0)
-    result = WriteResult(records=Records(), splits={}, problems=[])
+    result = WriteResult(records=Records(p.attribute_keys), splits={}, problems=[])
     reader = FileReader(kernel_copy=True)  # checked through a small buffer, copied file to file
     for split in settings.split_order():
         rows = split_rows(p.ordered, split)
@@ -186,7 +187,7 @@ def write_webdataset(
                     advance(1, 0)
                     continue
                 try:
-                    meta = sample_json(rec, m, split, settings)
+                    meta = sample_json(rec, m, split, settings, p)
                     members = sample_tar_members(rec["key"], settings.image_ext, m.image, m.alpha, m.fg, meta)
                     size = members_size(members, mtime)
                     if writer is not None and (writer.count >= settings.maxcount or writer.size + size > settings.maxsize):
@@ -198,7 +199,7 @@ def write_webdataset(
                     writer.add(members, reader.scratch)
                 finally:
                     m.close()
-                result.records.append(_record(rec, split, writer.final.name, [len(d) for _, d in members]))
+                result.records.append(_record(p, rec, split, writer.final.name, [len(d) for _, d in members]))
                 advance(1, size)
                 if delay:
                     time.sleep(delay)
@@ -225,9 +226,11 @@ def _finish(writer: TarShard, sres: SplitResult, result: WriteResult) -> None:
     result.bytes_written += size
 
 
-def _record(rec: dict[str, Any], split: str, shard: str, sizes: list[int]) -> dict[str, Any]:
+def _record(p: Prepared, rec: dict[str, Any], split: str, shard: str, sizes: list[int]) -> dict[str, Any]:
     """A row of samples.parquet: the exported sample, its shard and member sizes."""
     return {
+        "attributes": attributes_of(rec, p.attribute_keys),
+        "phash": phash_hex(rec.get("phash")),
         "key": rec["key"],
         "index": rec["index"],
         "split": split,
@@ -315,7 +318,7 @@ def _resume_split(
             ) or sizes["fg.png"] != rec["fg_bytes"]:
                 ok = False
                 break
-            records.append(_record(rec, split, path.name, [sizes[s] for s in expected_suffixes]))
+            records.append(_record(p, rec, split, path.name, [sizes[s] for s in expected_suffixes]))
             consumed += 1
         if not ok or len(samples) > settings.maxcount:
             break
