@@ -69,7 +69,7 @@ def test_webdataset_export_reads_back_exactly(cli, run, tmp_path: Path) -> None:
         for s in samples:
             key = s["__key__"]
             files = store_files(run, key)
-            assert set(s) >= {"png", "alpha.png", "fg.png", "json"}
+            assert set(s) >= {"png", "alpha.png", "fg.png", "json", "txt"}
             assert s["png"] == files[".png"] and s["alpha.png"] == files[".alpha.png"] and s["fg.png"] == files[".fg.png"]
             with Image.open(io.BytesIO(s["alpha.png"])) as im:
                 assert im.mode == "L" and len(im.getbands()) == 1
@@ -79,6 +79,7 @@ def test_webdataset_export_reads_back_exactly(cli, run, tmp_path: Path) -> None:
             assert meta["class_name"] == stored["class_name"] and meta["attributes"] == stored["attributes"]
             assert meta["model"] == "fake:1" and meta["scores"]["gsg"] >= 0.8 and meta["size"] == {"width": 32, "height": 32}
             assert meta["export"]["split"] == split and meta["file_bytes"]["image"] == len(s["png"])
+            assert s["txt"] == stored["prompt"].encode()  # the caption member
         # the wids index describes the shards as they are
         index = json.loads((out / f"{split}.wids.json").read_text())
         assert index["__kind__"] == "wids-shard-index-v1"
@@ -87,6 +88,12 @@ def test_webdataset_export_reads_back_exactly(cli, run, tmp_path: Path) -> None:
             path = out / entry["url"]
             assert entry["filesize"] == path.stat().st_size
             assert entry["nsamples"] == len(read_shards([path])) <= 8
+    # the caption as a training loader reads it: webdataset's decoder gives str
+    import webdataset as wds
+
+    decoded = wds.WebDataset([str(p) for p in sorted(out.glob("val-*.tar"))], shardshuffle=False).decode().to_tuple("txt", "json")
+    captions = list(decoded)
+    assert len(captions) == 8 and all(isinstance(t, str) and t == m["prompt"] and "green" in t for t, m in captions)
     train, val = keys_by_split["train"], keys_by_split["val"]
     assert set(train) | set(val) == selected and not set(train) & set(val)
     assert len(train) + len(val) == len(selected) == len(set(train + val))
@@ -231,7 +238,7 @@ def test_killed_export_leaves_no_partial_shard_and_resumes(cli, run, tmp_path: P
     for shard in finals:  # every final-named shard is a complete tar of whole samples
         with tarfile.open(shard) as tar:
             names = tar.getnames()
-        assert len(names) == 5 * 4 and len({n.split(".")[0] for n in names}) == 5
+        assert len(names) == 5 * 5 and len({n.split(".")[0] for n in names}) == 5
     assert list(out.glob(".tmp-*.tar.*")), "the shard in progress stays under its temporary name"
     state = json.loads((out / "export.json").read_text())
     assert state["state"] == "writing"

@@ -48,7 +48,6 @@ class CardInfo:
     loading: str = ""
     attribute_keys: list[str] = field(default_factory=list)  # the exported attributes struct's fields
     image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> samples, from the index
-    extra_members: list[tuple[str, str]] = field(default_factory=list)  # WebDataset (suffix, dtype)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -191,7 +190,7 @@ def _license(info: CardInfo) -> tuple[str, str]:
 def _front_matter(info: CardInfo) -> str:
     splits = {name: s["samples"] for name, s in info.splits.items() if s["samples"]}
     files = {name: f"{name}-*.tar" if info.format == "webdataset" else f"{name}/**" for name in splits}
-    features = hf_features(info.format, info.settings["image_format"], info.attribute_keys, info.extra_members)
+    features = hf_features(info.format, info.settings["image_format"], info.attribute_keys)
     pretty = f"{info.manifest.name}: synthetic image-matting dataset"
     return front_matter(pretty_name=pretty, license=_license(info)[0], splits=splits, data_files=files, features=features) + "\n"
 
@@ -285,8 +284,8 @@ def write_card(info: CardInfo) -> Path:
 
 WEBDATASET_LOADING = """\
 Shards `SPLIT-NNNNNN.tar`; each sample has `KEY.IMAGE_EXT` (the image on green), `KEY.alpha.png`
-(one channel, 8 or 16 bits), `KEY.fg.png` (decontaminated foreground) and `KEY.json` (prompt,
-class, attributes, seed, scores, model, sizes, split). `SPLIT.wids.json` is a `wids-shard-index-v1`
+(one channel, 8 or 16 bits), `KEY.fg.png` (decontaminated foreground), `KEY.json` (prompt,
+class, attributes, seed, scores, model, sizes, split) and `KEY.txt` (the caption: the prompt). `SPLIT.wids.json` is a `wids-shard-index-v1`
 index; `samples.parquet` lists every sample with its shard; `stats.json` has the counts.
 
 ```python
@@ -299,7 +298,7 @@ def one_channel(data):  # keep the matte single-channel; a generic "pil" decoder
 
 ds = (wds.WebDataset("train-{000000..LAST}.tar", shardshuffle=False)
       .decode(wds.handle_extension("alpha.png", one_channel), "pil")
-      .to_tuple("IMAGE_EXT", "alpha.png", "fg.png", "json"))
+      .to_tuple("IMAGE_EXT", "alpha.png", "fg.png", "txt", "json"))
 ```
 """
 

@@ -145,18 +145,15 @@ FOLDER_COLUMNS: list[tuple[str, str]] = [
 ]
 
 
-def hf_features(fmt: str, image_ext: str, keys: list[str], extra_members: list[tuple[str, str]] = ()) -> list[dict[str, Any]]:
-    """The ``dataset_info.features`` list of the card's YAML header for an export of ``fmt``.
-
-    ``extra_members``: further WebDataset members as (suffix, dtype), e.g. ``("txt", "string")``.
-    """
+def hf_features(fmt: str, image_ext: str, keys: list[str]) -> list[dict[str, Any]]:
+    """The ``dataset_info.features`` list of the card's YAML header for an export of ``fmt``."""
     if fmt == "webdataset":
         fields: list[tuple[str, dict[str, Any]]] = [
             (image_ext, _value("image")),
             ("alpha.png", _value("image")),
             ("fg.png", _value("image")),
             ("json", sample_json_feature(keys)),
-            *((suffix, _value(dtype)) for suffix, dtype in extra_members),
+            ("txt", _value("string")),  # the caption
             ("__key__", _value("string")),
             ("__url__", _value("string")),
         ]

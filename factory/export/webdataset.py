@@ -1,4 +1,6 @@
-"""WebDataset shards: ``{split}-%06d.tar`` with ``KEY.png|jpg``, ``KEY.alpha.png``, ``KEY.fg.png``, ``KEY.json``.
+"""WebDataset shards: ``{split}-%06d.tar`` with ``KEY.png|jpg``, ``KEY.alpha.png``, ``KEY.fg.png``, ``KEY.json``
+and ``KEY.txt`` (the caption: the prompt the image was drawn from, as img2dataset and most
+training loaders expect).
 
 Each shard is written to ``.tmp-{name}.{pid}`` in the output folder, flushed, fsynced and renamed,
 so a file under a final shard name is always a complete tar. Headers are built with ``tarfile``
@@ -37,7 +39,7 @@ WIDS_SUFFIX = ".wids.json"
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads archives to a whole record
 SHARD_RE = re.compile(r"^(?P<split>[a-z][a-z0-9_]*)-(?P<n>\d{6})\.tar$")
-_MEMBER_SUFFIXES = ("alpha.png", "fg.png", "json")
+_MEMBER_SUFFIXES = ("alpha.png", "fg.png", "json", "txt")
 
 
 def shard_name(split: str, number: int) -> str:
@@ -148,8 +150,16 @@ class TarShard:
             pass
 
 
-def sample_tar_members(key: str, image_ext: str, image: Any, alpha: Any, fg: Any, meta: bytes) -> list[tuple[str, Any]]:
-    return [(f"{key}.{image_ext}", image), (f"{key}.alpha.png", alpha), (f"{key}.fg.png", fg), (f"{key}.json", meta)]
+def sample_tar_members(
+    key: str, image_ext: str, image: Any, alpha: Any, fg: Any, meta: bytes, caption: str
+) -> list[tuple[str, Any]]:
+    return [
+        (f"{key}.{image_ext}", image),
+        (f"{key}.alpha.png", alpha),
+        (f"{key}.fg.png", fg),
+        (f"{key}.json", meta),
+        (f"{key}.txt", caption.encode("utf-8")),
+    ]
 
 
 def members_size(members: list[tuple[str, Any]], mtime: int) -> int:
@@ -188,7 +198,7 @@ def write_webdataset(
                     continue
                 try:
                     meta = sample_json(rec, m, split, settings, p)
-                    members = sample_tar_members(rec["key"], settings.image_ext, m.image, m.alpha, m.fg, meta)
+                    members = sample_tar_members(rec["key"], settings.image_ext, m.image, m.alpha, m.fg, meta, rec.get("prompt") or "")
                     size = members_size(members, mtime)
                     if writer is not None and (writer.count >= settings.maxcount or writer.size + size > settings.maxsize):
                         _finish(writer, sres, result)
