@@ -147,8 +147,25 @@ def generate_cmd(
     device: Annotated[Optional[str], typer.Option("--device", help="torch device for --no-ray (cpu, cuda).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (GPU, fixed resolution).")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Override the manifest's base seed.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. Default: the manifest's sampler.steps.")] = None,
+    guidance: Annotated[
+        Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale. Default: the manifest's.")
+    ] = None,
+    size: Annotated[
+        Optional[str], typer.Option("--size", help="Image size: SIZE or WIDTHxHEIGHT, multiples of 8 (e.g. 512, 768x512).")
+    ] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option("--scheduler", help="dpmpp, ddim, euler, euler_a, pndm or unipc. Default: the manifest's.")
+    ] = None,
+    negative_prompt: Annotated[
+        Optional[str], typer.Option("--negative-prompt", help="Negative prompt of every sample ('' for none).")
+    ] = None,
 ) -> None:
     """Plan, sample, matte, score and store N samples; re-running the same command resumes.
+
+    --steps, --guidance, --size, --scheduler and --negative-prompt override the manifest and are
+    recorded in the run's copy of it (RUN/manifest.yaml) and its fingerprint: resuming a run with
+    other values is refused (pass --restart or another --out).
 
     Starts a local Ray instance sized to the machine unless --address is given. Failed samples are
     recorded with their error and the run goes on; the exit code is 0 unless --strict.
@@ -174,6 +191,11 @@ def generate_cmd(
             device=device,
             compile=compile,
             seed=seed,
+            steps=steps,
+            guidance=guidance,
+            size=size,
+            scheduler=scheduler,
+            negative_prompt=negative_prompt,
         )
     )
     for line in summary.lines():

@@ -19,19 +19,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from factory.errors import Interrupted
-from factory.finish import FinishSettings
-from factory.manifest import Manifest, ModelSpec, load_manifest
+from factory.errors import InputError, Interrupted
+from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
 from factory.sample import SampleResult
 from factory.store import RunStore, remember_latest_run
-from factory.worker import WorkSpec, load_work_sampler, process_batch
+
+if TYPE_CHECKING:  # the worker side imports the matting stack (numba, seconds): not before it is needed
+    from factory.worker import WorkSpec
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class GenerateOptions:
     compile: bool = False
     seed: int | None = None
     progress: bool = True
+    # sampler settings over the manifest's; recorded in the run's manifest and its fingerprint
+    steps: int | None = None
+    guidance: float | None = None
+    size: str | None = None  # "512" or "WIDTHxHEIGHT"
+    scheduler: str | None = None
+    negative_prompt: str | None = None
 
 
 class Executor(Protocol):
@@ -97,11 +104,15 @@ class LocalExecutor:
     """Everything in this process: one sampler, batches in plan order."""
 
     def __init__(self, spec: WorkSpec) -> None:
+        from factory.worker import load_work_sampler
+
         self.spec = spec
         self.sampler = load_work_sampler(spec, spec.device)
         self.batch_size = spec.batch_size_for(self.sampler)
 
     def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]:
+        from factory.worker import process_batch
+
         size = self.batch_size
         for start in range(0, len(rows), size):
             yield process_batch(self.sampler, rows[start : start + size], self.spec.finish, worker="local")
@@ -113,10 +124,40 @@ class LocalExecutor:
 # ------------------------------------------------------------------------------ the driver
 
 
+def parse_image_size(value: str) -> tuple[int, int]:
+    """``512`` -> (512, 512); ``768x512`` -> (768, 512) (width x height)."""
+    width, sep, height = value.strip().lower().partition("x")
+    try:
+        size = (int(width), int(height) if sep else int(width))
+    except ValueError:
+        raise InputError(f"--size {value}: give SIZE or WIDTHxHEIGHT in pixels, e.g. 512 or 768x512") from None
+    return size
+
+
+def sampler_overrides(manifest: Manifest, opts: GenerateOptions) -> SamplerSettings:
+    """The manifest's sampler settings with ``--steps``, ``--guidance``, ``--size``, ``--scheduler``,
+    validated by the manifest's own model (same limits, one-line errors naming the option)."""
+    width, height = parse_image_size(opts.size) if opts.size is not None else (None, None)
+    overrides = {"steps": opts.steps, "guidance": opts.guidance, "width": width, "height": height, "scheduler": opts.scheduler}
+    try:
+        return with_overrides(manifest.sampler, overrides)
+    except InputError as exc:
+        message = str(exc)
+        if message.startswith(("--width", "--height")):
+            message = f"--size {opts.size}: {message.split(': ', 1)[-1]}"
+        raise InputError(message) from None
+
+
 def resolve_manifest(opts: GenerateOptions) -> Manifest:
-    """The manifest with the command line's overrides applied."""
+    """The manifest with the command line's overrides applied: the manifest as run, whose
+    fingerprint decides whether an existing run may be resumed."""
     manifest = load_manifest(opts.manifest)
     top: dict[str, Any] = {}
+    sampler = sampler_overrides(manifest, opts)
+    if sampler != manifest.sampler:
+        top["sampler"] = sampler
+    if opts.negative_prompt is not None:
+        top["negative_prompt"] = opts.negative_prompt
     if opts.model is not None or opts.loras or opts.allow_pickle or opts.safety_checker:
         data = manifest.model.model_dump()
         if opts.model is not None:
@@ -156,6 +197,9 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
         summary.notes.append("nothing to do: every planned sample is done")
         store.fold()
         return summary
+    from factory.finish import FinishSettings
+    from factory.worker import WorkSpec
+
     sampler = manifest.sampler
     if opts.batch_size:  # the sampler's own chunking follows --batch-size (it never changes an image)
         sampler = sampler.model_copy(update={"batch_size": opts.batch_size})

@@ -1,0 +1,100 @@
+"""`factory generate` as a user meets it, without a model: the sampler options recorded in the run,
+fast refusal of bad arguments, the start-up status and the progress bar (a fake executor stands in
+for Ray and the sampler, so nothing here imports torch)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from factory.errors import InputError
+from factory.generate import GenerateOptions, run_generate
+from factory.store import RunStore
+from tests.fake_run import sample_result
+
+
+class FakeExecutor:
+    """Yields finished samples one batch at a time, like the real executors."""
+
+    def __init__(self, spec, opts, batch: int = 2, on_run=None) -> None:
+        self.spec, self.batch, self.on_run = spec, batch, on_run
+
+    def run(self, rows):
+        if self.on_run is not None:
+            self.on_run()
+        for start in range(0, len(rows), self.batch):
+            yield [sample_result(row) for row in rows[start : start + self.batch]]
+
+    def close(self) -> None:
+        pass
+
+
+def fake_executor(spec, opts):
+    return FakeExecutor(spec, opts)
+
+
+def _opts(manifest: Path, out: Path, n: int = 4, **kw) -> GenerateOptions:
+    return GenerateOptions(manifest=manifest, n=n, out=out, model="tiny", progress=False, **kw)
+
+
+def test_sampler_options_are_recorded_in_the_run_and_a_resume_with_others_is_refused(small_manifest: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    options = {"steps": 3, "guidance": 4.5, "size": "48x32", "scheduler": "euler", "negative_prompt": "lowres"}
+    summary = run_generate(_opts(small_manifest, out, **options), executor_factory=fake_executor)
+    assert summary.done == 4
+    manifest = RunStore.open(out).manifest()  # the manifest as run: RUN/manifest.yaml
+    s = manifest.sampler
+    assert (s.steps, s.guidance, s.width, s.height, s.scheduler) == (3, 4.5, 48, 32, "euler")
+    assert manifest.negative_prompt == "lowres"
+    assert set(RunStore.open(out).index()["negative_prompt"].to_pylist()) == {"lowres"}
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == manifest.fingerprint()
+
+    # the same values resume; any other value is refused like an edited manifest
+    again = run_generate(_opts(small_manifest, out, **options), executor_factory=fake_executor)
+    assert again.done == 0 and again.skipped == 4
+    for change in ({"steps": 4}, {"guidance": 5.0}, {"size": "48"}, {"scheduler": "ddim"}, {"negative_prompt": ""}):
+        with pytest.raises(InputError, match="different manifest.*--restart"):
+            run_generate(_opts(small_manifest, out, **{**options, **change}), executor_factory=fake_executor)
+    # the manifest's own values are what the options default to
+    plain = run_generate(_opts(small_manifest, tmp_path / "plain"), executor_factory=fake_executor)
+    assert RunStore.open(plain.run).manifest().sampler.steps == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n", "0"], "--n must be a positive integer"),
+        (["--n", "4", "--steps", "0"], "--steps 0: "),
+        (["--n", "4", "--guidance", "99"], "--guidance 99.0: "),
+        (["--n", "4", "--size", "100"], "--size 100: must be a multiple of 8"),
+        (["--n", "4", "--size", "big"], "--size big: give SIZE or WIDTHxHEIGHT"),
+        (["--n", "4", "--scheduler", "fast"], "--scheduler 'fast': "),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_heavy(cli, small_manifest: Path, tmp_path: Path, args, message) -> None:
+    heavy = ("ray", "torch", "factory.worker", "factory.distribute", "factory.finish")
+    loaded_before = {m for m in heavy if m in sys.modules}
+    res = cli(["generate", "-m", small_manifest, "--out", tmp_path / "r", *args])
+    assert res.code == 2 and message in res.err, res.err
+    assert {m for m in heavy if m in sys.modules} == loaded_before  # nothing heavy was imported for it
+    assert not (tmp_path / "r").exists()
+
+
+def test_n_0_is_refused_without_importing_ray_torch_or_the_matting_stack(small_manifest: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys\nfrom cli import main\n"
+        f"try:\n    main(['generate', '-m', {str(small_manifest)!r}, '--n', '0'])\n"
+        "except SystemExit as exc:\n    code = exc.code\n"
+        "heavy = ('ray', 'torch', 'diffusers', 'numba', 'factory.worker', 'factory.finish')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.stdout.strip() == "2 []", (res.stdout, res.stderr)
+    assert "--n must be a positive integer" in res.stderr
