@@ -4,7 +4,6 @@ for Ray and the sampler, so nothing here imports torch)."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
