@@ -237,6 +237,64 @@ class ExportSettings(_Strict):
         return [TRAIN_SPLIT, *self.split]
 
 
+def _ordered_pair(name: str, pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name} range {pair[0]:g},{pair[1]:g} is out of order (give LOW,HIGH)")
+    return pair
+
+
+class CompositeSettings(_Strict):
+    """How ``factory composite`` pastes objects into scenes (docs/composite.md): the manifest's
+    ``composite:`` section, and the command's options validated by the same fields."""
+
+    layout: Literal["dim", "baked", "scenes"] = "baked"
+    backgrounds: str | None = None  # a folder, WebDataset shards, or "procedural"
+    per_object: int = Field(4, ge=1, le=10_000)  # composites (or pairings) per object
+    size: int | None = Field(512, ge=16, le=8192)  # square output side; None: the background's size
+    format: Literal["webdataset", "folder"] = "webdataset"  # baked: shards, or im/ + gt/ folders
+    maxcount: int = Field(1000, ge=1)  # composites per shard (baked) and per committed part
+    alpha_bits: Literal[8, 16] = 8
+    layers: bool = False  # baked: also write the placed foreground and background
+    scale: tuple[float, float] = (0.35, 0.8)  # object's longer side / background's shorter side
+    rotation: float = Field(0.0, ge=0.0, le=180.0)  # degrees, drawn in [-rotation, rotation]
+    flip: float = Field(0.5, ge=0.0, le=1.0)  # probability of a horizontal flip
+    truncation: float = Field(0.0, ge=0.0, lt=1.0)  # largest fraction of the object left outside
+    min_visible: float = Field(0.3, ge=0.0, le=1.0)  # scenes: an instance shows at least this much
+    min_size: int = Field(16, ge=1)  # the placed object's longer side, pixels
+    objects: tuple[int, int] = (2, 4)  # scenes: objects per scene
+    blend: list[Literal["none", "gaussian", "motion", "poisson"]] = ["none", "gaussian", "motion"]
+    mix: float = Field(0.0, ge=0.0, le=1.0)  # baked: probability of mixing in a second foreground
+    harmonize: float = Field(0.0, ge=0.0, le=1.0)  # Reinhard colour transfer strength (0: off)
+    shadow: float = Field(0.0, ge=0.0, le=1.0)  # shadow opacity (0: off)
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)  # scenes: visible alpha -> COCO mask
+    seed: int = Field(0, ge=0, le=2**62)
+    generative: str | None = None  # an SD1.5 inpainting model (folder) for ring repainting
+    prompt: str = "a photo of an object in a scene, natural light, soft contact shadow"
+    ring: int = Field(12, ge=1, le=256)  # repainted ring width around the object, pixels
+    steps: int = Field(20, ge=1, le=200)  # inpainting steps
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] <= 0:
+            raise ValueError("scale must be above 0")
+        return _ordered_pair("scale", v)
+
+    @field_validator("objects")
+    @classmethod
+    def _objects(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 1:
+            raise ValueError("a scene holds at least one object")
+        return _ordered_pair("objects", v)
+
+    @field_validator("blend")
+    @classmethod
+    def _blend(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one blend mode")
+        return list(dict.fromkeys(v))
+
+
 class Manifest(_Strict):
     name: str
     description: str = ""
@@ -248,6 +306,7 @@ class Manifest(_Strict):
     seed: int = Field(0, ge=0, le=2**62)
     filter: FilterSettings = FilterSettings()
     export: ExportSettings = ExportSettings()
+    composite: CompositeSettings = CompositeSettings()
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,112 @@
+"""What each layout writes for one unit of work, as (relative name, bytes) members.
+
+- ``dim``: the object's ``fg/KEY.png`` and ``alpha/KEY.png`` (its files as stored) and the
+  backgrounds it is paired with under ``bg/``; the pairing rows go to ``pairs.csv``. Nothing is
+  composited: a trimap-based trainer composites on the fly.
+- ``baked``: ``KEY.png`` (composite), ``KEY.alpha.png``, ``KEY.trimap.png``, ``KEY.json`` (the
+  recipe) and with ``--layers`` ``KEY.fg.png``, ``KEY.bg.png`` (plus ``KEY.fg_original.png`` when
+  harmonised and ``KEY.shadow.png`` with a shadow). In shards these are tar members; as folders
+  they go to ``im/``, ``gt/``, ``trimap/``, ``recipe/``, ``fg/``, ``bg/``, ... (BiRefNet style).
+- ``scenes``: ``images/KEY.png``, one visible alpha per instance ``masks/KEY.I.png``,
+  ``recipes/KEY.json``; the instances' COCO annotations (:mod:`factory.composite.coco`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from factory.composite.backgrounds import PROCEDURAL, BackgroundSource, procedural_background
+from factory.composite.blend import LABEL_EXACT
+from factory.composite.coco import instance_annotation
+from factory.composite.objects import ObjectRef, ObjectSource, _read
+from factory.composite.placement import rng_for
+from factory.composite.recipe import draw_background
+from factory.composite.render import Rendered
+from factory.imageio import encode_alpha_png, encode_png
+from factory.manifest import CompositeSettings
+
+#: Folder names of the baked layout's members (suffix in shards -> folder).
+BAKED_FOLDERS = {
+    "png": "im",
+    "alpha.png": "gt",
+    "trimap.png": "trimap",
+    "json": "recipe",
+    "fg.png": "fg",
+    "bg.png": "bg",
+    "fg_original.png": "fg_original",
+    "shadow.png": "shadow",
+}
+
+
+def recipe_bytes(recipe: dict[str, Any]) -> bytes:
+    return (json.dumps(recipe, indent=1, sort_keys=True) + "\n").encode()
+
+
+def baked_members(recipe: dict[str, Any], r: Rendered, layers: bool) -> list[tuple[str, bytes]]:
+    """(suffix, bytes) of one baked composite, in a fixed order."""
+    bits = int(recipe["alpha_bits"])
+    out = [
+        ("png", encode_png(r.image)),
+        ("alpha.png", encode_alpha_png(r.alpha, bits)),
+        ("trimap.png", encode_alpha_png(r.trimap.astype(np.float32) / 255.0, 8)),
+        ("json", recipe_bytes(recipe)),
+    ]
+    if layers:
+        out += [("fg.png", encode_png(r.fg)), ("bg.png", encode_png(r.bg))]
+        if r.fg_original is not None:
+            out.append(("fg_original.png", encode_png(r.fg_original)))
+        if r.shadow is not None:
+            out.append(("shadow.png", encode_alpha_png(r.shadow, 8)))
+    return out
+
+
+def baked_folder_name(key: str, suffix: str) -> str:
+    ext = "json" if suffix == "json" else "png"
+    return f"{BAKED_FOLDERS[suffix]}/{key}.{ext}"
+
+
+def scene_members(recipe: dict[str, Any], r: Rendered, threshold: float) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
+    """A scene's files and its instances' annotations (without ids: they are given when folding)."""
+    key, bits = recipe["key"], int(recipe["alpha_bits"])
+    files = [(f"images/{key}.png", encode_png(r.image)), (f"recipes/{key}.json", recipe_bytes(recipe))]
+    instances = []
+    for i, (entry, vis) in enumerate(zip(recipe["objects"], r.visible, strict=True)):
+        name = f"masks/{key}.{i}.png"
+        files.append((name, encode_alpha_png(vis, bits)))
+        ann = instance_annotation(vis, threshold)
+        if ann is not None:
+            ann.update({"class_name": entry["class_name"], "object": entry["key"], "alpha_file": name, "order": i,
+                        "blend": entry["edge"]["mode"]})
+            instances.append(ann)
+    return files, instances
+
+
+def _bg_name(bg_id: str, ext: str) -> str:
+    """A flat file name for a background id (folders and shard names joined with ``__``)."""
+    safe = bg_id.replace("/", "__").replace("#", "__").replace(":", "-")
+    return f"bg/{Path(safe).stem}{ext}"
+
+
+def dim_members(
+    ref: ObjectRef, objects: ObjectSource, backgrounds: BackgroundSource, s: CompositeSettings
+) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
+    """One object's ``fg``/``alpha`` files as stored, and its ``per_object`` background pairings."""
+    files = [(f"fg/{ref.key}.png", _read(ref.fg)), (f"alpha/{ref.key}.png", _read(ref.alpha))]
+    rows = []
+    for k in range(s.per_object):
+        bg = draw_background(rng_for(s.seed, ref.key, k), backgrounds, s.model_copy(update={"size": None}))
+        if bg["id"].startswith(PROCEDURAL + ":"):
+            name = _bg_name(bg["id"], ".png")
+            data = encode_png(procedural_background(int(bg["id"].split(":")[1]), s.size or 512))
+        else:
+            name = _bg_name(bg["id"], Path(bg["id"]).suffix.lower())
+            data = _read(backgrounds.by_id()[bg["id"]].where)
+        files.append((name, data))
+        rows.append({"key": f"{ref.key}-{k:03d}", "fg": f"fg/{ref.key}.png", "alpha": f"alpha/{ref.key}.png", "bg": name,
+                     "k": k, "object": ref.key, "class_name": ref.class_name, "background": bg["id"],
+                     "bg_source": bg["source"], "licence": bg["licence"], "label": LABEL_EXACT})
+    return files, rows

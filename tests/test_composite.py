@@ -1,0 +1,281 @@
+"""`factory composite`: exact labels, occlusion, COCO, the DIM layout, re-rendering, resume, the
+generative ring, and bad input. Objects come from a tiny fake run (32-px discs with soft edges);
+backgrounds are procedural or a few small files made here; composites are 64 px."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli import main
+from factory.composite.backgrounds import load_backgrounds
+from factory.composite.blend import quantized
+from factory.composite.layouts import baked_members
+from factory.composite.objects import load_objects
+from factory.composite.part import KILL_ENV
+from factory.composite.placement import Placement, place_object
+from factory.composite.recipe import frame_side
+from factory.composite.render import _edge, render
+from factory.imageio import decode_alpha, decode_rgb
+from factory.manifest import CompositeSettings
+from tests.fake_run import make_run
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("composite-run")
+    return make_run(folder, 5).root
+
+
+def shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in sorted(out.glob("composite-*.tar")):
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, suffix = info.name.partition(".")
+                samples.setdefault(key, {})[suffix] = tar.extractfile(info).read()
+    return samples
+
+
+def check_exact(image: np.ndarray, alpha: np.ndarray, fg: np.ndarray, bg: np.ndarray) -> None:
+    a = alpha.astype(np.float64)[..., None]
+    expected = np.rint(a * fg + (1 - a) * bg)
+    assert np.abs(image.astype(np.float64) - expected).max() <= 1
+
+
+def test_baked_shards_with_layers_are_exact_and_rerender_from_recipes(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "baked"
+    code, stdout, err = cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--size", 64, "--layers",
+                            "--per-object", 3, "--mix", 0.5, "--harmonize", 0.6, "--shadow", 0.5, "--rotation", 30,
+                            "--truncation", 0.3, "--maxcount", 4, "-o", out)
+    assert code == 0, err
+    assert "wrote 15 composites" in stdout
+    samples = shard_samples(out)
+    assert len(samples) == 15
+    mixed = 0
+    for key, m in samples.items():
+        recipe = json.loads(m["json"])
+        assert recipe["label"] == "exact"
+        mixed += len(recipe["objects"]) == 2
+        image, alpha = decode_rgb(m["png"]), decode_alpha(m["alpha.png"])
+        check_exact(image, alpha, decode_rgb(m["fg.png"]), decode_rgb(m["bg.png"]))
+        assert {"fg_original.png", "shadow.png"} <= set(m)
+        trimap = np.asarray(Image.open(io.BytesIO(m["trimap.png"])))
+        assert set(np.unique(trimap)) <= {0, 128, 255}
+        assert (trimap[alpha == 0] != 255).all() and (trimap[(alpha > 0) & (alpha < 1)] == 128).all()
+    assert 0 < mixed < 15
+    # byte-identical re-render from each recipe alone
+    settings = CompositeSettings(backgrounds="procedural", size=64)
+    objects = load_objects(run_dir, None, None)
+    backgrounds = load_backgrounds("procedural", 16, 64)
+    for key, m in samples.items():
+        recipe = json.loads(m["json"])
+        rendered = render(recipe, objects, backgrounds, frame_side(settings, backgrounds.refs[0]))
+        assert dict(baked_members(recipe, rendered, layers=True)) == m, key
+    assert (out / "contact_sheet.png").is_file() and "exact | 15" in (out / "README.md").read_text()
+    index = json.loads((out / "composites.wids.json").read_text())
+    assert sum(s["nsamples"] for s in index["shardlist"]) == 15
+
+
+def test_baked_folders_16_bit_are_exact(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "folders"
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--size", 48, "--layers", "--format", "folder",
+                       "--alpha-bits", 16, "--per-object", 1, "-o", out)
+    assert code == 0, err
+    keys = sorted(p.stem for p in (out / "im").glob("*.png"))
+    assert len(keys) == 5
+    for key in keys:
+        alpha = decode_alpha((out / "gt" / f"{key}.png").read_bytes())
+        assert Image.open(out / "gt" / f"{key}.png").mode.startswith("I")
+        check_exact(decode_rgb((out / "im" / f"{key}.png").read_bytes()), alpha,
+                    decode_rgb((out / "fg" / f"{key}.png").read_bytes()), decode_rgb((out / "bg" / f"{key}.png").read_bytes()))
+
+
+def make_backgrounds(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(["a.png", "sub/b.jpg", "sub/c.png"]):
+        Image.fromarray(rng.integers(0, 255, (40 + 10 * i, 60, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "LICENSE").write_text("CC-BY-4.0 test backgrounds\n")
+    return folder
+
+
+def vitmatte_style_sample(root: Path, row: dict[str, str], other: dict[str, str], rng: np.random.Generator, crop: int = 24):
+    """What a ViTMatte-style DIM loader does: read fg/alpha/bg, maybe mix a second foreground,
+    resize the background to the foreground, crop, composite, trimap by eroding the alpha."""
+    from scipy import ndimage
+
+    fg = np.asarray(Image.open(root / row["fg"]).convert("RGB"), np.float32)
+    alpha = np.asarray(Image.open(root / row["alpha"]), np.float32) / 255.0
+    if rng.random() < 0.5:
+        fg2 = np.asarray(Image.open(root / other["fg"]).convert("RGB"), np.float32)
+        a2 = np.asarray(Image.open(root / other["alpha"]), np.float32) / 255.0
+        mixed = 1 - (1 - alpha) * (1 - a2)
+        fg = (alpha[..., None] * fg + ((1 - alpha) * a2)[..., None] * fg2) / np.maximum(mixed, 1e-6)[..., None]
+        alpha = mixed
+    h, w = alpha.shape
+    bg = np.asarray(Image.open(root / row["bg"]).convert("RGB").resize((w, h)), np.float32)
+    y, x = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
+    fg, alpha, bg = fg[y : y + crop, x : x + crop], alpha[y : y + crop, x : x + crop], bg[y : y + crop, x : x + crop]
+    image = alpha[..., None] * fg + (1 - alpha[..., None]) * bg
+    fg_mask = ndimage.binary_erosion(alpha >= 1, iterations=2)
+    unknown = ~fg_mask & ndimage.binary_dilation(alpha > 0, iterations=2)
+    trimap = np.where(fg_mask, 255, np.where(unknown, 128, 0))
+    return image, alpha, trimap
+
+
+def test_dim_layout_read_by_a_vitmatte_style_loader(run_dir: Path, tmp_path: Path, capsys) -> None:
+    bgs = make_backgrounds(tmp_path / "bgs")
+    out = tmp_path / "dim"
+    code, stdout, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--layout", "dim", "--per-object", 2, "-o", out)
+    assert code == 0, err
+    assert "skipped 1 unreadable background files" in stdout
+    rows = list(csv.DictReader((out / "pairs.csv").open()))
+    assert len(rows) == 10 and {r["licence"] for r in rows} == {"CC-BY-4.0 test backgrounds"}
+    store_alpha = next(run_dir.glob("samples/*/*.alpha.png"))
+    assert (out / "alpha" / store_alpha.name.replace(".alpha", "")).read_bytes() == store_alpha.read_bytes()
+    rng = np.random.default_rng(0)
+    for i, row in enumerate(rows):
+        image, alpha, trimap = vitmatte_style_sample(out, row, rows[(i + 3) % len(rows)], rng)
+        assert image.shape == (24, 24, 3) and alpha.shape == (24, 24) and set(np.unique(trimap)) <= {0, 128, 255}
+        assert 0 <= image.min() and image.max() <= 255
+    assert "CC-BY-4.0" in (out / "README.md").read_text()
+
+
+def test_scenes_occlusion_and_coco_masks(run_dir: Path, tmp_path: Path, capsys) -> None:
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "scenes"
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--layout", "scenes", "--size", 64,
+                       "--per-object", 3, "--objects-per-scene", "2,3", "--min-visible", 0.3, "--scale", "0.4,0.7",
+                       "--blend", "none", "--blend", "gaussian", "--blend", "motion", "-o", out)
+    assert code == 0, err
+    coco = COCO(str(out / "annotations.json"))
+    assert coco.getImgIds() and coco.getAnnIds()
+    assert {c["name"] for c in coco.loadCats(coco.getCatIds())} <= {"owl", "fern", "red fox", "wine glass"}
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        visible = decode_alpha((out / ann["alpha_file"]).read_bytes())
+        assert np.array_equal(coco.annToMask(ann).astype(bool), visible >= 0.5)
+        assert ann["area"] == float((visible >= 0.5).sum())
+    # the occlusion rule, against the placed alphas made independently from each recipe
+    objects = load_objects(run_dir, None, None)
+    refs = objects.by_key()
+    stacked = 0
+    for path in sorted((out / "recipes").glob("*.json")):
+        recipe = json.loads(path.read_text())
+        alphas = []
+        for entry in recipe["objects"]:
+            fg, alpha = objects.load(refs[entry["key"]])
+            _, a, _ = place_object(fg, alpha, Placement.from_dict(entry["placement"]), (64, 64))
+            alphas.append(quantized(_edge(a, entry["edge"]), 8))
+        stacked += len(alphas) > 1
+        for i, a in enumerate(alphas):
+            expected = a.astype(np.float64)
+            for b in alphas[i + 1 :]:
+                expected = expected * (1 - b)
+            written = decode_alpha((out / "masks" / f"{recipe['key']}.{i}.png").read_bytes())
+            assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-6
+            assert written.sum() >= 0.3 * a.sum() - 1
+    assert stacked
+
+
+def _data_files(out: Path) -> dict[str, bytes]:
+    skip = {"README.md", "composite.json", ".lock"}
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def test_resume_after_kill_9_gives_the_same_bytes(run_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["composite", "--run", str(run_dir), "-b", "procedural", "--size", "48", "--per-object", "2", "--maxcount", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_ENV: "1"}
+    killed = subprocess.run([PY, "-m", "cli", *args, "-o", str(tmp_path / "a")], env=env, cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert sorted(p.name for p in (tmp_path / "a" / "parts").iterdir()) == ["part-000000.json", "part-000001.json"]
+    assert not (tmp_path / "a" / "samples.parquet").exists()
+    code, stdout, err = cli(capsys, *args, "-o", tmp_path / "a")
+    assert code == 0, err
+    assert "resumed: 2 parts" in stdout
+    code, _, err = cli(capsys, *args, "-o", tmp_path / "b")
+    assert code == 0, err
+    assert _data_files(tmp_path / "a") == _data_files(tmp_path / "b")
+
+
+def test_generative_ring_changes_only_the_background_around_the_object(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path, 2).root  # two objects: even the tiny model is slow on a busy CPU
+    common = ["composite", "--run", run, "-b", "procedural", "--size", 64, "--layers", "--per-object", 1,
+              "--shadow", 0.4, "--scale", "0.4,0.5"]
+    assert cli(capsys, *common, "-o", tmp_path / "plain")[0] == 0
+    # 'tiny': the tiny inpainting pipeline (UNet of 9 input channels) built in code
+    code, _, err = cli(capsys, *common, "--generative", "tiny", "--steps", 1, "--ring", 6, "-o", tmp_path / "gen")
+    assert code == 0, err
+    plain, gen = shard_samples(tmp_path / "plain"), shard_samples(tmp_path / "gen")
+    assert plain.keys() == gen.keys()
+    changed = 0
+    for key in plain:
+        alpha = decode_alpha(gen[key]["alpha.png"])
+        assert np.array_equal(alpha, decode_alpha(plain[key]["alpha.png"]))
+        p_img, g_img = decode_rgb(plain[key]["png"]), decode_rgb(gen[key]["png"])
+        assert np.array_equal(p_img[alpha > 0], g_img[alpha > 0])
+        changed += int((p_img != g_img).any(axis=-1).sum())
+        check_exact(g_img, alpha, decode_rgb(gen[key]["fg.png"]), decode_rgb(gen[key]["bg.png"]))
+    assert changed > 0
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "no objects"),
+        ("unreadable", "no readable background"),
+        ("small", "smaller than the minimum object size"),
+        ("order", "out of order"),
+        ("not-inpainting", "not an inpainting model"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, tmp_path: Path, capsys, case: str, message: str) -> None:
+    out = tmp_path / "out"
+    args = ["composite", "--run", run_dir, "-b", "procedural", "-o", out]
+    if case == "empty":  # a run of its own: the empty selection would be every later test's default
+        own = make_run(tmp_path, 2).root
+        assert cli(capsys, "filter", "--run", own, "--min-gsg", 1.0, "--name", "none")[0] == 0
+        args += ["--run", own, "--selection", "none"]
+    elif case == "unreadable":
+        (tmp_path / "bgs").mkdir()
+        (tmp_path / "bgs" / "x.jpg").write_bytes(b"junk")
+        args += ["-b", tmp_path / "bgs"]
+    elif case == "small":
+        (tmp_path / "bgs").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / "bgs" / "tiny.png")
+        args += ["-b", tmp_path / "bgs", "--size", 0]
+    elif case == "order":
+        args += ["--scale", "0.8,0.3"]
+    else:
+        (tmp_path / "sd" / "unet").mkdir(parents=True)  # a text-to-image SD1.5 folder: 4 input channels
+        (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+        (tmp_path / "sd" / "unet" / "config.json").write_text('{"in_channels": 4}')
+        args += ["--generative", tmp_path / "sd"]
+    code, _, err = cli(capsys, *args)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
