@@ -552,40 +552,68 @@ def composite_cmd(
 
 @app.command("train")
 def train_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, logs, validation images. "
-                                      "It is itself a model for `factory generate --model OUT` (the latest checkpoint).")],
+    out: Annotated[Path, typer.Option("--output_dir", "--out", "-o", help="Run folder: checkpoints, logs, validation images. "
+                                      "It is itself the latest model: a diffusers pipeline folder "
+                                      "(StableDiffusionPipeline.from_pretrained) and `factory generate --model OUT`.")],
     data: Annotated[
         Optional[list[str]],
-        typer.Option("--data", "-d", help="Matting set: a folder (image/ + alpha/ [+ fg/], or KEY.png + KEY.alpha.png "
-                     "[+ KEY.fg.png, KEY.json]) or WebDataset shards (a .tar, a {000..009} pattern, or a folder of "
-                     ".tar). Repeatable."),
+        typer.Option("--train_data_dir", "--data", "-d", help="Matting set: a folder (image/ + alpha/ [+ fg/], or KEY.png + "
+                     "KEY.alpha.png [+ KEY.fg.png, KEY.json]) or WebDataset shards (a .tar, a {000..009} pattern, or a "
+                     "folder of .tar). Repeatable."),
     ] = None,
     model: Annotated[
         Optional[str],
-        typer.Option("--model", help="Base model: 'tiny' (random test model), a diffusers SD1.5 folder, or a "
-                     "DiffuMatting checkpoint to continue (its head too). Default: tiny."),
+        typer.Option("--pretrained_model_name_or_path", "--model", help="Base model: 'tiny' (random test model), a diffusers "
+                     "SD1.5 folder or cached hub id, or a DiffuMatting checkpoint to continue (its head too). Default: tiny."),
     ] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps in total. Default: 10000.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--max_train_steps", "--steps", min=1, help="Optimizer steps in total. Default: 10000.")] = None,
     stage: Annotated[
         Optional[str],
         typer.Option("--stage", help="generator (UNet: L_noise + L_g + L_detail), joint (UNet + matting head, all "
                      "losses), or both: generator for half the steps, then joint (the paper). Default: both."),
     ] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Samples per device per step. Default: 2.")] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--train_batch_size", "--batch-size", min=1, help="Samples per device per micro-batch. Default: 2.")
+    ] = None,
+    accumulation: Annotated[
+        Optional[int], typer.Option("--gradient_accumulation_steps", min=1, help="Micro-batches per optimizer step. Default: 1.")
+    ] = None,
     resolution: Annotated[
         Optional[int], typer.Option("--resolution", min=16, help="Square training size in pixels (SD1.5: a multiple of 64). Default: 512.")
     ] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="UNet learning rate. Default: 2e-6 (the paper).")] = None,
-    checkpoint_every: Annotated[
-        Optional[int], typer.Option("--checkpoint-every", min=1, help="Checkpoint (and validation samples) every K steps. Default: 500.")
+    lr: Annotated[Optional[float], typer.Option("--learning_rate", "--lr", help="UNet learning rate. Default: 2e-6 (the paper).")] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option("--lr_scheduler", help="diffusers lr schedule name. Default: constant_with_warmup.")] = None,
+    lr_warmup_steps: Annotated[Optional[int], typer.Option("--lr_warmup_steps", min=0, help="Warm-up steps of the lr schedule. Default: 100.")] = None,
+    mixed_precision: Annotated[
+        Optional[str], typer.Option("--mixed_precision", help="no, fp16 or bf16 (autocast; trainable weights stay float32). "
+                                    "Default: bf16 on CUDA, no on CPU.")
     ] = None,
+    checkpoint_every: Annotated[
+        Optional[int], typer.Option("--checkpointing_steps", "--checkpoint-every", min=1,
+                                    help="Checkpoint (and validation samples) every K steps. Default: 500.")
+    ] = None,
+    keep: Annotated[Optional[int], typer.Option("--checkpoints_total_limit", min=1, help="Checkpoints kept on disk. Default: 2.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out exactly from its latest checkpoint "
                            "(optimizer, lr schedule, step, RNG, data order).")
     ] = False,
+    resume_from: Annotated[
+        Optional[str], typer.Option("--resume_from_checkpoint", help="'latest' (as --resume; a folder with no run starts one) "
+                                    "or a checkpoint of the run (a path, or a name such as step-00000500): later ones are deleted.")
+    ] = None,
+    report_to: Annotated[
+        Optional[str], typer.Option("--report_to", help="tensorboard (OUT/logs), wandb or none; log.jsonl is always written. "
+                                    "Default: tensorboard.")
+    ] = None,
+    use_ema: Annotated[bool, typer.Option("--use_ema", help="Keep an EMA of the UNet and head; checkpoints hold it.")] = False,
+    gradient_checkpointing: Annotated[
+        Optional[bool], typer.Option("--gradient_checkpointing/--no_gradient_checkpointing", help="Recompute UNet activations "
+                                     "in backward (less memory). Default: on.", show_default=False)
+    ] = None,
+    data_workers: Annotated[Optional[int], typer.Option("--dataloader_num_workers", min=0, help="Data loader processes. Default: 2.")] = None,
     captions: Annotated[
         Optional[Path], typer.Option("--captions", help="Captions file: .jsonl ({\"key\", \"caption\"}), .json (key -> caption) "
-                                     "or .tsv (KEY<TAB>caption). Wins over the samples' metadata.")
+                                     "or .tsv (KEY<TAB>caption), e.g. from `factory caption`. Wins over the samples' metadata.")
     ] = None,
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="YAML of training settings (docs/train.md); options given here win.")
@@ -608,7 +636,8 @@ def train_cmd(
     Objects from the matting sets are composited on the fly onto greens, and the model learns the
     denoising loss, green background control (the "green" token's cross-attention vs the background),
     boundary detail (Sobel features in the transition band) and, with the matting head, a coarse
-    alpha (Dice + L1). See docs/train.md for every setting and its default.
+    alpha (Dice + L1). Option names follow diffusers' training scripts (the short ones are aliases).
+    See docs/train.md for every setting and its default.
     """
     from factory.train import TrainOptions, run_train
 
@@ -618,16 +647,25 @@ def train_cmd(
         "steps": steps,
         "stage": stage,
         "batch_size": batch_size,
+        "gradient_accumulation_steps": accumulation,
         "resolution": resolution,
         "lr": lr,
+        "lr_scheduler": lr_scheduler,
+        "lr_warmup_steps": lr_warmup_steps,
+        "mixed_precision": mixed_precision,
         "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": keep,
+        "report_to": report_to,
+        "ema": True if use_ema else None,
+        "gradient_checkpointing": gradient_checkpointing,
+        "data_workers": data_workers,
         "captions": str(captions) if captions is not None else None,
         "seed": seed,
         "device": device,
     }
     summary = run_train(
         TrainOptions(out=out, overrides={k: v for k, v in overrides.items() if v is not None}, config_file=config,
-                     resume=resume, stop_at=stop_at, workers=workers, address=address)
+                     resume=resume, resume_from=resume_from, stop_at=stop_at, workers=workers, address=address)
     )
     for line in summary.lines():
         _echo(line)

@@ -221,6 +221,22 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Fill the new folder ``dst`` with hard links to the files under ``src`` (copies where the
+    file system refuses links). Used for identical, read-only model files shared by checkpoints:
+    one copy on disk, and deleting either folder leaves the other whole."""
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)
+
+
 def check_writable_dir(path: Path, what: str = "output folder") -> None:
     """Create ``path`` if needed and prove it writable with a probe file; one-line error if not."""
     try:

@@ -25,6 +25,8 @@ from factory.sampler import (
     save_head,
 )
 from factory.sampler.checkpoint import CHECKPOINT_FILE, read_checkpoint_config
+from factory.sampler.components import ModelComponents, save_base_folder
+from factory.sampler.head import HEAD_FEATURES
 from factory.sampler.pipeline import NO_HEAD
 
 SETTINGS = SamplerSettings(steps=2, width=64, height=64, guidance=5.0, batch_size=2)
@@ -47,7 +49,8 @@ def test_round_trip_gives_identical_images_and_uses_the_head(tmp_path: Path) -> 
     ckpt = save_checkpoint(tmp_path / "ckpt", comps, training={"steps": 0})
     assert is_diffumatting_checkpoint(ckpt)
     cfg = read_checkpoint_config(ckpt)
-    assert cfg["base"] == {"kind": "embedded", "path": "base"} and cfg["embedded_from"]["kind"] == "tiny"
+    assert cfg["format_version"] == 2 and (ckpt / "model_index.json").is_file()
+    assert cfg["base"] == {"kind": "embedded", "path": "."} and cfg["embedded_from"]["kind"] == "tiny"
     assert cfg["head"]["in_channels"] == 32 and cfg["training"] == {"steps": 0}
     tiny, ref = _sample("tiny")
     loaded, out = _sample(ckpt)
@@ -75,25 +78,54 @@ def test_checkpoint_without_head(tmp_path: Path) -> None:
     assert all(g.coarse_alpha is None and g.error is None for g in out)
 
 
-def test_checkpoint_referencing_a_diffusers_base(tmp_path: Path) -> None:
+def write_v1_checkpoint(path: Path, comps: ModelComponents, base: dict | None = None) -> Path:
+    """A checkpoint in the version-1 layout (unet/, the head, and base/ or a base reference), as
+    factory wrote them before checkpoints became diffusers pipeline folders."""
+    path.mkdir(parents=True)
+    comps.unet.save_pretrained(path / "unet", safe_serialization=True)
+    head = None
+    if comps.head is not None:
+        save_head(comps.head, path / "matting_head.safetensors")
+        head = {"file": "matting_head.safetensors", **comps.head.config, "features": HEAD_FEATURES}
+    desc = {"format": "diffumatting-checkpoint", "format_version": 1, "created_by": "factory 0.1.0", "unet": "unet", "head": head,
+            "base_identity": None, "training": {}}  # fmt: skip
+    if base is None:
+        save_base_folder(comps, path / "base")
+        desc.update(base={"kind": "embedded", "path": "base"}, embedded_from=comps.base)
+    else:
+        desc["base"] = base
+    (path / CHECKPOINT_FILE).write_text(json.dumps(desc, indent=2))
+    return path
+
+
+def test_version_1_checkpoints_still_load(tmp_path: Path) -> None:
     base = tmp_path / "base-sd"
     build_tiny_pipeline(seed=0).save_pretrained(base)
     comps = load_components(ModelSpec(source=str(base)))
     comps.head = MattingHead.for_vae(comps.vae, hidden_channels=8)
-    ckpt = save_checkpoint(tmp_path / "ref", comps)
-    cfg = json.loads((ckpt / CHECKPOINT_FILE).read_text())
-    assert cfg["base"] == {"kind": "diffusers", "path": str(base)} and not (ckpt / "base").exists()
+    ckpt = write_v1_checkpoint(tmp_path / "ref", comps, base={"kind": "diffusers", "path": str(base)})
     ident = model_identity(ModelSpec(source=str(ckpt)))
     assert "(base=diffusers:" in ident
     s, out = _sample(ckpt)
     assert s.has_head and all(g.error is None for g in out)
-    # retrain-and-save again from the loaded checkpoint keeps the reference
+    # saving again from the loaded v1 checkpoint writes a v2 one that stands alone
     again = save_checkpoint(tmp_path / "ref2", load_components(ModelSpec(source=str(ckpt))))
-    assert read_checkpoint_config(again)["base"]["kind"] == "diffusers"
+    cfg = read_checkpoint_config(again)
+    assert cfg["format_version"] == 2 and cfg["embedded_from"] == {"kind": "diffusers", "path": str(base)}
     shutil.rmtree(base)
     with pytest.raises(InputError, match="base model") as err:
         load_sampler(ModelSpec(source=str(ckpt)), SETTINGS, CanvasSettings())
     assert "\n" not in str(err.value)
+    _, out2 = _sample(again)
+    for a, b in zip(out, out2):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.coarse_alpha, b.coarse_alpha)
+    # an embedded v1 base (base/) loads too, and gives the tiny model's images
+    tiny = load_components(ModelSpec(source="tiny"))
+    embedded = write_v1_checkpoint(tmp_path / "emb", tiny)
+    _, ref = _sample("tiny")
+    _, got = _sample(embedded)
+    for a, b in zip(ref, got):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.coarse_alpha, b.coarse_alpha)
 
 
 def test_checkpoint_of_a_checkpoint_embeds_again(tmp_path: Path) -> None:

@@ -224,13 +224,35 @@ def test_run_folder_rules(toy: Path, tmp_path: Path) -> None:
 
 
 def test_cli_train_then_generate_uses_the_head(toy: Path, tmp_path: Path, cli) -> None:
+    """diffusers' option names; the run folder and its checkpoints load in diffusers as they are, and
+    in `factory generate --model` with the head; TensorBoard's reader reads the logged losses back."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "C"
     cfg = tmp_path / "train.yaml"
     cfg.write_text("data_workers: 0\nvalidation_steps: 2\nresolution: 32\n")
-    r = cli(["train", "--data", toy, "--model", "tiny", "--steps", "3", "--out", out, "--config", cfg, "--checkpoint-every", "2"])
+    r = cli(["train", "--train_data_dir", toy, "--pretrained_model_name_or_path", "tiny", "--max_train_steps", "3", "--output_dir", out,
+             "--config", cfg, "--checkpointing_steps", "2", "--learning_rate", "1e-4", "--train_batch_size", "2",
+             "--gradient_accumulation_steps", "1", "--mixed_precision", "no", "--report_to", "tensorboard"])  # fmt: skip
     assert r.code == 0, r.err
     assert "trained 3 steps (0 -> 3 of 3)" in r.out and f"factory generate --model {out.resolve()}" in r.out
     assert len(list((out / "validation/step-00000003").glob("*.alpha.png"))) == 4
+    for folder in (out, out / "checkpoints/step-00000002"):
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        (image,) = pipe("a red disc on a green background", num_inference_steps=1, height=32, width=32, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        assert image.shape == (32, 32, 3) and np.isfinite(image).all() and image.std() > 0
+    assert torch.equal(pipe.unet.conv_in.weight, StableDiffusionPipeline.from_pretrained(out / "checkpoints/step-00000002").unet.conv_in.weight)
+    trained = StableDiffusionPipeline.from_pretrained(out).unet.conv_in.weight
+    assert not torch.equal(trained, pipe.unet.conv_in.weight)  # the top is the last checkpoint (step 3)
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    logged = [json.loads(line) for line in (out / run_folder.LOG_FILE).read_text().splitlines()]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(x["step"], pytest.approx(x["loss"])) for x in logged]
+    assert {"train/noise", "train/green", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert "validation/00.alpha" in events.Tags()["images"]
     r = cli(["train", "--data", toy, "--out", out, "--steps", "3"])
     assert r.code == 2 and r.err.startswith("error:") and "--resume" in r.err and len(r.err.strip().splitlines()) == 1
     r = cli(["train", "--data", tmp_path / "nothing", "--out", tmp_path / "D"])

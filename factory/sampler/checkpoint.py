@@ -1,43 +1,38 @@
 """The DiffuMatting checkpoint folder: what ``factory train`` writes and ``--model`` loads.
 
-Layout (format version 1)::
+Layout (format version 2): a diffusers Stable Diffusion pipeline folder, as
+``StableDiffusionPipeline.save_pretrained`` writes it, plus two files diffusers ignores::
 
     CKPT/
+      model_index.json             # the pipeline (StableDiffusionPipeline, no safety checker)
+      unet/ vae/ text_encoder/ tokenizer/ scheduler/
       diffumatting.json            # the descriptor below; its presence marks the folder
-      unet/                        # diffusers UNet2DConditionModel.save_pretrained (safetensors)
-        config.json
-        diffusion_pytorch_model.safetensors
       matting_head.safetensors     # optional: the ConR head (self-describing, see head.py)
-      base/                        # optional: embedded non-UNet parts (see "base" below)
-        vae/ text_encoder/ tokenizer/ scheduler/
 
-``diffumatting.json``::
+so ``StableDiffusionPipeline.from_pretrained(CKPT)`` loads it as is (without the head) and
+``factory generate --model CKPT`` loads it with the head. ``diffumatting.json``::
 
     {
       "format": "diffumatting-checkpoint",
-      "format_version": 1,
+      "format_version": 2,
       "created_by": "factory 0.1.0",
       "created_at": "2025-01-01T00:00:00Z",
       "unet": "unet",
       "head": {"file": "matting_head.safetensors", "in_channels": 128, "hidden_channels": 64,
                "kernel_size": 3, "features": "vae.decoder.conv_out:input"}   # or null
-      "base": {"kind": "embedded", "path": "base"}                          # one of:
-              | {"kind": "tiny", "seed": 0}
-              | {"kind": "diffusers", "path": "/abs/path/to/sd15"}
-              | {"kind": "hub", "id": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-              | {"kind": "single_file", "path": "/abs/path/model.safetensors"},
+      "base": {"kind": "embedded", "path": "."},   # the other parts are in this folder
+      "embedded_from": {"kind": "tiny", "seed": 0} | {"kind": "diffusers", "path": ...} | ...,
       "base_identity": "...",        # model identity of the base when saved (informative)
       "training": {...}              # free-form: steps, losses, data, manifest... (informative)
     }
 
-``base`` says where the VAE, text encoder, tokenizer and scheduler come from. By default
-:func:`save_checkpoint` *embeds* them (``base/``) when the base is the tiny model or itself an
-embedded checkpoint base (a few MB, and the checkpoint then stands alone), and *references* a
-real SD1.5 base (a diffusers folder, hub id or single file: about 0.8 GB saved) — loading then
-needs that base, with a one-line error naming it when it is missing. ``embed_base=True`` forces
-embedding. Components with LoRAs fused in (``components.loras``, which may have changed the text
-encoder too) are embedded automatically as well, and the LoRAs are recorded under ``"loras"``.
-Only safetensors are written and read.
+Version 1 checkpoints (still read) held only ``unet/`` and the head, with ``base`` either
+embedded in ``base/`` (``{"kind": "embedded", "path": "base"}``) or a reference to the base model
+(``{"kind": "tiny", "seed": 0}``, ``{"kind": "diffusers", "path": ...}``, ``{"kind": "hub",
+"id": ...}``, ``{"kind": "single_file", "path": ...}``), which loading then needs, with a
+one-line error naming it when it is missing. Version 2 always holds every part (diffusers needs
+them), and components with LoRAs fused in are saved as fused (recorded under ``"loras"``). Only
+safetensors are written and read.
 
 Saving is atomic: everything is written to a temporary sibling folder that is renamed into place.
 """
@@ -55,16 +50,18 @@ import torch
 
 from factory import __version__
 from factory.errors import InputError
-from factory.fsutil import replace_dir, temp_dir_for
-from factory.sampler.components import ModelComponents, load_base_folder, place, save_base_folder
+from factory.fsutil import link_tree, replace_dir, temp_dir_for
+from factory.sampler.components import ModelComponents, load_base_folder, place
 from factory.sampler.head import HEAD_FEATURES, MattingHead, load_head, save_head
 
 CHECKPOINT_FILE = "diffumatting.json"
 CHECKPOINT_FORMAT = "diffumatting-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 UNET_DIR = "unet"
 MATTING_HEAD_FILE = "matting_head.safetensors"
-BASE_DIR = "base"
+BASE_DIR = "base"  # version 1: the embedded parts
+MODEL_INDEX = "model_index.json"
+PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 BASE_KINDS = ("embedded", "tiny", "diffusers", "hub", "single_file")
 
 #: Loads the non-UNet parts of a referenced base ``{"kind": ..., ...}`` (supplied by sources.py).
@@ -74,6 +71,12 @@ BaseResolver = Callable[[dict[str, Any], torch.dtype], ModelComponents]
 def is_diffumatting_checkpoint(path: str | Path) -> bool:
     """True when ``path`` is a folder holding a ``diffumatting.json``."""
     return (Path(path) / CHECKPOINT_FILE).is_file()
+
+
+def has_pipeline_layout(path: str | Path) -> bool:
+    """True when ``path`` is a diffusers pipeline folder (a version-2 checkpoint is one)."""
+    path = Path(path)
+    return (path / MODEL_INDEX).is_file() and all((path / p).is_dir() for p in (UNET_DIR, *PIPELINE_PARTS))
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
@@ -106,16 +109,18 @@ def save_checkpoint(
     *,
     head: MattingHead | None | bool = True,
     training: dict[str, Any] | None = None,
-    embed_base: bool | None = None,
     base_identity: str | None = None,
     overwrite: bool = False,
+    parts_from: str | Path | None = None,
 ) -> Path:
-    """Write ``components.unet`` (and a head) as a DiffuMatting checkpoint folder at ``path``.
+    """Write ``components`` (and a head) as a DiffuMatting checkpoint folder at ``path`` (v2).
 
     ``head``: True (default) saves ``components.head`` if there is one, a ``MattingHead`` saves
-    that one, None/False saves none. ``embed_base``: see the module docstring (None = automatic).
-    ``training`` is stored as is (must be JSON-serialisable). An existing checkpoint at ``path`` is
-    replaced only with ``overwrite``; any other existing, non-empty path is an error.
+    that one, None/False saves none. ``training`` is stored as is (must be JSON-serialisable).
+    ``parts_from``: a version-2 checkpoint whose VAE, text encoder, tokenizer and scheduler are
+    those of ``components`` (an earlier checkpoint of the same training run): they are hard-linked
+    from it instead of written again. An existing checkpoint at ``path`` is replaced only with
+    ``overwrite``; any other existing, non-empty path is an error.
     """
     path = Path(path)
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
@@ -126,10 +131,6 @@ def save_checkpoint(
     base = dict(components.base)
     if not base or base.get("kind") not in BASE_KINDS:
         raise ValueError(f"components.base must describe the base model, got {base!r}")
-    if embed_base is None:  # LoRAs may have changed the text encoder: the base's own would be wrong
-        embed_base = base["kind"] in ("tiny", "embedded") or bool(components.loras)
-    elif not embed_base and base["kind"] == "embedded":
-        raise ValueError("the base is embedded in another checkpoint: it must be embedded again (embed_base=True)")
     cfg: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -137,27 +138,43 @@ def save_checkpoint(
         "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "unet": UNET_DIR,
         "head": None if the_head is None else {"file": MATTING_HEAD_FILE, **the_head.config, "features": HEAD_FEATURES},
-        "base": {"kind": "embedded", "path": BASE_DIR} if embed_base else base,
+        "base": {"kind": "embedded", "path": "."},
+        "embedded_from": base.get("origin") if base["kind"] == "embedded" else base,
         "base_identity": base_identity,
         "training": training or {},
     }
     if components.loras:  # fused into the saved weights; recorded for provenance
         cfg["loras"] = list(components.loras)
-    if embed_base:  # provenance: where the embedded parts originally came from
-        cfg["embedded_from"] = base.get("origin") if base["kind"] == "embedded" else base
+    reuse = Path(parts_from) if parts_from is not None else None
+    if reuse is not None and not has_pipeline_layout(reuse):
+        reuse = None
     tmp = temp_dir_for(path)
     try:
-        components.unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+        if reuse is None:
+            pipeline_of(components).save_pretrained(tmp, safe_serialization=True)
+        else:
+            components.unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+            for part in PIPELINE_PARTS:
+                link_tree(reuse / part, tmp / part)
+            shutil.copyfile(reuse / MODEL_INDEX, tmp / MODEL_INDEX)
         if the_head is not None:
             save_head(the_head, tmp / MATTING_HEAD_FILE)
-        if embed_base:
-            save_base_folder(components, tmp / BASE_DIR)
         (tmp / CHECKPOINT_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def pipeline_of(components: ModelComponents) -> Any:
+    """A ``StableDiffusionPipeline`` over the components' modules (no safety checker, no head)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=components.unet,
+        scheduler=components.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
 
 
 def load_checkpoint(

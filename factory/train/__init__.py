@@ -2,7 +2,8 @@
 
 Modules: ``config`` (:class:`TrainConfig`, every setting and its default), ``data`` (matting sets
 from folders or WebDataset shards, green compositing, aligned augmentation), ``losses`` (L_noise,
-L_g, L_detail, L_latent), ``loop`` (stages, steps, checkpoints, resume, validation), ``state``
+L_g, L_detail, L_latent), ``loop`` (stages, steps, checkpoints, resume, validation), ``report``
+(TensorBoard, W&B), ``run_folder``
 (the run folder's layout, EMA, RNG), ``distributed`` (Ray Train, torchrun), ``run`` (the command).
 See ``docs/train.md``.
 """

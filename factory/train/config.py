@@ -111,9 +111,10 @@ class TrainConfig(BaseModel):
     """EMA decay, reached after warm-up: ``min(ema_decay, (1 + n) / (10 + n))`` at update n."""
 
     # ---------------------------------------------------------------- precision / memory
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    """``auto``: bf16 autocast on CUDA (frozen VAE and text encoder stored in bf16, trainable
-    weights kept in float32), float32 on CPU."""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """``bf16``/``fp16``: autocast in that type, the frozen VAE and text encoder stored in it,
+    trainable weights kept in float32 (``fp16`` adds dynamic loss scaling); ``no``: float32;
+    ``auto``: bf16 on CUDA, float32 on CPU."""
     gradient_checkpointing: bool = True
     """Recompute UNet activations in the backward pass (less memory, ~30 % slower)."""
 
@@ -151,6 +152,10 @@ class TrainConfig(BaseModel):
     validation_steps: int = Field(25, ge=1)
     validation_guidance: float = 7.5
     validation_seed: int = 0
+
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Experiment tracker fed with each step's losses and the validation samples (``OUT/logs``);
+    ``log.jsonl`` is written in any case."""
 
     # ---------------------------------------------------------------- run
     seed: int = 0
@@ -231,17 +236,21 @@ RESUME_MUTABLE = frozenset(
         "validation_seed",
         "data_workers",
         "device",
+        "report_to",
     }
 )
 
 
-def config_error(exc: ValidationError, where: str) -> InputError:
-    """One line naming the first offending setting."""
+def config_error(exc: ValidationError, where: str, sources: dict[str, str] | None = None) -> InputError:
+    """One line naming the first offending setting and where it was given (``sources``: setting
+    -> the file or option it came from; ``where`` otherwise)."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+    parts = err.get("loc", ())
+    loc = ".".join(str(p) for p in parts) or "settings"
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return InputError(f"{where}: {loc}: {msg}{more}")
+    origin = (sources or {}).get(str(parts[0]), where) if parts else where
+    return InputError(f"{origin}: {loc}: {msg}{more}")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -260,22 +269,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def make_config(values: dict[str, Any], where: str = "training settings") -> TrainConfig:
+def make_config(values: dict[str, Any], where: str = "training settings", sources: dict[str, str] | None = None) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        raise config_error(exc, where) from exc
+        raise config_error(exc, where, sources) from exc
 
 
-def resume_config(saved: dict[str, Any], overrides: dict[str, Any], where: str) -> TrainConfig:
+def resume_config(saved: dict[str, Any], overrides: dict[str, Any], where: str, sources: dict[str, str] | None = None) -> TrainConfig:
     """The saved config with ``overrides`` applied; overriding a math field with a new value is an error."""
     base = make_config(saved, f"{where} (saved settings)")
     changed = []
     for key, value in overrides.items():
         if key not in TrainConfig.model_fields:
-            raise InputError(f"unknown training setting {key!r}")
+            raise InputError(f"{(sources or {}).get(key, 'training settings')}: unknown training setting {key!r}")
         old = getattr(base, key)
-        new = make_config({**base.model_dump(), key: value}, "settings").__getattribute__(key)
+        new = make_config({**base.model_dump(), key: value}, "settings", sources).__getattribute__(key)
         if new != old and key not in RESUME_MUTABLE:
             changed.append(f"{key} ({old!r} -> {new!r})")
     if changed:
@@ -283,4 +292,4 @@ def resume_config(saved: dict[str, Any], overrides: dict[str, Any], where: str) 
             f"--resume: {', '.join(changed)} differ from the run in {where}; resume with the same settings, "
             "or start a new --out with --model pointing at this run to continue from its weights"
         )
-    return make_config({**base.model_dump(), **overrides}, "settings")
+    return make_config({**base.model_dump(), **overrides}, "settings", sources)

@@ -76,10 +76,11 @@ def _mix(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def resolve_amp(cfg: TrainConfig, device: torch.device) -> bool:
+def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``mixed_precision`` on ``device``, or None for float32."""
     if cfg.mixed_precision == "auto":
-        return device.type == "cuda"
-    return cfg.mixed_precision == "bf16"
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
 
 
 def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -152,11 +153,16 @@ class Trainer:
         self.device = dist.device
         self.on_step = on_step
         self.notes: list[str] = list(job.notes)
-        self.amp = resolve_amp(self.cfg, self.device)
+        self.amp_dtype = resolve_amp(self.cfg, self.device)
+        self.amp = self.amp_dtype is not None
+        # fp16 needs loss scaling (its small gradients underflow); bf16 has float32's range
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.reporter: Any = None
         self._setup_models(components)
         self._setup_optimizer()
         self.step = 0
         self.last: dict[str, Any] = {}
+        self.parts_from: Path | None = None  # a checkpoint whose frozen parts the next one links
         self.data = MattingDataset(job.records, self.cfg)
 
     # -------------------------------------------------------------- setup
@@ -179,7 +185,7 @@ class Trainer:
         self.components = comps
         self.embeds_base = comps.base.get("kind") in ("tiny", "embedded")
         # Frozen parts: bf16 under mixed precision, unless they get embedded in checkpoints.
-        frozen_dtype = torch.bfloat16 if self.amp and not self.embeds_base else torch.float32
+        frozen_dtype = self.amp_dtype if self.amp_dtype is not None and not self.embeds_base else torch.float32
         for module in (comps.vae, comps.text_encoder):
             place(module, self.device, frozen_dtype)
             module.requires_grad_(False)
@@ -225,7 +231,7 @@ class Trainer:
     # -------------------------------------------------------------- one step
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp)
 
     def compute_losses(self, batch: dict[str, Any], stage: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Every loss term of ``stage`` for one micro-batch (graphs kept when grad is enabled).
@@ -337,15 +343,23 @@ class Trainer:
                 try:
                     terms = self.compute_losses(batch, stage, gen)
                     loss = losses.total_loss(terms, self.weights())
-                    (loss / n).backward()
+                    scaled = loss / n
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 finally:
                     self.release()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / n
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / n
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.optimizer.step()
+        if self.scaler is not None:  # skips the update when the scaled gradients overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            sums["grad_scale"] = float(self.scaler.get_scale())
+        else:
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -353,8 +367,10 @@ class Trainer:
         self.step += 1
         sums["grad_norm"] = float(grad_norm)
         values = self.dist.mean(sums)
-        if not all(math.isfinite(v) for v in values.values()):
-            bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+        # with loss scaling an overflowing gradient only skips the update (and lowers the scale)
+        checked = {k: v for k, v in values.items() if not (self.scaler is not None and k == "grad_norm")}
+        if not all(math.isfinite(v) for v in checked.values()):
+            bad = ", ".join(f"{k}={v}" for k, v in checked.items() if not math.isfinite(v))
             raise RunError(f"non-finite loss at step {self.step} ({bad}); lower the learning rate or resume from the last checkpoint")
         record = {"step": self.step, "stage": stage, "lr": lrs[0], "head_lr": lrs[1], **{k: round(v, 6) for k, v in values.items()}}
         return record
@@ -392,6 +408,10 @@ class Trainer:
         log_path = self.out / run_folder.LOG_FILE
         t_prev = time.perf_counter()
         data_wait = 0.0
+        if self.dist.is_main and self.step < end:
+            from factory.train.report import open_reporter
+
+            self.reporter = open_reporter(cfg.report_to, self.out, cfg.model_dump(mode="json"), self.step)
         try:
             if self.step < end:
                 loader = iter(self.batches(end))
@@ -411,6 +431,8 @@ class Trainer:
                     if self.dist.is_main:
                         with log_path.open("a", encoding="utf-8") as fh:
                             fh.write(json.dumps(record) + "\n")
+                        if self.reporter is not None:
+                            self.reporter.log(record)
                         if self.on_step is not None:
                             self.on_step(record)
                     if self.step % cfg.checkpoint_every == 0 or self.step == end:
@@ -422,6 +444,10 @@ class Trainer:
                 last_ckpt = self.save_checkpoint(validate=False)
             where = f"; step {self.step} is saved in {last_ckpt}" if last_ckpt else ""
             raise Interrupted(f"interrupted at step {self.step}{where}; resume with --resume") from exc
+        finally:
+            if self.reporter is not None:
+                self.reporter.close()
+                self.reporter = None
         stopped = self.step < cfg.steps
         return WorkerResult(start, self.step, str(last_ckpt) if last_ckpt else None, self.last, stopped, self.notes)
 
@@ -468,12 +494,17 @@ class Trainer:
         if self.ema is not None:
             tensors[run_folder.RAW_UNET_FILE] = self.unet.state_dict()
             tensors[run_folder.EMA_HEAD_FILE] = dict(self.ema.shadow["head"])
+        parts_from = self.parts_from if self.parts_from is not None and self.parts_from.is_dir() else None
+        vae, text_encoder = comps.vae, comps.text_encoder
+        if parts_from is None and next(vae.parameters()).dtype != torch.float32:
+            vae, text_encoder = self._float32_frozen_parts()
         view = ModelComponents(
-            kind=comps.kind, ref=comps.ref, unet=self.unet, vae=comps.vae, text_encoder=comps.text_encoder,
+            kind=comps.kind, ref=comps.ref, unet=self.unet, vae=vae, text_encoder=text_encoder, loras=comps.loras,
             tokenizer=comps.tokenizer, scheduler=comps.scheduler, head=self.head if self.head_trained else None, base=comps.base,
         )  # fmt: skip
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), _no_progress_bars():
-            save_checkpoint(ckpt, view, head=True, training=training, base_identity=self.job.base_identity, overwrite=True)
+            save_checkpoint(ckpt, view, head=True, training=training, base_identity=self.job.base_identity, overwrite=True, parts_from=parts_from)
+        self.parts_from = ckpt
         state = {
             "step": self.step,
             "stage": cfg.stage_at(max(self.step - 1, 0)),
@@ -484,9 +515,20 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema is not None else None,
         }
         optim = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        if self.scaler is not None:
+            optim["grad_scaler"] = self.scaler.state_dict()
         run_folder.write_state(ckpt, state, optim, rng, tensors)
-        run_folder.write_pointer(self.out, ckpt)
+        run_folder.publish(self.out, ckpt)
         run_folder.prune_checkpoints(self.out, cfg.keep_checkpoints, ckpt)
+
+    def _float32_frozen_parts(self) -> tuple[Any, Any]:
+        """The base model's VAE and text encoder in float32 on the CPU, for a checkpoint's pipeline
+        files when training keeps them in bf16 (read once per run; later checkpoints link them)."""
+        from factory.manifest import ModelSpec
+        from factory.sampler import load_components
+
+        fresh = load_components(ModelSpec(source=self.cfg.model))
+        return fresh.vae, fresh.text_encoder
 
     def validate(self, ckpt: Path) -> Path:
         """Draw the validation prompts with the sampler from the saved checkpoint (image + alpha PNGs)."""
@@ -512,7 +554,11 @@ class Trainer:
         from factory.fsutil import atomic_write_bytes, atomic_write_text
 
         listing = []
+        shown: dict[str, np.ndarray] = {}
         for i, g in enumerate(sampler.sample(rows)):
+            shown[f"{i:02d}"] = g.image
+            if g.coarse_alpha is not None:
+                shown[f"{i:02d}.alpha"] = g.coarse_alpha
             atomic_write_bytes(folder / f"{i:02d}.png", encode_png(g.image), fsync=False)
             entry = {"index": i, "prompt": rows[i].prompt, "seed": rows[i].seed, "image": f"{i:02d}.png", "error": g.error}
             if g.coarse_alpha is not None:
@@ -520,6 +566,8 @@ class Trainer:
                 entry["alpha"] = f"{i:02d}.alpha.png"
             listing.append(entry)
         atomic_write_text(folder / "prompts.json", json.dumps({"step": self.step, "has_head": sampler.has_head, "samples": listing}, indent=1) + "\n")
+        if self.reporter is not None:
+            self.reporter.images(self.step, shown)
         del sampler, comps
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -554,6 +602,9 @@ class Trainer:
         optim = run_folder.read_optimizer(ckpt, self.device)
         self.optimizer.load_state_dict(optim["optimizer"])
         self.lr_scheduler.load_state_dict(optim["lr_scheduler"])
+        if self.scaler is not None and "grad_scaler" in optim:
+            self.scaler.load_state_dict(optim["grad_scaler"])
+        self.parts_from = ckpt
         rng = run_folder.read_rng(ckpt)
         if self.dist.rank < len(rng):
             run_folder.set_rng_state(rng[self.dist.rank])

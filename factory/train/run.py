@@ -10,6 +10,7 @@ torchrun/accelerate launch, or on ``--workers N`` Ray Train workers.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ class TrainOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     config_file: Path | None = None
     resume: bool = False
+    resume_from: str | None = None
+    """``latest`` (like ``resume``, but a folder with no run starts one) or a checkpoint of the run
+    (its path, or its name under ``OUT/checkpoints``): later checkpoints are deleted."""
     stop_at: int | None = None
     workers: int = 1
     address: str | None = None
@@ -72,7 +76,7 @@ class TrainSummary:
             lines.append(f"last step: {terms}")
         if self.checkpoint:
             lines.append(f"checkpoint: {self.checkpoint}")
-            lines.append(f"model: {self.out} (use with factory generate --model {self.out})")
+            lines.append(f"model: {self.out} (use with factory generate --model {self.out}; also a diffusers pipeline folder)")
         if self.stopped:
             lines.append(f"stopped at step {self.step}; continue with: factory train --out {self.out} --resume")
         lines.extend(f"note: {n}" for n in self.notes)
@@ -142,45 +146,63 @@ def native_resolution(model: str) -> int:
     return sample * scale
 
 
-def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any], dict[str, Any] | None]:
-    """Settings, records with prompts, data summary, and the saved run (when resuming one)."""
+def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any], dict[str, Any] | None, list[str]]:
+    """Settings, records with prompts, data summary, the saved run (when resuming one), notes."""
     out = opts.out
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if opts.config_file is not None:
         values.update(read_config_file(opts.config_file))
-    values.update({k: v for k, v in opts.overrides.items() if v is not None})
+        sources = {k: str(opts.config_file) for k in values}
+    given = {k: v for k, v in opts.overrides.items() if v is not None}
+    values.update(given)
+    sources.update({k: "command line" for k in given})
     values = normalise(values)
     saved = None
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     restart = False
+    resume = opts.resume or opts.resume_from is not None
+    notes: list[str] = []
+    if resume and not run_folder.is_run_folder(out):
+        if opts.resume_from != "latest":
+            flag = "--resume" if opts.resume_from is None else "--resume_from_checkpoint"
+            raise InputError(f"{out}: holds no training run to resume (no {run_folder.TRAIN_FILE} or checkpoints); run without {flag} to start one")
+        notes.append(f"no training run in {out} to resume: started a new one")
+        resume = False
+    later: list[Path] = []
+    if resume and opts.resume_from not in (None, "latest"):
+        later = _later_checkpoints(out, opts.resume_from)
     if run_folder.latest_checkpoint(out) is not None:
-        if not opts.resume:
+        if not resume:
             raise InputError(f"{out}: already holds a training run; pass --resume to continue it, or choose another --out")
         try:
             saved = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"{out / run_folder.TRAIN_FILE}: unreadable ({exc}); cannot resume") from exc
-        cfg = resume_config(saved["config"], values, str(out))
+        cfg = resume_config(saved["config"], values, str(out), sources)
     elif run_folder.is_run_folder(out):
         # A run that never completed a checkpoint: nothing to resume exactly, so it starts over
         # (with --resume, from its saved settings under the ones given now).
         previous: dict[str, Any] = {}
-        if opts.resume:
+        if resume:
             try:
                 previous = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8")).get("config", {})
             except (OSError, ValueError):
                 previous = {}
-        cfg = make_config({**previous, **values})
+        cfg = make_config({**previous, **values}, sources=sources)
         restart = True
     else:
         if out.is_dir() and any(out.iterdir()):
             raise InputError(f"{out}: is not empty and is not a training run; choose an empty or new --out")
-        cfg = make_config(values)
+        cfg = make_config(values, sources=sources)
     if cfg.resolution is None:
         cfg = cfg.model_copy(update={"resolution": native_resolution(cfg.model)})
     if opts.stop_at is not None and opts.stop_at < 1:
         raise InputError(f"--stop-at must be a positive step, got {opts.stop_at}")
+    from factory.train.report import check_available
+
+    check_available(cfg.report_to)
     records = scan_sources(cfg.data)
     captions = read_captions(cfg.captions) if cfg.captions else None
     assign_prompts(records, captions, cfg.prompt_template, cfg.canvas_token, cfg.default_caption)
@@ -192,7 +214,27 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
         )
     if restart:
         run_folder.clear_run(out)
-    return cfg, records, summary, saved
+    for p in later:  # resume from an earlier checkpoint: the later ones belong to the abandoned path
+        shutil.rmtree(p)
+    if later:
+        found = run_folder.latest_checkpoint(out)
+        if found is not None:
+            run_folder.publish(out, found[1])
+        notes.append(f"resumed from an earlier checkpoint: deleted the later {', '.join(p.name for p in later)}")
+    return cfg, records, summary, saved, notes
+
+
+def _later_checkpoints(out: Path, value: str) -> list[Path]:
+    """The run's checkpoints after the one ``value`` names (deleted to resume from it)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = out / run_folder.CHECKPOINTS_DIR / value
+    path = path.resolve()
+    found = dict((p.resolve(), s) for s, p in run_folder.list_checkpoints(out))
+    if path not in found:
+        names = ", ".join(p.name for _, p in run_folder.list_checkpoints(out)) or "none"
+        raise InputError(f"--resume_from_checkpoint {value}: not a complete checkpoint of the run in {out} (its checkpoints: {names})")
+    return [p for s, p in run_folder.list_checkpoints(out, complete=False) if s > found[path]]
 
 
 def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:
@@ -247,9 +289,8 @@ def _prepare_run(opts: TrainOptions, engine: str) -> tuple[Any, TrainConfig, dic
     from factory.train.loop import TrainJob
 
     out = opts.out
-    cfg, records, summary, saved = prepare(opts)
+    cfg, records, summary, saved, notes = prepare(opts)
     base_identity = model_identity(ModelSpec(source=cfg.model))
-    notes: list[str] = []
     start_step = 0
     if saved is not None:
         found = run_folder.latest_checkpoint(out)

@@ -3,17 +3,25 @@
 Layout::
 
     OUT/
-      diffumatting.json          pointer descriptor: the latest checkpoint, so OUT is a model
-                                 (``factory generate --model OUT``); its paths lead into checkpoints/
+      model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/
+      diffumatting.json  matting_head.safetensors
+                                 the latest checkpoint, published at the top (hard links to its
+                                 files): OUT is a diffusers pipeline folder
+                                 (``StableDiffusionPipeline.from_pretrained(OUT)``) and a
+                                 DiffuMatting model (``factory generate --model OUT``); the
+                                 descriptor's ``latest_checkpoint`` names the checkpoint
       train.json                 settings, data summary, base identity, engine, history
       log.jsonl                  one line per optimizer step: every loss term, lr, grad norm, timings
-      checkpoints/step-00000500/ a DiffuMatting checkpoint (``factory.sampler.save_checkpoint``)
-        diffumatting.json  unet/  matting_head.safetensors  base/ (tiny bases only)
+      logs/                      TensorBoard event files (``report_to: tensorboard``)
+      checkpoints/step-00000500/ a DiffuMatting checkpoint (``factory.sampler.save_checkpoint``):
+        model_index.json unet/ vae/ text_encoder/ tokenizer/ scheduler/ (a diffusers pipeline;
+        the frozen parts are hard links to the previous checkpoint's files)
+        diffumatting.json  matting_head.safetensors
         training_state/          what resume needs besides the checkpoint's weights
           state.json             step, stage, stream position, settings and data fingerprints,
                                  world size, EMA update count (written last: marks the state complete)
-          optimizer.pt           {"optimizer": ..., "lr_scheduler": ...} state dicts (torch.save,
-                                 read back with weights_only=True)
+          optimizer.pt           {"optimizer": ..., "lr_scheduler": ...[, "grad_scaler": ...]} state
+                                 dicts (torch.save, read back with weights_only=True)
           rng.json               per rank: python, numpy, torch CPU and CUDA generator states
           head.safetensors       the matting head's raw (non-EMA) weights
           unet.safetensors       with EMA only: the UNet's raw weights (the checkpoint holds the EMA)
@@ -21,14 +29,20 @@ Layout::
       validation/step-00000500/  00.png, 00.alpha.png, ... and prompts.json, drawn by the sampler
 
 Each checkpoint folder is written atomically by ``save_checkpoint``; ``training_state/`` is then
-written to a temporary folder and renamed in; the pointer descriptor is rewritten atomically last.
-Resume takes the newest checkpoint whose ``training_state/state.json`` exists. The checkpoint's
-``unet/`` is float32 (the trainable weights' own precision), so resuming loses nothing.
+written to a temporary folder and renamed in; then each part is published at the top of OUT (a
+folder of links renamed over the old one), ``diffumatting.json`` last. Only the UNet and the head
+change between checkpoints, so a crash while publishing leaves a loadable model. Resume takes the
+newest checkpoint whose ``training_state/state.json`` exists. The checkpoint's ``unet/`` is
+float32 (the trainable weights' own precision), so resuming loses nothing.
+
+Run folders of earlier versions (checkpoints in the version-1 layout, and an ``OUT/diffumatting.json``
+whose paths lead into ``checkpoints/``) still load and resume; new checkpoints use the new layout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -40,7 +54,7 @@ import numpy as np
 import torch
 
 from factory.errors import InputError
-from factory.fsutil import TMP_PREFIX, atomic_write_text, replace_dir, temp_dir_for
+from factory.fsutil import TMP_PREFIX, atomic_write_text, fsync_path, link_tree, replace_dir, temp_dir_for
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "training_state"
@@ -54,6 +68,9 @@ TRAIN_FILE = "train.json"
 LOG_FILE = "log.jsonl"
 VALIDATION_DIR = "validation"
 POINTER_FILE = "diffumatting.json"
+TB_DIR = "logs"
+#: What a checkpoint publishes at the top of OUT (the diffusers pipeline and the head).
+PUBLISHED = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "matting_head.safetensors")
 STATE_FORMAT = "factory-train-state"
 RUN_FORMAT = "factory-train-run"
 STATE_VERSION = 1
@@ -91,17 +108,50 @@ def is_run_folder(out: Path) -> bool:
 # ------------------------------------------------------------------------------ pointer
 
 
-def write_pointer(out: Path, ckpt: Path) -> None:
-    """Make ``OUT/diffumatting.json`` describe checkpoint ``ckpt`` with paths relative to OUT."""
+def publish(out: Path, ckpt: Path) -> None:
+    """Make the top of OUT the model of checkpoint ``ckpt`` (hard links to its files).
+
+    Parts are replaced one by one (a folder of links renamed over the old one); the descriptor
+    ``OUT/diffumatting.json`` is written last and names the checkpoint. A version-1 checkpoint
+    (no pipeline files) is published as a descriptor whose paths lead into it.
+    """
     desc = json.loads((ckpt / POINTER_FILE).read_text(encoding="utf-8"))
     rel = ckpt.relative_to(out).as_posix()
-    desc["unet"] = f"{rel}/{desc.get('unet', 'unet')}"
-    if desc.get("head"):
-        desc["head"] = {**desc["head"], "file": f"{rel}/{desc['head'].get('file', 'matting_head.safetensors')}"}
-    if desc.get("base", {}).get("kind") == "embedded":
-        desc["base"] = {**desc["base"], "path": f"{rel}/{desc['base'].get('path', 'base')}"}
+    if (ckpt / "model_index.json").is_file():
+        for name in PUBLISHED:
+            src, dst = ckpt / name, out / name
+            if src.is_dir():
+                tmp = temp_dir_for(dst)
+                try:
+                    link_tree(src, tmp)
+                    replace_dir(tmp, dst)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+            elif src.is_file():
+                tmp_file = out / f"{TMP_PREFIX}{name}"
+                tmp_file.unlink(missing_ok=True)
+                link_tree_file(src, tmp_file)
+                tmp_file.replace(dst)
+        fsync_path(out)
+    else:
+        desc["unet"] = f"{rel}/{desc.get('unet', 'unet')}"
+        if desc.get("head"):
+            desc["head"] = {**desc["head"], "file": f"{rel}/{desc['head'].get('file', 'matting_head.safetensors')}"}
+        if desc.get("base", {}).get("kind") == "embedded":
+            desc["base"] = {**desc["base"], "path": f"{rel}/{desc['base'].get('path', 'base')}"}
     desc["latest_checkpoint"] = rel
     atomic_write_text(out / POINTER_FILE, json.dumps(desc, indent=2, sort_keys=True) + "\n")
+    if not desc.get("head"):
+        (out / "matting_head.safetensors").unlink(missing_ok=True)
+
+
+def link_tree_file(src: Path, dst: Path) -> None:
+    """A hard link to one file (a copy where links are refused)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # ------------------------------------------------------------------------------ training state
@@ -169,10 +219,12 @@ def prune_checkpoints(out: Path, keep: int, current: Path) -> None:
 
 def clear_run(out: Path) -> None:
     """Forget a run that never completed a checkpoint: its log, partial checkpoints, previews."""
-    for name in (LOG_FILE, TRAIN_FILE, POINTER_FILE):
-        (out / name).unlink(missing_ok=True)
-    for name in (CHECKPOINTS_DIR, VALIDATION_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
+    for name in (LOG_FILE, TRAIN_FILE, POINTER_FILE, *PUBLISHED):
+        if (out / name).is_file():
+            (out / name).unlink()
+    for name in (CHECKPOINTS_DIR, VALIDATION_DIR, TB_DIR, *PUBLISHED):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ logs

@@ -1,0 +1,86 @@
+"""`factory train` as diffusers users drive it: --resume_from_checkpoint latest|PATH, fp16 mixed
+precision with loss scaling, W&B in offline mode, and the one-line errors of a resume with no run
+and of a bad training-config file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from factory.errors import InputError
+from factory.train import TrainOptions, run_train, run_folder
+from tests.test_train_loop import FAST
+from tests.train_toy import make_toy_folder
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy_folder(tmp_path_factory.mktemp("toy") / "data", n=4, size=32)
+
+
+def _unet(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_without_a_run_and_config_file_errors(toy: Path, tmp_path: Path, cli) -> None:
+    r = cli(["train", "--data", toy, "--out", tmp_path / "empty", "--resume"])
+    assert r.code == 2 and r.err.strip() == f"error: {(tmp_path / 'empty').resolve()}: holds no training run to resume (no train.json or checkpoints); run without --resume to start one"
+    r = cli(["train", "--data", toy, "--out", tmp_path / "empty", "--resume_from_checkpoint", "step-00000001"])
+    assert r.code == 2 and "holds no training run to resume" in r.err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: -1\nresolution: 32\n")
+    r = cli(["train", "--data", toy, "--out", tmp_path / "o", "--config", bad])
+    assert r.code == 2 and r.err.startswith(f"error: {bad}: lr: Input should be greater than 0"), r.err
+    bad.write_text("learning_rate: 0.1\n")
+    r = cli(["train", "--data", toy, "--out", tmp_path / "o", "--config", bad])
+    assert r.code == 2 and r.err.startswith(f"error: {bad}: learning_rate: Extra inputs are not permitted"), r.err
+    r = cli(["train", "--data", toy, "--out", tmp_path / "o", "--mixed_precision", "fp8"])
+    assert r.code == 2 and r.err.startswith("error: command line: mixed_precision: Input should be"), r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp16_run_resumes_exactly_from_an_earlier_checkpoint(toy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    over = {**FAST, "data": [str(toy)], "steps": 2, "checkpoint_every": 1, "keep_checkpoints": 3, "mixed_precision": "fp16", "report_to": "none"}
+    s = run_train(TrainOptions(out=out, overrides=over, progress=False))
+    assert s.step == 2
+    first = [json.loads(x) for x in (out / run_folder.LOG_FILE).read_text().splitlines()]
+    assert all(x["grad_scale"] > 0 for x in first)
+    assert torch.load(out / "checkpoints/step-00000002/training_state/optimizer.pt", weights_only=True)["grad_scaler"]["scale"] > 0
+    final = _unet(out / "checkpoints/step-00000002")
+    again = run_train(TrainOptions(out=out, resume_from=str(out / "checkpoints/step-00000001"), progress=False))
+    assert (again.start_step, again.step) == (1, 2)
+    assert any("deleted the later step-00000002" in n for n in again.notes)
+    second = [json.loads(x) for x in (out / run_folder.LOG_FILE).read_text().splitlines()]
+    assert [x["loss"] for x in second] == [x["loss"] for x in first]
+    redone = _unet(out / "checkpoints/step-00000002")
+    assert all(torch.equal(final[k], redone[k]) for k in final)
+    assert json.loads((out / "diffumatting.json").read_text())["latest_checkpoint"] == "checkpoints/step-00000002"
+    with pytest.raises(InputError, match="not a complete checkpoint of the run"):
+        run_train(TrainOptions(out=out, resume_from="step-00000099", progress=False))
+    # 'latest' on a folder with no run starts one, as in diffusers' scripts
+    fresh = run_train(TrainOptions(out=tmp_path / "new", overrides={**over, "steps": 1}, resume_from="latest", progress=False))
+    assert fresh.step == 1 and any("started a new one" in n for n in fresh.notes)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_offline_and_a_missing_tracker(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "w"
+    over = {**FAST, "data": [str(toy)], "steps": 1, "report_to": "wandb"}
+    assert run_train(TrainOptions(out=out, overrides=over, progress=False)).step == 1
+    (run,) = (out / "logs" / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(InputError, match=r"^--report_to wandb needs the wandb package: pip install wandb"):
+        run_train(TrainOptions(out=tmp_path / "x", overrides=over, progress=False))
