@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -25,7 +25,7 @@ app = typer.Typer(
         "green canvas, GreenPost turns each into a matting-level alpha, GSG scores the canvas.\n\n"
         "Typical use: factory generate --manifest manifests/gom.yaml --n 10000; "
         "factory filter --min-gsg 0.8; factory export --format webdataset. "
-        "Add --debug anywhere for a traceback on errors."
+        "-q, -v and --debug may be given anywhere on the line."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -34,10 +34,40 @@ app = typer.Typer(
 )
 
 _DEBUG_FLAG = "--debug"
+_QUIET_FLAGS = ("-q", "--quiet")
+_VERBOSE_FLAGS = ("-v", "--verbose")
 
 
 def _echo(line: str = "") -> None:
-    typer.echo(line)
+    """A result line on stdout (none with -q; warnings and errors still go to stderr)."""
+    from factory.feedback import QUIET, verbosity
+
+    if verbosity() > QUIET:
+        typer.echo(line)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from factory import __version__
+
+        typer.echo(f"factory {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Only warnings and errors: no status line, progress bar or summary.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also print each phase of a command as a line (start-up, Ray, model loading).")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+) -> None:
+    """Options of every command; main() takes -q, -v and --debug from anywhere on the line."""
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -224,6 +254,10 @@ def _parse_rgb(value: str, option: str) -> tuple[int, int, int]:
 def _print_table(table: object) -> None:
     from rich.console import Console
 
+    from factory.feedback import QUIET, verbosity
+
+    if verbosity() == QUIET:
+        return
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze the columns into 80 characters
         console = Console(width=160)
@@ -233,7 +267,7 @@ def _print_table(table: object) -> None:
 @app.command("matte")
 def matte_cmd(
     in_dir: Annotated[
-        Path, typer.Argument(help="Folder of images of objects on a green screen (.png .jpg .jpeg .webp).")
+        Path, typer.Argument(metavar="IN_DIR", help="Folder of images of objects on a green screen (.png .jpg .jpeg .webp).")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")],
     bits: Annotated[int, typer.Option("--bits", help="Alpha bit depth: 8 or 16.")] = 8,
@@ -695,14 +729,49 @@ def toy_data_cmd(
 # ----------------------------------------------------------------------------------------- main
 
 
+def _tidy_help(command: object) -> None:
+    """Help without noise: flags show no ``<bool>`` type (they take no value) and arguments read
+    ``IN_DIR`` in the usage line, not ``{in_dir}``. Uses typer's parameter classes; a typer that
+    lacks these hooks keeps its own rendering."""
+    from typer.core import TyperArgument, TyperOption
+
+    class Argument(TyperArgument):
+        def get_usage_pieces(self, ctx: object) -> list[str]:
+            name = (self.metavar or self.name or "").upper()
+            return [name if self.required else f"[{name}]"]
+
+    def flag_help(get_help_option: Any) -> Any:
+        def wrapped(ctx: object) -> Any:
+            option = get_help_option(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+
+        return wrapped
+
+    for sub in [command, *getattr(command, "commands", {}).values()]:
+        if hasattr(sub, "get_help_option"):
+            sub.get_help_option = flag_help(sub.get_help_option)
+        for param in getattr(sub, "params", []):
+            if isinstance(param, TyperOption) and param.is_flag:
+                param.metavar = ""
+            elif type(param) is TyperArgument:
+                param.__class__ = Argument
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning every error into one line and an exit code."""
     from factory.errors import FactoryError
+    from factory.feedback import NORMAL, QUIET, VERBOSE, set_verbosity
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _DEBUG_FLAG in args
-    args = [a for a in args if a != _DEBUG_FLAG]
+    quiet = any(a in _QUIET_FLAGS for a in args)
+    verbose = any(a in _VERBOSE_FLAGS for a in args)
+    args = [a for a in args if a not in (_DEBUG_FLAG, *_QUIET_FLAGS, *_VERBOSE_FLAGS)]
+    set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
     command = typer.main.get_command(app)
+    _tidy_help(command)
     try:
         code = command.main(args=args, prog_name="factory", standalone_mode=False)
     except typer.Exit as exc:

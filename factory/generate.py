@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from factory.errors import InputError, Interrupted
+from factory.feedback import Feedback, plural
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
-from factory.sample import SampleResult
+from factory.sample import PROMPT_TOKEN_LIMIT, SampleResult
 from factory.store import RunStore, remember_latest_run
 
 if TYPE_CHECKING:  # the worker side imports the matting stack (numba, seconds): not before it is needed
@@ -95,7 +93,7 @@ class GenerateSummary:
         if self.done:
             out.append(f"time: {self.seconds:.1f} s, {self.images_per_s:.2f} images/s")
         if self.damaged:
-            out.append(f"redone: {self.damaged} samples whose files were missing or damaged")
+            out.append(f"redone: {plural(self.damaged, 'sample')} whose files were missing or damaged")
         out.extend(self.notes)
         return out
 
@@ -172,24 +170,48 @@ def resolve_manifest(opts: GenerateOptions) -> Manifest:
 
 
 def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> GenerateSummary:
-    """Run (or resume) a generation. ``executor_factory(spec, opts)`` is a seam for tests."""
-    from factory.sampler import model_identity
+    """Run (or resume) a generation. ``executor_factory(spec, opts)`` is a seam for tests.
+
+    Bad arguments are refused before anything heavy (Ray, torch, the matting stack) is imported;
+    from then on a status line says what is happening until the progress bar takes over.
+    """
+    from factory.sampler import model_identity  # identities are cheap: no torch
 
     check_n(opts.n)  # before anything slow
     manifest = resolve_manifest(opts)
-    identity = model_identity(manifest.model)
-    out = opts.out or Path("runs") / manifest.name
-    opts = dataclasses.replace(opts, out=out)  # executors put their temporary files under the run
-    store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart)
-    try:
-        remember_latest_run(store.root)
-        return _drive(store, manifest, identity, opts, executor_factory)
-    finally:
-        store.release_lock()
+    with Feedback("generate", enabled=opts.progress) as fb:
+        fb.status("checking the model")
+        identity = model_identity(manifest.model)
+        out = opts.out or Path("runs") / manifest.name
+        opts = dataclasses.replace(opts, out=out)  # executors put their temporary files under the run
+        fb.status(f"planning {plural(opts.n, 'sample')}")
+        plan_bar: list[Any] = []
+
+        def on_plan_rows(rows: int) -> None:
+            if not plan_bar and opts.n > PLAN_BAR_ROWS:  # a large plan gets a bar of its own
+                plan_bar.append(fb.bar(opts.n, "generate: writing the plan"))
+            if plan_bar:
+                fb.advance(plan_bar[0], rows)
+
+        store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart, on_plan_rows=on_plan_rows)
+        if plan_bar:
+            fb.remove(plan_bar[0])
+        try:
+            remember_latest_run(store.root)
+            return _drive(store, manifest, identity, opts, executor_factory, fb)
+        finally:
+            store.release_lock()
 
 
-def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any) -> GenerateSummary:
+#: Plans of more rows than this show a progress bar while they are written.
+PLAN_BAR_ROWS = 50_000
+
+
+def _drive(
+    store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any, fb: Feedback
+) -> GenerateSummary:
     lean_allocator()
+    fb.status(f"checking the run ({plural(opts.n, 'planned sample')})")
     state = store.resume()
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
     rows = state.pending  # plan rows made on demand from plan.parquet
@@ -197,6 +219,7 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
         summary.notes.append("nothing to do: every planned sample is done")
         store.fold()
         return summary
+    fb.status("loading the sampling code (torch, diffusers, the matting stack)")
     from factory.finish import FinishSettings
     from factory.worker import WorkSpec
 
@@ -218,34 +241,29 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
     )
     make_executor = executor_factory or _default_executor
     start = time.perf_counter()
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("[bold]generate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[failed]} failed"),
-        TextColumn("{task.fields[rate]} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not opts.progress,
-        transient=False,
-    )
+    tokens = PromptTokens()
     executor = None
     try:
         # Ctrl-C anywhere from here (starting the workers, the loop, shutting them down) ends
         # as Interrupted with what is committed; executors defer it while they shut down.
         try:
+            fb.status("starting Ray" if opts.use_ray else "loading the model")
             executor = make_executor(spec, opts)
-            with progress:
-                task = progress.add_task("generate", total=len(rows), failed=0, rate="-")
-                for results in executor.run(rows):
-                    store.save(results)
-                    ok = sum(r.status == "done" for r in results)
-                    summary.done += ok
-                    summary.failed += len(results) - ok
-                    elapsed = time.perf_counter() - start
-                    progress.update(task, advance=len(results), failed=summary.failed, rate=f"{summary.done / elapsed:.2f}")
+            workers = getattr(getattr(executor, "plan", None), "workers", 1)
+            fb.status(f"loading the model on {plural(workers, 'worker')} and warming up (the first batch)")
+            task = None
+            for results in executor.run(rows):
+                if task is None:
+                    task = fb.bar(len(rows), "generate", extra="")
+                store.save(results)
+                ok = sum(r.status == "done" for r in results)
+                summary.done += ok
+                summary.failed += len(results) - ok
+                for line in tokens.check(results):
+                    fb.warn(line)
+                elapsed = time.perf_counter() - start
+                rate = f"{summary.done / elapsed:.2f} img/s" if elapsed > 0 else ""
+                fb.advance(task, len(results), extra=f"{summary.failed} failed  {rate}" if summary.failed else rate)
         finally:
             if executor is not None:
                 executor.close()
@@ -258,9 +276,45 @@ def _drive(store: RunStore, manifest: Manifest, identity: str, opts: GenerateOpt
             "re-run the same command to resume"
         ) from exc
     summary.seconds = time.perf_counter() - start
+    summary.notes.extend(tokens.notes())
     store.fold()
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
     return summary
+
+
+class PromptTokens:
+    """Prompts longer than CLIP's limit: a warning on the console for the first few, a count after."""
+
+    SHOWN = 3
+
+    def __init__(self) -> None:
+        self.cut: dict[str, int] = {}  # prompt -> tokens
+        self.samples = 0
+
+    def check(self, results: Sequence[SampleResult]) -> list[str]:
+        lines = []
+        for r in results:
+            count = r.fields.get("prompt_tokens")
+            if count is None or count <= PROMPT_TOKEN_LIMIT:
+                continue
+            self.samples += 1
+            prompt = str(r.plan.get("prompt", ""))
+            if prompt not in self.cut:
+                self.cut[prompt] = int(count)
+                if len(self.cut) <= self.SHOWN:
+                    lines.append(
+                        f"{r.key}: the prompt has {count} CLIP tokens; the text encoder keeps the first "
+                        f"{PROMPT_TOKEN_LIMIT} (the index records prompt_tokens): {prompt[:80]!r}"
+                    )
+        return lines
+
+    def notes(self) -> list[str]:
+        if not self.samples:
+            return []
+        return [
+            f"warning: {plural(self.samples, 'sample')} ({plural(len(self.cut), 'prompt')}) cut at "
+            f"{PROMPT_TOKEN_LIMIT} CLIP tokens; the index's prompt_tokens column lists them"
+        ]
 
 
 def lean_allocator() -> None:

@@ -18,6 +18,9 @@ STATUS_FAILED = "failed"
 SIZE_COLUMNS = {".png": "image_bytes", ".alpha.png": "alpha_bytes", ".fg.png": "fg_bytes", ".json": "meta_bytes"}
 SAMPLE_SUFFIXES = tuple(SIZE_COLUMNS)
 
+#: Tokens of CLIP's text encoder (SD1.x), start and end tokens included: a longer prompt is cut.
+PROMPT_TOKEN_LIMIT = 77
+
 
 @dataclass
 class SampleResult:

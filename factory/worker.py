@@ -67,7 +67,11 @@ def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: 
     results = []
     for row, gen in zip(rows, generated, strict=True):
         if gen.error:
-            results.append(failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds))
+            result = failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds)
         else:
-            results.append(finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker))
+            result = finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker)
+        tokens = getattr(gen, "prompt_tokens", None)
+        if tokens is not None:
+            result.fields["prompt_tokens"] = int(tokens)
+        results.append(result)
     return results

@@ -97,3 +97,78 @@ def test_n_0_is_refused_without_importing_ray_torch_or_the_matting_stack(small_m
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert res.stdout.strip() == "2 []", (res.stdout, res.stderr)
     assert "--n must be a positive integer" in res.stderr
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """The feedback console as a captured terminal (what a user would see on stderr)."""
+    import io
+
+    from rich.console import Console
+
+    import factory.feedback as feedback
+
+    buf = io.StringIO()
+    monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=buf, force_terminal=True, width=160))
+    return buf
+
+
+def test_start_up_status_is_shown_before_the_model_loads_then_a_bar(small_manifest: Path, tmp_path: Path, terminal) -> None:
+    seen: dict[str, str] = {}
+
+    def make(spec, opts):
+        seen["model_loading"] = terminal.getvalue()  # the executor is where Ray starts and models load
+        return FakeExecutor(spec, opts, batch=1, on_run=lambda: seen.setdefault("first_batch", terminal.getvalue()))
+
+    opts = GenerateOptions(manifest=small_manifest, n=3, out=tmp_path / "run", model="tiny", progress=True)
+    summary = run_generate(opts, executor_factory=make)
+    assert summary.done == 3
+    before = seen["model_loading"]
+    assert "generate: planning 3 samples" in before and "generate: starting Ray" in before
+    assert "generate: loading the model on 1 worker and warming up" in seen["first_batch"]
+    after = terminal.getvalue()[len(seen["first_batch"]):]
+    assert "1/3" in after and "2/3" in after and "3/3" in after and "img/s" in after  # one step per sample
+
+
+def test_quiet_shows_nothing_and_verbose_prints_each_phase(cli, small_manifest: Path, tmp_path: Path, terminal, monkeypatch) -> None:
+    import factory.generate as generate
+
+    monkeypatch.setattr(generate, "_default_executor", fake_executor)
+    res = cli(["generate", "-m", small_manifest, "--n", "2", "--out", tmp_path / "q", "-q"])
+    assert res.code == 0 and res.out == "" and terminal.getvalue() == ""
+    res = cli(["-v", "generate", "-m", small_manifest, "--n", "2", "--out", tmp_path / "v"])
+    assert res.code == 0 and "samples: 2 planned, 2 done" in res.out
+    log = terminal.getvalue()
+    for phase in ("checking the model", "planning 2 samples", "starting Ray", "loading the model on 1 worker"):
+        assert f"s] generate: {phase}" in log
+
+
+def test_a_prompt_cut_at_77_tokens_is_recorded_and_warned_on_the_console(small_manifest: Path, tmp_path: Path, terminal) -> None:
+    class LongPrompts(FakeExecutor):
+        def run(self, rows):
+            for results in super().run(rows):
+                for r in results:
+                    r.fields["prompt_tokens"] = 90 if r.plan["index"] % 2 else 20
+                yield results
+
+    opts = GenerateOptions(manifest=small_manifest, n=6, out=tmp_path / "run", model="tiny", progress=True)
+    summary = run_generate(opts, executor_factory=lambda spec, o: LongPrompts(spec, o))
+    index = RunStore.open(summary.run).index()
+    assert index["prompt_tokens"].to_pylist() == [20, 90, 20, 90, 20, 90]
+    warnings = [line[line.index("warning: "):] for line in terminal.getvalue().splitlines() if "warning: " in line]
+    assert warnings and all("90 CLIP tokens" in w and "keeps the first 77" in w for w in warnings)
+    assert any("3 samples" in note and "cut at 77 CLIP tokens" in note for note in summary.notes)
+
+
+def test_a_large_plan_is_written_under_a_progress_bar(small_manifest: Path, tmp_path: Path, terminal, monkeypatch) -> None:
+    import factory.generate as generate
+
+    monkeypatch.setattr(generate, "PLAN_BAR_ROWS", 5)  # "large" for the test: a bar from 6 rows on
+    seen: dict[str, str] = {}
+
+    def make(spec, opts):
+        seen["model_loading"] = terminal.getvalue()
+        return FakeExecutor(spec, opts)
+
+    run_generate(GenerateOptions(manifest=small_manifest, n=6, out=tmp_path / "run", model="tiny"), executor_factory=make)
+    assert "generate: writing the plan" in seen["model_loading"] and "6/6" in seen["model_loading"]

@@ -188,3 +188,11 @@ def test_stochastic_scheduler_is_batch_independent() -> None:
     s.batch_size = 1
     single = s.sample([ROWS[1]])[0]
     assert np.abs(single.image.astype(int) - batch[1].image.astype(int)).max() <= 1
+
+
+def test_prompt_token_counts_are_reported_uncut(sampler) -> None:
+    long_prompt = "a photo of a " + " ".join(["very"] * 90) + " red apple on a plain green background"
+    short, long = sampler.sample([ROWS[4], make_row(9, long_prompt)])
+    tokenizer = sampler.components.tokenizer
+    assert short.prompt_tokens == len(tokenizer(ROWS[4].prompt).input_ids) < 77
+    assert long.prompt_tokens is not None and long.prompt_tokens > 90  # the encoder keeps only the first 77

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from factory.errors import Interrupted
+from factory.feedback import QUIET, verbosity
 from factory.export.card import (
     CONTACT_SHEET,
     HISTOGRAM,
@@ -251,7 +252,7 @@ def _progress(enabled: bool, total: int, total_bytes: int):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not (enabled and console.is_terminal),
+        disable=not (enabled and console.is_terminal and verbosity() > QUIET),
         transient=False,
     )
     start = time.perf_counter()

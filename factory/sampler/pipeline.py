@@ -70,6 +70,7 @@ class Generated:
     coarse_alpha: np.ndarray | None
     error: str | None = None
     seconds: float = 0.0
+    prompt_tokens: int | None = None  # the prompt's CLIP tokens before the text encoder cuts it
     background_mask: np.ndarray | None = None
 
 
@@ -372,13 +373,16 @@ class DiffuMattingSampler:
         pixels = ((torch.nan_to_num(image, 0.0, 0.0, 0.0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # also waits for the GPU: the timing is real
         seconds = (time.perf_counter() - t0) / len(rows)
+        tokens = self._token_counts(prompts)
         errors = [None if good else NAN_ERROR for good in ok.cpu().tolist()]
         errors = [e or (NSFW_ERROR if f else None) for e, f in zip(errors, flagged)]
         out: list[Generated] = []
         for i, (row, error) in enumerate(zip(rows, errors)):
             if error is not None:
                 log.warning("sample %s failed: %s", row.key, error)
-                out.append(Generated(np.zeros_like(pixels[i]), None if alpha is None else np.zeros_like(alpha[i]), error, seconds))
+                out.append(
+                    Generated(np.zeros_like(pixels[i]), None if alpha is None else np.zeros_like(alpha[i]), error, seconds, tokens[i])
+                )
                 continue
             has_canvas_token = weights is not None and bool(weights[i, 0].sum() > 0)
             out.append(
@@ -386,10 +390,18 @@ class DiffuMattingSampler:
                     image=pixels[i],
                     coarse_alpha=None if alpha is None else alpha[i],
                     seconds=seconds,
+                    prompt_tokens=tokens[i],
                     background_mask=bg[i] if bg is not None and has_canvas_token else None,
                 )
             )
         return out
+
+    def _token_counts(self, prompts: list[str]) -> list[int | None]:
+        """Each prompt's CLIP tokens, uncut (the pipeline cuts at the tokenizer's limit)."""
+        tokenizer = getattr(self.components, "tokenizer", None)
+        if tokenizer is None:
+            return [None] * len(prompts)
+        return [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
 
     def _safety_flags(self, image: torch.Tensor) -> list[bool]:
         if self.pipe.safety_checker is None:

@@ -46,6 +46,8 @@ RESULT_FIELDS = [
     pa.field("t_post_s", pa.float32()),  # matting, scoring and encoding
     pa.field("worker", pa.string()),
     pa.field("updated_at", pa.timestamp("ms", tz="UTC")),
+    # CLIP tokens of the prompt, start and end included (over sample.PROMPT_TOKEN_LIMIT: it was cut)
+    pa.field("prompt_tokens", pa.int32()),
 ]
 INDEX_SCHEMA = pa.schema([*PLAN_SCHEMA, *RESULT_FIELDS])
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,11 +101,13 @@ class RunStore:
         n: int,
         model_identity: str,
         restart: bool = False,
+        on_plan_rows: Callable[[int], None] | None = None,
     ) -> RunStore:
         """Create the run directory, or check that it was made by this manifest and model.
 
         Writes run.json, manifest.yaml and the plan of ``n`` rows. Nothing is written when the
         checks fail. ``restart`` deletes an existing run's samples and index first.
+        ``on_plan_rows(k)`` is called as each group of k plan rows is written (a progress bar).
         """
         root = Path(root)
         store = cls(root)
@@ -122,7 +124,7 @@ class RunStore:
             if existing is not None and restart:
                 store._wipe()
             if existing is None or restart or existing.get("n") != n or store._plan_rows() != n:
-                store._write_plan(manifest, n)
+                store._write_plan(manifest, n, on_plan_rows)
             (root / SAMPLES_DIR).mkdir(exist_ok=True)
             (root / JOURNAL_DIR).mkdir(exist_ok=True)
             info = {
@@ -143,11 +145,13 @@ class RunStore:
             raise
         return store
 
-    def _write_plan(self, manifest: Manifest, n: int) -> None:
+    def _write_plan(self, manifest: Manifest, n: int, on_rows: Callable[[int], None] | None = None) -> None:
         """Write plan.parquet in row groups, built a group at a time (the plan is never whole)."""
         with atomic_parquet_writer(self.root / PLAN_FILE, PLAN_SCHEMA) as writer:
             for chunk in plan_chunks(manifest, n, PLAN_ROW_GROUP):
                 writer.write_table(chunk, row_group_size=PLAN_ROW_GROUP)
+                if on_rows is not None:
+                    on_rows(chunk.num_rows)
 
     def _plan_rows(self) -> int | None:
         """Rows in plan.parquet, or None when there is no readable plan."""
