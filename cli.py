@@ -48,9 +48,9 @@ def _echo(line: str = "") -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from factory import __version__
+        import factory
 
-        typer.echo(f"factory {__version__}")
+        typer.echo(f"factory {factory.__version__}")
         raise typer.Exit()
 
 

@@ -172,3 +172,19 @@ def test_a_large_plan_is_written_under_a_progress_bar(small_manifest: Path, tmp_
 
     run_generate(GenerateOptions(manifest=small_manifest, n=6, out=tmp_path / "run", model="tiny"), executor_factory=make)
     assert "generate: writing the plan" in seen["model_loading"] and "6/6" in seen["model_loading"]
+
+
+def test_version_and_a_clean_help(cli) -> None:
+    import factory
+
+    res = cli(["--version"])
+    assert res.code == 0 and res.out.strip() == f"factory {factory.__version__}"
+    top = cli(["--help"]).out
+    assert all(flag in top for flag in ("--debug", "--quiet", "--verbose", "--version"))
+    for command in ("plan", "generate", "matte", "eval", "filter", "export", "train"):
+        text = cli([command, "--help"]).out
+        assert "Usage: factory " in text and "<bool>" not in text, command  # flags take no value
+    matte = cli(["matte", "--help"]).out
+    assert "Usage: factory matte [OPTIONS] IN_DIR" in matte and "{in_dir}" not in matte
+    generate = cli(["generate", "--help"]).out
+    assert all(option in generate for option in ("--steps", "--guidance", "--size", "--scheduler", "--negative-prompt"))
