@@ -45,13 +45,13 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from factory.sampler.attention import AttentionCapture, average_maps, background_mask, token_weights, word_positions
-    from factory.sampler.checkpoint import is_diffumatting_checkpoint, load_checkpoint, save_checkpoint
-    from factory.sampler.components import ModelComponents
-    from factory.sampler.head import MattingHead, decode, load_head, save_head
-    from factory.sampler.pipeline import DiffuMattingSampler, Generated, auto_batch_size, load_sampler
-    from factory.sampler.sources import load_components, model_identity, resolve_source
-    from factory.sampler.tiny import build_tiny_components, build_tiny_pipeline
+    from factory.sampler.attention import AttentionCapture, average_maps, background_mask, token_weights, word_positions  # noqa: F401
+    from factory.sampler.checkpoint import is_diffumatting_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
+    from factory.sampler.components import ModelComponents  # noqa: F401
+    from factory.sampler.head import MattingHead, decode, load_head, save_head  # noqa: F401
+    from factory.sampler.pipeline import DiffuMattingSampler, Generated, auto_batch_size, load_sampler  # noqa: F401
+    from factory.sampler.sources import load_components, model_identity, resolve_source  # noqa: F401
+    from factory.sampler.tiny import build_tiny_components, build_tiny_pipeline  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
