@@ -708,6 +708,44 @@ def train_cmd(
 # -------------------------------------------------------------------------------------- toy-data
 
 
+@app.command("caption")
+def caption_cmd(
+    data: Annotated[
+        list[str], typer.Option("--data", "-d", help="Training set to caption: what `factory train --data` "
+                                "reads (folders or WebDataset shards). Repeatable.")
+    ],
+    model: Annotated[
+        str, typer.Option("--model", help="transformers image-to-text model: a local folder or a cached hub id "
+                          "(BLIP, BLIP-2, InstructBLIP, Florence-2, ...). Never downloaded.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Captions file (.jsonl) for `factory train --captions`; "
+                                      "samples already in it are skipped.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 8,
+    prompt: Annotated[
+        Optional[str], typer.Option("--prompt", help="Text given with each image (BLIP: a prefix such as 'a photo of'; "
+                                    "Florence-2: a task token). Default: the model family's own (<CAPTION> for Florence-2).")
+    ] = None,
+    class_prefix: Annotated[bool, typer.Option("--class-prefix", help="Start captions with the sample's class name.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest caption, in tokens.")] = 40,
+    device: Annotated[Optional[str], typer.Option("--device", help="torch device. Default: CUDA if available.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Caption on Ray actors (one model each, one GPU each where there are GPUs).")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="With --ray: the number of actors.")] = 1,
+    address: Annotated[Optional[str], typer.Option("--address", help="With --ray: join this Ray cluster.")] = None,
+) -> None:
+    """Caption a training set with an image-to-text model, for `factory train --captions`.
+
+    Resumable: stop it at any time, run it again, and only the samples not captioned are done.
+    """
+    from factory.caption import CaptionOptions, run_caption
+
+    summary = run_caption(
+        CaptionOptions(data=data, out=out, model=model, batch_size=batch_size, prompt=prompt, class_prefix=class_prefix,
+                       max_new_tokens=max_new_tokens, device=device, ray=ray, workers=workers, address=address)
+    )  # fmt: skip
+    for line in summary.lines():
+        _echo(line)
+
+
 @app.command("toy-data")
 def toy_data_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (KEY.png, KEY.alpha.png, KEY.fg.png, KEY.json).")],

@@ -28,7 +28,7 @@ LAYERS: list[list[str]] = [
     ["factory.filter"],
     ["factory.export"],
     ["factory.train"],
-    ["factory.generate", "factory.distribute", "factory.matte_folder", "factory.evaluate", "factory.toy.dataset",
+    ["factory.generate", "factory.distribute", "factory.matte_folder", "factory.evaluate", "factory.caption", "factory.toy.dataset",
      "factory.composite"],
 ]
 

@@ -1,0 +1,385 @@
+"""``factory caption``: captions for a training set, from a transformers image-to-text model.
+
+The paper captions its training objects automatically (InstructBLIP); this command does the same
+for any set ``factory train --data`` reads (paired or flat folders, WebDataset shards), with any
+image-to-text model transformers loads through ``AutoProcessor`` + ``AutoModelForImageTextToText``
+from a local folder or the local hub cache: BLIP, BLIP-2, InstructBLIP, Florence-2, GIT, ... It
+writes the ``.jsonl`` captions file that ``factory train --captions`` reads, one line per sample::
+
+    {"key": "toy-000", "caption": "cup, a red cup on a table", "class_name": "cup"}
+
+Each sample's picture is its image, or its foreground over white when it has no image. Batches run
+in this process or, with ``--ray``, on Ray actors (one model each; one GPU each where there are
+GPUs), which receive the encoded images, so a cluster needs no shared disk.
+
+Resumable: each finished batch is appended (flushed and fsynced) to ``OUT.partial``; a rerun reads
+``OUT`` and ``OUT.partial`` (a torn last line is ignored) and captions only the samples not done;
+at the end ``OUT`` is written atomically (the samples in data order, then any other keys it held)
+and ``OUT.partial`` is removed. Delete ``OUT`` to caption everything again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factory.errors import InputError, RunError
+from factory.fsutil import atomic_write_text, check_output_file
+
+#: The text prompt (or task token) a model family needs to caption; None = unconditional.
+DEFAULT_PROMPTS: dict[str, str | None] = {
+    "florence2": "<CAPTION>",
+    "instructblip": "A short image description:",
+    "blip": None,
+    "blip-2": None,
+}
+JOURNAL_SUFFIX = ".partial"
+
+
+@dataclass
+class CaptionOptions:
+    data: list[str]
+    out: Path
+    model: str
+    batch_size: int = 8
+    prompt: str | None = None
+    """Text given with each image (BLIP: a caption prefix, e.g. "a photo of"; Florence-2: a task
+    token). None = the model family's default (:data:`DEFAULT_PROMPTS`)."""
+    class_prefix: bool = False
+    """Start each caption with the sample's class name ("cup, ...") when it has one and the caption
+    does not already name it."""
+    max_new_tokens: int = 40
+    device: str | None = None
+    ray: bool = False
+    workers: int = 1
+    address: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class CaptionSummary:
+    out: Path
+    samples: int
+    done_before: int
+    captioned: int
+    empty: int
+    seconds: float
+    model: str
+    engine: str
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        rate = f", {self.captioned / self.seconds:.2f} img/s" if self.captioned and self.seconds > 0 else ""
+        lines = [
+            f"captioned {self.captioned} of {self.samples} samples ({self.done_before} done before) with {self.model} "
+            f"({self.engine}), {self.seconds:.1f} s{rate}",
+            f"captions: {self.out} (use with factory train --captions {self.out})",
+        ]
+        if self.empty:
+            lines.append(f"note: {self.empty} caption{'s are' if self.empty != 1 else ' is'} empty (the model gave no text); train falls back to their metadata")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return lines
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def model_folder(model: str) -> Path:
+    """A local model folder, or the cached snapshot of a hub id (never downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path}: not a transformers model folder (no config.json)")
+        return path.resolve()
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise InputError(f"{model}: captioning model folder not found")
+    if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", model):
+        raise InputError(f"{model}: not a model folder or a hub id (owner/name)")
+    from factory.sampler.hub import require_snapshot
+
+    return require_snapshot(model, "captioning model", instead="pass a local model folder with --model")[1]
+
+
+class Captioner:
+    """A processor and an image-to-text model, and one batched call: images -> captions."""
+
+    def __init__(self, folder: str, prompt: str | None, max_new_tokens: int, device: str | None) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from factory.sampler.components import quiet_transformers
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        with quiet_transformers():
+            try:
+                self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+                self.model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=dtype).to(self.device).eval()
+            except (OSError, ValueError, KeyError) as exc:
+                first = " ".join(str(exc).split())[:300]
+                raise InputError(f"{folder}: cannot load it as an image-to-text model ({type(exc).__name__}: {first})") from exc
+        self.model_type = str(getattr(self.model.config, "model_type", ""))
+        self.prompt = prompt if prompt is not None else DEFAULT_PROMPTS.get(self.model_type)
+        self.max_new_tokens = max_new_tokens
+        self.dtype = dtype
+
+    def __call__(self, images: Sequence[bytes]) -> list[str]:
+        import torch
+        from PIL import Image
+
+        pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+        kwargs: dict[str, Any] = {"images": pictures, "return_tensors": "pt"}
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(pictures)
+        inputs = self.processor(**kwargs).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        new_tokens = self.max_new_tokens
+        limit = getattr(getattr(self.model.config, "text_config", None) or self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:  # a decoder cannot write past its position table
+            used = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
+            new_tokens = max(1, min(new_tokens, limit - used - 1))
+        with torch.inference_mode():
+            ids = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        texts = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [clean(t, self.prompt) for t in texts]
+
+
+def clean(text: str, prompt: str | None) -> str:
+    """One line of caption: the echoed prompt and task tokens removed, spaces collapsed."""
+    text = " ".join(text.split())
+    if prompt and text.lower().startswith(prompt.lower()):
+        text = text[len(prompt) :]
+    text = re.sub(r"</?[A-Za-z_]+>", " ", text)
+    return " ".join(text.split()).strip(" ,.:") if text.strip() else ""
+
+
+# ------------------------------------------------------------------------------ the data
+
+
+def picture(rec: Any) -> bytes:
+    """The encoded picture to caption: the sample's image (checked to decode), or its foreground
+    over white (PNG). A damaged file is a one-line ``RunError`` naming the sample."""
+    import numpy as np
+
+    from factory.imageio import decode_alpha, decode_rgb, encode_png
+
+    ref = rec.image if rec.image is not None else rec.fg
+    if ref is None:
+        raise RunError(f"training sample {rec.key}: no image or foreground to caption")
+    role = "image" if rec.image is not None else "foreground"
+    try:
+        data = ref.read()
+        rgb = decode_rgb(data)
+        if rec.image is not None:
+            return data
+        alpha = decode_alpha(rec.alpha.read())[..., None]
+    except (OSError, InputError) as exc:
+        raise RunError(f"training sample {rec.key}: cannot read its {role} {ref.describe()} ({type(exc.__cause__ or exc).__name__})") from exc
+    return encode_png((rgb.astype(np.float32) * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8))
+
+
+def class_name_of(rec: Any) -> str | None:
+    name = rec.meta.get("class_name") or rec.meta.get("class")
+    return name.strip() if isinstance(name, str) and name.strip() else None
+
+
+def with_prefix(caption: str, class_name: str | None) -> str:
+    from factory.train.data import has_word
+
+    if not class_name or has_word(caption, class_name):
+        return caption
+    return f"{class_name}, {caption}" if caption else class_name
+
+
+# ------------------------------------------------------------------------------ the files
+
+
+def read_done(out: Path) -> dict[str, dict[str, Any]]:
+    """Captions already made: ``OUT`` (written whole) and the journal ``OUT.partial``, whose torn
+    or malformed lines (a killed run) are skipped."""
+    done: dict[str, dict[str, Any]] = {}
+    for path, strict in ((out, True), (journal_path(out), False)):
+        if not path.is_file():
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key, caption = row["key"], row["caption"]
+                if not isinstance(key, str) or not isinstance(caption, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError) as exc:
+                if strict:
+                    raise InputError(f"{path}:{n}: not a captions line ({{\"key\", \"caption\"}}); move the file away to start over") from exc
+                continue
+            done[key] = row
+    return done
+
+
+def journal_path(out: Path) -> Path:
+    return out.with_name(out.name + JOURNAL_SUFFIX)
+
+
+def write_final(out: Path, records: Sequence[Any], done: dict[str, dict[str, Any]]) -> None:
+    keys = [r.key for r in records if r.key in done]
+    known = set(keys)
+    keys += [k for k in done if k not in known]
+    atomic_write_text(out, "".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in keys))
+    journal_path(out).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def _batches(todo: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(todo), size):
+        yield list(todo[i : i + size])
+
+
+def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = None) -> CaptionSummary:
+    """Caption every sample of ``opts.data`` not yet in ``opts.out`` (see the module docstring)."""
+    from factory.train.data import scan_sources
+
+    start = time.perf_counter()
+    if opts.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if opts.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {opts.workers}")
+    out = opts.out.expanduser().resolve()
+    if out.suffix.lower() != ".jsonl":
+        raise InputError(f"{out}: the captions file must be .jsonl (what factory train --captions reads with class names)")
+    check_output_file(out)
+    folder = model_folder(opts.model)
+    records = scan_sources(opts.data)
+    keys = [r.key for r in records]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise InputError(f"sample key {dup!r} appears twice in the data; captions are by key")
+    done = read_done(out)
+    todo = [r for r in records if r.key not in done]
+    done_before = len(records) - len(todo)
+    engine = "ray" if opts.ray else "local"
+    empty = 0
+    notes: list[str] = []
+    if todo:
+        with journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, len(records), done_before) as bar:
+
+            def record(batch: list[Any], captions: list[str]) -> None:
+                nonlocal empty
+                lines = []
+                for rec, caption in zip(batch, captions):
+                    name = class_name_of(rec)
+                    text = with_prefix(caption, name) if opts.class_prefix else caption
+                    empty += not caption
+                    row: dict[str, Any] = {"key": rec.key, "caption": text}
+                    if name:
+                        row["class_name"] = name
+                    done[rec.key] = row
+                    lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+                journal.write("".join(lines))
+                journal.flush()
+                os.fsync(journal.fileno())
+                bar.advance(len(batch))
+                if on_batch is not None:
+                    on_batch(len(batch))
+
+            batches = list(_batches(todo, opts.batch_size))
+            if opts.ray:
+                notes += _run_on_ray(opts, str(folder), batches, record, out)
+            else:
+                captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device)
+                for batch in batches:
+                    record(batch, captioner([picture(r) for r in batch]))
+    write_final(out, records, done)
+    return CaptionSummary(
+        out=out, samples=len(records), done_before=done_before, captioned=len(todo), empty=empty,
+        seconds=time.perf_counter() - start, model=opts.model, engine=engine, notes=notes,
+    )  # fmt: skip
+
+
+def _run_on_ray(opts: CaptionOptions, folder: str, batches: list[list[Any]], record: Callable[[list[Any], list[str]], None], out: Path) -> list[str]:
+    """The batches on ``opts.workers`` Ray actors, each with its own model; results recorded as
+    they come (any order: the journal is by key)."""
+    import tempfile
+
+    import ray
+
+    from factory.ray_session import start_ray
+
+    session = start_ray(Path(tempfile.gettempdir()) / "factory-caption", opts.address, None, None, opts.workers)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
+        per_actor = 1 if gpus >= 1 else 0
+        actor_cls = ray.remote(num_cpus=1, num_gpus=per_actor)(_CaptionActor)
+        device = opts.device if opts.device else (None if per_actor else "cpu")
+        actors = [actor_cls.remote(folder, opts.prompt, opts.max_new_tokens, device) for _ in range(opts.workers)]
+        pending: dict[Any, list[Any]] = {}
+        queue = list(batches)
+        free = list(actors)
+        while queue or pending:
+            while queue and free:
+                batch = queue.pop(0)
+                actor = free.pop(0)
+                ref = actor.caption.remote([picture(r) for r in batch])
+                pending[ref] = [batch, actor]
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            batch, actor = pending.pop(ready[0])
+            try:
+                captions = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, InputError):
+                    raise InputError(str(cause)) from None
+                raise RunError(f"a captioning worker failed: {' '.join(str(exc).split())[:300]}; rerun to continue (done batches are kept in {journal_path(out)})") from exc
+            record(batch, captions)
+            free.append(actor)
+        return session.notes
+    finally:
+        session.shutdown()
+
+
+class _CaptionActor:
+    """A Ray actor holding one :class:`Captioner`."""
+
+    def __init__(self, folder: str, prompt: str | None, max_new_tokens: int, device: str | None) -> None:
+        self.captioner = Captioner(folder, prompt, max_new_tokens, device)
+
+    def caption(self, images: list[bytes]) -> list[str]:
+        return self.captioner(images)
+
+
+class _Progress:
+    """A Rich bar on stderr over the samples (those done before count as complete)."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+        self.progress: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]caption"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("caption", total=self.total, completed=self.done)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)

@@ -1,0 +1,77 @@
+"""`factory caption` with a tiny random BLIP: a captions file that `factory train --captions`
+uses, class-name prefixes, resume after an interruption (torn journal line included) on Ray, and
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from factory.caption import CaptionOptions, journal_path, run_caption
+from factory.train import TrainOptions
+from factory.train.data import read_captions
+from factory.train.run import prepare
+from tests.caption_fixtures import WORDS, make_tiny_blip
+from tests.train_toy import make_toy_folder
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(scope="module")
+def blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_blip(tmp_path_factory.mktemp("blip") / "tiny-blip")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy_folder(tmp_path_factory.mktemp("toy") / "data", n=5, size=32)
+
+
+def test_caption_file_is_what_train_uses(blip: Path, toy: Path, tmp_path: Path, cli) -> None:
+    caps = tmp_path / "captions.jsonl"
+    r = cli(["caption", "--data", toy, "--model", blip, "--out", caps, "--batch-size", "2", "--class-prefix"])
+    assert r.code == 0, r.err
+    assert "captioned 5 of 5 samples (0 done before)" in r.out and f"factory train --captions {caps}" in r.out
+    rows = [json.loads(line) for line in caps.read_text().splitlines()]
+    assert [row["key"] for row in rows] == [f"toy-{i:03d}" for i in range(5)]
+    for row in rows:
+        name, _, caption = row["caption"].partition(", ")
+        assert name == row["class_name"] and caption and set(caption.split()) <= set(WORDS)
+    assert not journal_path(caps).exists()
+    out = tmp_path / "run"
+    cfg, records, *_ = prepare(TrainOptions(out=out, overrides={"data": [str(toy)], "captions": str(caps), "resolution": 32}))
+    assert [rec.prompt for rec in records] == [f"{row['caption']}, on a green background" for row in rows]
+    cfg_file = tmp_path / "t.yaml"
+    cfg_file.write_text("data_workers: 0\nvalidation_prompts: []\nresolution: 32\ngradient_checkpointing: false\nreport_to: none\n")
+    r = cli(["train", "--data", toy, "--captions", caps, "--max_train_steps", "1", "--output_dir", out, "--config", cfg_file])
+    assert r.code == 0, r.err
+    assert json.loads((out / "train.json").read_text())["config"]["captions"] == str(caps)
+
+
+def test_caption_resumes_on_ray_and_errors(blip: Path, toy: Path, tmp_path: Path, cli) -> None:
+    caps = tmp_path / "c.jsonl"
+    seen = []
+
+    def stop_after_two(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_caption(CaptionOptions(data=[str(toy)], out=caps, model=str(blip), batch_size=2, progress=False), on_batch=stop_after_two)
+    assert not caps.exists() and len(journal_path(caps).read_text().splitlines()) == 4
+    with journal_path(caps).open("a") as fh:
+        fh.write('{"key": "toy-004", "capt')  # a write the kill tore
+    s = run_caption(CaptionOptions(data=[str(toy)], out=caps, model=str(blip), batch_size=2, progress=False, ray=True, workers=1))
+    assert (s.done_before, s.captioned, s.engine) == (4, 1, "ray")
+    assert sorted(read_captions(caps)) == [f"toy-{i:03d}" for i in range(5)] and not journal_path(caps).exists()
+    again = run_caption(CaptionOptions(data=[str(toy)], out=caps, model=str(blip), progress=False))
+    assert (again.done_before, again.captioned) == (5, 0)
+    r = cli(["caption", "--data", toy, "--model", tmp_path / "nope", "--out", caps])
+    assert r.code == 2 and r.err.strip() == f"error: {tmp_path / 'nope'}: captioning model folder not found"
+    r = cli(["caption", "--data", toy, "--model", "someone/not-cached", "--out", caps])
+    assert r.code == 2 and "not in the local Hugging Face cache" in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli(["caption", "--data", toy, "--model", blip, "--out", tmp_path / "c.txt"])
+    assert r.code == 2 and "must be .jsonl" in r.err
