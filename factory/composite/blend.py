@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from factory.imageio import quantize_alpha
 
 LABEL_EXACT = "exact"
 LABEL_APPROX = "approx"
@@ -21,20 +20,33 @@ LABEL_APPROX = "approx"
 
 def quantized(alpha: np.ndarray, bits: int) -> np.ndarray:
     """The alpha as its file will hold it (float32 in [0, 1])."""
-    q = quantize_alpha(alpha, bits)
-    return (q.astype(np.float32) / (255.0 if bits == 8 else 65535.0)).astype(np.float32)
+    top = np.float32(255.0 if bits == 8 else 65535.0)
+    q = np.clip(alpha, 0.0, 1.0, dtype=np.float32) * top
+    np.rint(q, out=q)
+    q /= top
+    return q
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    y = np.rint(x)
+    np.clip(y, 0, 255, out=y)
+    return y.astype(np.uint8)
 
 
 def composite(fg: np.ndarray, alpha: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """``round(a F + (1 - a) B)`` in float32, rounded once, as uint8."""
-    a = alpha[..., None]
-    out = bg.astype(np.float32)
-    out += a * (fg.astype(np.float32) - out)
-    return to_uint8(out)
+    """``round(a F + (1 - a) B)`` in float32, rounded once, as uint8; computed on the box of
+    ``alpha > 0`` only (elsewhere the result is ``B``)."""
+    rows, cols = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+    image = bg.copy()
+    if rows.size == 0:
+        return image
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    a = alpha[box][..., None]
+    b = bg[box].astype(np.float32)
+    b += a * (fg[box].astype(np.float32) - b)  # a convex mix of values in 0..255: no clipping
+    np.rint(b, out=b)
+    image[box] = b.astype(np.uint8)
+    return image
 
 
 def mix_foregrounds(f1: np.ndarray, a1: np.ndarray, f2: np.ndarray, a2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

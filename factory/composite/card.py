@@ -35,7 +35,7 @@ def _pair(out: Path, s: CompositeSettings, row: dict[str, Any]) -> tuple[np.ndar
         return composite(fg, alpha, np.asarray(bg)), alpha
     if s.layout == "scenes":
         masks = [decode_alpha(p.read_bytes()) for p in sorted((out / "masks").glob(f"{key}.*.png"))]
-        alpha = np.max(masks, axis=0) if masks else None
+        alpha = np.clip(np.sum(masks, axis=0), 0, 1) if masks else None  # visible alphas add up to the union
         image = decode_rgb((out / row["file"]).read_bytes())
         return image, alpha if alpha is not None else np.zeros(image.shape[:2], np.float32)
     if s.format == "webdataset":

@@ -22,11 +22,11 @@ import numpy as np
 from factory.composite.backgrounds import PROCEDURAL, BackgroundSource, procedural_background
 from factory.composite.blend import LABEL_EXACT
 from factory.composite.coco import instance_annotation
+from factory.composite.encode import alpha_png, encode
 from factory.composite.objects import ObjectRef, ObjectSource, _read
 from factory.composite.placement import rng_for
 from factory.composite.recipe import draw_background
 from factory.composite.render import Rendered
-from factory.imageio import encode_alpha_png, encode_png
 from factory.manifest import CompositeSettings
 
 #: Folder names of the baked layout's members (suffix in shards -> folder).
@@ -50,17 +50,17 @@ def baked_members(recipe: dict[str, Any], r: Rendered, layers: bool) -> list[tup
     """(suffix, bytes) of one baked composite, in a fixed order."""
     bits = int(recipe["alpha_bits"])
     out = [
-        ("png", encode_png(r.image)),
-        ("alpha.png", encode_alpha_png(r.alpha, bits)),
-        ("trimap.png", encode_alpha_png(r.trimap.astype(np.float32) / 255.0, 8)),
+        ("png", encode(r.image)),
+        ("alpha.png", alpha_png(r.alpha, bits)),
+        ("trimap.png", encode(r.trimap)),
         ("json", recipe_bytes(recipe)),
     ]
     if layers:
-        out += [("fg.png", encode_png(r.fg)), ("bg.png", encode_png(r.bg))]
+        out += [("fg.png", encode(r.fg)), ("bg.png", encode(r.bg))]
         if r.fg_original is not None:
-            out.append(("fg_original.png", encode_png(r.fg_original)))
+            out.append(("fg_original.png", encode(r.fg_original)))
         if r.shadow is not None:
-            out.append(("shadow.png", encode_alpha_png(r.shadow, 8)))
+            out.append(("shadow.png", alpha_png(r.shadow, 8)))
     return out
 
 
@@ -72,11 +72,11 @@ def baked_folder_name(key: str, suffix: str) -> str:
 def scene_members(recipe: dict[str, Any], r: Rendered, threshold: float) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
     """A scene's files and its instances' annotations (without ids: they are given when folding)."""
     key, bits = recipe["key"], int(recipe["alpha_bits"])
-    files = [(f"images/{key}.png", encode_png(r.image)), (f"recipes/{key}.json", recipe_bytes(recipe))]
+    files = [(f"images/{key}.png", encode(r.image)), (f"recipes/{key}.json", recipe_bytes(recipe))]
     instances = []
     for i, (entry, vis) in enumerate(zip(recipe["objects"], r.visible, strict=True)):
         name = f"masks/{key}.{i}.png"
-        files.append((name, encode_alpha_png(vis, bits)))
+        files.append((name, alpha_png(vis, bits)))
         ann = instance_annotation(vis, threshold)
         if ann is not None:
             ann.update({"class_name": entry["class_name"], "object": entry["key"], "alpha_file": name, "order": i,
@@ -101,7 +101,7 @@ def dim_members(
         bg = draw_background(rng_for(s.seed, ref.key, k), backgrounds, s.model_copy(update={"size": None}))
         if bg["id"].startswith(PROCEDURAL + ":"):
             name = _bg_name(bg["id"], ".png")
-            data = encode_png(procedural_background(int(bg["id"].split(":")[1]), s.size or 512))
+            data = encode(procedural_background(int(bg["id"].split(":")[1]), s.size or 512))
         else:
             name = _bg_name(bg["id"], Path(bg["id"]).suffix.lower())
             data = _read(backgrounds.by_id()[bg["id"]].where)

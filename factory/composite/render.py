@@ -45,10 +45,13 @@ def load_frame(recipe: dict[str, Any], backgrounds: BackgroundSource, frame: tup
     if bg["resize"] is not None:
         rw, rh = bg["resize"]
         pil = Image.fromarray(img)
-        if pil.size != (rw, rh):
-            pil = pil.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=2.0 if rw < pil.width else None)
         x, y = bg["crop"]
-        img = np.asarray(pil.crop((x, y, x + frame[1], y + frame[0])), np.uint8)
+        if pil.size == (rw, rh):
+            return np.asarray(pil.crop((x, y, x + frame[1], y + frame[0])), np.uint8)
+        # only the crop is resampled: the source box that maps onto it
+        sx, sy = pil.width / rw, pil.height / rh
+        box = (x * sx, y * sy, (x + frame[1]) * sx, (y + frame[0]) * sy)
+        img = np.asarray(pil.resize((frame[1], frame[0]), Image.Resampling.BILINEAR, box=box), np.uint8)
     return img
 
 
