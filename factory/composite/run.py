@@ -224,7 +224,10 @@ def _execute(jobs: list[PartJob], options: CompositeOptions) -> Iterator[dict[st
 
     from factory.ray_session import start_ray
 
-    session = start_ray(jobs[0].out, options.address, None, None, options.workers)
+    import tempfile
+
+    # Ray's session files go to the temp dir, not into the dataset folder
+    session = start_ray(Path(tempfile.gettempdir()) / "factory-composite", options.address, None, None, options.workers)
     try:
         gpu = 1 if jobs[0].settings.generative and ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=1, num_gpus=gpu, max_retries=2)(render_part)
