@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from factory.composite.backgrounds import PROCEDURAL, BackgroundSource, procedural_background
 from factory.composite.blend import LABEL_EXACT
