@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,6 +29,14 @@ from rich.progress import (
 )
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
+
+
+class _Count(MofNCompleteColumn):
+    """``done/total`` for a bar; nothing for a status line (it has no total)."""
+
+    def render(self, task: Any) -> Any:
+        return Text("") if task.total is None else super().render(task)
+
 _level = NORMAL
 
 
@@ -59,7 +68,7 @@ class Feedback:
             SpinnerColumn(),
             TextColumn("[bold]{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            _Count(),
             TextColumn("{task.fields[extra]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),

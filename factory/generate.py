@@ -272,7 +272,7 @@ def _drive(
         summary.seconds = time.perf_counter() - start
         store.fold()
         raise Interrupted(
-            f"interrupted; {summary.skipped + summary.done} samples are committed in {store.root}; "
+            f"interrupted; {plural(summary.skipped + summary.done, 'sample')} committed in {store.root}; "
             "re-run the same command to resume"
         ) from exc
     summary.seconds = time.perf_counter() - start

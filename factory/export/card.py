@@ -179,8 +179,16 @@ def pick_sheet_rows(records: list[dict[str, Any]], count: int = 8) -> list[dict[
     return chosen
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+def human_bytes(n: int) -> str:
+    """``1.2 GB``, ``3.4 MB``, ``56 kB``: a unit that shows a non-zero figure."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+_mb = human_bytes
 
 
 def _license(info: CardInfo) -> tuple[str, str]:
@@ -214,7 +222,7 @@ def write_card(info: CardInfo) -> Path:
     md: list[str] = [_front_matter(info)]
     md.append(f"# {run.get('manifest')}: image-matting dataset ({info.format})\n")
     md.append(
-        f"{total} samples made by `factory` {__version__} with the DiffuMatting method: "
+        f"{plural(total, 'sample')} made by `factory` {__version__} with the DiffuMatting method: "
         "Stable Diffusion draws each object on a green canvas, GreenPost turns it into a matting-level alpha, "
         f"GSG scores the canvas. Exported {datetime.now(UTC).isoformat(timespec='seconds')}.\n"
     )

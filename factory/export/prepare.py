@@ -55,7 +55,7 @@ def load_source(store: RunStore, selection: str | None, all_done: bool) -> Expor
     keys = sel.table["key"]
     rows = done.filter(pc.is_in(done["key"], value_set=keys))
     missing = len(keys) - rows.num_rows
-    desc = f"selection '{selection}' ({how}; {len(keys)} samples"
+    desc = f"selection '{selection}' ({how}; {len(keys)} sample{'' if len(keys) == 1 else 's'}"
     desc += f", {missing} no longer done in the run)" if missing else ")"
     return ExportSource(store, rows, desc, sel, missing)
 
