@@ -260,20 +260,22 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     check_output_file(out)
     folder = model_folder(opts.model)
     records = scan_sources(opts.data)
-    keys = [r.key for r in records]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise InputError(f"sample key {dup!r} appears twice in the data; captions are by key")
     done = read_done(out)
-    todo = [r for r in records if r.key not in done]
-    done_before = len(records) - len(todo)
+    todo, seen = [], set(done)
+    for rec in records:  # captions are by key: samples sharing a key (two sources) share one, as in train
+        if rec.key not in seen:
+            seen.add(rec.key)
+            todo.append(rec)
+    unique = len({r.key for r in records})
+    done_before = unique - len(todo)
     engine = "ray" if opts.ray else "local"
     empty = 0
     notes: list[str] = []
     if todo:
-        with journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, len(records), done_before) as bar:
+        with journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, unique, done_before) as bar:
 
             def record(batch: list[Any], captions: list[str]) -> None:
+                """Journal one finished batch (flushed and fsynced: a kill loses at most a batch)."""
                 nonlocal empty
                 lines = []
                 for rec, caption in zip(batch, captions):
@@ -301,7 +303,7 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
                     record(batch, captioner([picture(r) for r in batch]))
     write_final(out, records, done)
     return CaptionSummary(
-        out=out, samples=len(records), done_before=done_before, captioned=len(todo), empty=empty,
+        out=out, samples=unique, done_before=done_before, captioned=len(todo), empty=empty,
         seconds=time.perf_counter() - start, model=opts.model, engine=engine, notes=notes,
     )  # fmt: skip
 

@@ -14,7 +14,7 @@ from factory.train import TrainOptions
 from factory.train.data import read_captions
 from factory.train.run import prepare
 from tests.caption_fixtures import WORDS, make_tiny_blip
-from tests.train_toy import make_toy_folder
+from tests.train_toy import make_toy_folder, make_toy_shards
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -67,8 +67,10 @@ def test_caption_resumes_on_ray_and_errors(blip: Path, toy: Path, tmp_path: Path
     s = run_caption(CaptionOptions(data=[str(toy)], out=caps, model=str(blip), batch_size=2, progress=False, ray=True, workers=1))
     assert (s.done_before, s.captioned, s.engine) == (4, 1, "ray")
     assert sorted(read_captions(caps)) == [f"toy-{i:03d}" for i in range(5)] and not journal_path(caps).exists()
-    again = run_caption(CaptionOptions(data=[str(toy)], out=caps, model=str(blip), progress=False))
-    assert (again.done_before, again.captioned) == (5, 0)
+    shards = make_toy_shards(tmp_path / "shards", n=3, per_shard=2, size=32)
+    again = run_caption(CaptionOptions(data=[str(toy), str(shards[0].parent)], out=caps, model=str(blip), progress=False))
+    assert (again.done_before, again.captioned) == (5, 3)
+    assert list(read_captions(caps))[5:] == ["shard-00000", "shard-00001", "shard-00002"]
     r = cli(["caption", "--data", toy, "--model", tmp_path / "nope", "--out", caps])
     assert r.code == 2 and r.err.strip() == f"error: {tmp_path / 'nope'}: captioning model folder not found"
     r = cli(["caption", "--data", toy, "--model", "someone/not-cached", "--out", caps])

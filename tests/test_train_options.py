@@ -48,10 +48,22 @@ def test_resume_without_a_run_and_config_file_errors(toy: Path, tmp_path: Path, 
 
 
 def test_fp16_run_resumes_exactly_from_an_earlier_checkpoint(toy: Path, tmp_path: Path) -> None:
+    """On a diffusers base (frozen parts held in fp16): checkpoints get float32 VAE and text encoder
+    files, shared by hard links between checkpoints, and a resume from step 1 redoes step 2 exactly."""
+    from factory.sampler import build_tiny_pipeline
+
+    base = tmp_path / "sd"
+    build_tiny_pipeline(seed=0).save_pretrained(base)
     out = tmp_path / "run"
-    over = {**FAST, "data": [str(toy)], "steps": 2, "checkpoint_every": 1, "keep_checkpoints": 3, "mixed_precision": "fp16", "report_to": "none"}
+    over = {**FAST, "model": str(base), "data": [str(toy)], "steps": 2, "checkpoint_every": 1, "keep_checkpoints": 3,
+            "mixed_precision": "fp16", "report_to": "none"}  # fmt: skip
     s = run_train(TrainOptions(out=out, overrides=over, progress=False))
     assert s.step == 2
+    vae_files = [out / f"checkpoints/step-0000000{i}/vae/diffusion_pytorch_model.safetensors" for i in (1, 2)]
+    assert vae_files[0].stat().st_ino == vae_files[1].stat().st_ino == (out / "vae/diffusion_pytorch_model.safetensors").stat().st_ino
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(vae_files[0])).values()} == {torch.float32}
     first = [json.loads(x) for x in (out / run_folder.LOG_FILE).read_text().splitlines()]
     assert all(x["grad_scale"] > 0 for x in first)
     assert torch.load(out / "checkpoints/step-00000002/training_state/optimizer.pt", weights_only=True)["grad_scaler"]["scale"] > 0
