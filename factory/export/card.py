@@ -308,6 +308,13 @@ ds = (wds.WebDataset("train-{000000..LAST}.tar", shardshuffle=False)
       .decode(wds.handle_extension("alpha.png", one_channel), "pil")
       .to_tuple("IMAGE_EXT", "alpha.png", "fg.png", "txt", "json"))
 ```
+
+With HF `datasets` (the column types are declared in this card's header):
+
+```python
+from datasets import load_dataset
+ds = load_dataset("THIS_FOLDER")  # columns IMAGE_EXT, alpha.png, fg.png (images), json (a struct), txt
+```
 """
 
 
@@ -323,7 +330,7 @@ sample; `stats.json` has the counts.
 
 ```python
 from datasets import load_dataset
-ds = load_dataset("imagefolder", data_dir="THIS_FOLDER")  # columns image, alpha, fg + metadata
+ds = load_dataset("THIS_FOLDER")  # typed as this card's header declares: image, alpha, fg + metadata
 ```
 """
 
