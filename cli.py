@@ -836,6 +836,8 @@ def main(argv: list[str] | None = None) -> None:
         first = " ".join(str(exc).split())[:300]
         typer.echo(f"error: internal error: {type(exc).__name__}: {first} (re-run with --debug for details)", err=True)
         code = 1
+    finally:
+        set_verbosity(NORMAL)  # -q / -v hold for this command only (main may be called again in-process)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -11,8 +11,6 @@ Warnings go above the live display and are shown even with ``-q``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -36,6 +34,7 @@ class _Count(MofNCompleteColumn):
 
     def render(self, task: Any) -> Any:
         return Text("") if task.total is None else super().render(task)
+
 
 _level = NORMAL
 
@@ -135,8 +134,3 @@ def plural(n: int, noun: str) -> str:
     """``1 sample``, ``2 samples``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
-
-@contextmanager
-def feedback(name: str, enabled: bool = True) -> Iterator[Feedback]:
-    with Feedback(name, enabled) as fb:
-        yield fb
