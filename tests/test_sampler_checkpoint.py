@@ -119,13 +119,21 @@ def test_version_1_checkpoints_still_load(tmp_path: Path) -> None:
     _, out2 = _sample(again)
     for a, b in zip(out, out2):
         assert np.array_equal(a.image, b.image) and np.array_equal(a.coarse_alpha, b.coarse_alpha)
-    # an embedded v1 base (base/) loads too, and gives the tiny model's images
+    # an embedded v1 base (base/) loads too, and gives the tiny model's images; so does a v1 training
+    # run folder, whose descriptor's paths lead into its checkpoint
+    from factory.train.run_folder import publish
+
     tiny = load_components(ModelSpec(source="tiny"))
-    embedded = write_v1_checkpoint(tmp_path / "emb", tiny)
+    run = tmp_path / "run"
+    embedded = write_v1_checkpoint(run / "checkpoints" / "step-00000001", tiny)
+    publish(run, embedded)
+    desc = json.loads((run / CHECKPOINT_FILE).read_text())
+    assert desc["unet"] == "checkpoints/step-00000001/unet" and desc["base"]["path"] == "checkpoints/step-00000001/base"
     _, ref = _sample("tiny")
-    _, got = _sample(embedded)
-    for a, b in zip(ref, got):
-        assert np.array_equal(a.image, b.image) and np.array_equal(a.coarse_alpha, b.coarse_alpha)
+    for source in (embedded, run):
+        _, got = _sample(source)
+        for a, b in zip(ref, got):
+            assert np.array_equal(a.image, b.image) and np.array_equal(a.coarse_alpha, b.coarse_alpha)
 
 
 def test_checkpoint_of_a_checkpoint_embeds_again(tmp_path: Path) -> None:

@@ -238,6 +238,7 @@ def test_cli_train_then_generate_uses_the_head(toy: Path, tmp_path: Path, cli) -
              "--gradient_accumulation_steps", "1", "--mixed_precision", "no", "--report_to", "tensorboard"])  # fmt: skip
     assert r.code == 0, r.err
     assert "trained 3 steps (0 -> 3 of 3)" in r.out and f"factory generate --model {out.resolve()}" in r.out
+    assert f"tensorboard --logdir {out.resolve() / 'logs'}" in r.out
     assert len(list((out / "validation/step-00000003").glob("*.alpha.png"))) == 4
     for folder in (out, out / "checkpoints/step-00000002"):
         pipe = StableDiffusionPipeline.from_pretrained(folder)

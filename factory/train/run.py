@@ -58,6 +58,7 @@ class TrainSummary:
     world: int
     is_main: bool = True
     notes: list[str] = field(default_factory=list)
+    report_to: str = "none"
 
     @property
     def stopped(self) -> bool:
@@ -77,6 +78,10 @@ class TrainSummary:
         if self.checkpoint:
             lines.append(f"checkpoint: {self.checkpoint}")
             lines.append(f"model: {self.out} (use with factory generate --model {self.out}; also a diffusers pipeline folder)")
+        if self.report_to == "tensorboard":
+            lines.append(f"logs: {self.out / run_folder.TB_DIR} (tensorboard --logdir {self.out / run_folder.TB_DIR})")
+        elif self.report_to == "wandb":
+            lines.append(f"logs: the W&B run {self.out.name!r} (files in {self.out / run_folder.TB_DIR / 'wandb'})")
         if self.stopped:
             lines.append(f"stopped at step {self.step}; continue with: factory train --out {self.out} --resume")
         lines.extend(f"note: {n}" for n in self.notes)
@@ -340,7 +345,7 @@ def _run(opts: TrainOptions, job: Any, cfg: TrainConfig, summary: dict[str, Any]
     return TrainSummary(
         out=out, start_step=start_step, step=step, steps=cfg.steps, checkpoint=result_ckpt, last=last,
         seconds=time.perf_counter() - t0, samples=summary["samples"], engine=engine, world=world,
-        is_main=is_main, notes=[*job.notes, *[n for n in worker_notes if n not in job.notes]],
+        is_main=is_main, notes=[*job.notes, *[n for n in worker_notes if n not in job.notes]], report_to=cfg.report_to,
     )  # fmt: skip
 
 
