@@ -11,7 +11,7 @@ from matte_fixtures import composite, shaded_board, strands
 from PIL import Image
 
 from factory.matte import GreenPostSettings, greenpost
-from factory.matte.chroma import ChromaLayout, detect_chroma_layout, restore_chroma, simulate_subsampling, to_ycc
+from factory.matte.chroma import ChromaLayout, detect_chroma_layout, restore_chroma, simulate_subsampling, to_rgb, to_ycc
 from factory.metrics import evaluate_pair
 
 # Pillow's JPEG "subsampling": 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0.
@@ -90,3 +90,29 @@ def test_greenpost_restores_chroma_of_a_420_jpeg(hair_on_green) -> None:
     assert sad_auto < 0.3 * sad_off  # about 1.0 -> 0.16 (0.09 on the image before JPEG)
     # A lossless image is matted as it is.
     assert greenpost(image).chroma == "4:4:4"
+
+
+def _low_contrast_texture() -> np.ndarray:
+    """A photo-like texture with little colour contrast, blurred more along columns than rows: the
+    chroma signal along the columns is a few window pairs, along the rows about a thousand."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    chroma = ndimage.gaussian_filter(rng.normal(0, 1, (128, 128, 2)), (2.5, 1.0, 0))
+    chroma *= 8.0 / chroma.std()
+    luma = 128 + 20 * ndimage.gaussian_filter(rng.normal(0, 1, (128, 128)), 2)
+    ycc = np.stack([luma, chroma[..., 0], chroma[..., 1]], -1).astype(np.float32)
+    return to_rgb(ycc)
+
+
+def test_pillow_default_420_with_little_vertical_signal_is_not_read_as_422() -> None:
+    """Pillow's default JPEG (4:2:0) of an image whose columns carry little colour signal: the
+    vertical axis alone has too few loud window pairs, yet it is subsampled (it was reported as 4:2:2)."""
+    image = _low_contrast_texture()
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)  # Pillow's default subsampling: 4:2:0
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert detect_chroma_layout(decoded).name == "4:2:0"
+    # The same image saved 4:2:2 and 4:4:4 keeps its layout: the second axis needs evidence.
+    assert detect_chroma_layout(jpeg(image, "4:2:2")).name == "4:2:2"
+    assert detect_chroma_layout(jpeg(image, "4:4:4")).name == "4:4:4"

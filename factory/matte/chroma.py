@@ -78,7 +78,11 @@ def _phase_energies(
 
 
 def detect_chroma_layout(
-    image: np.ndarray, max_ratio: float = 0.2, active: float = 100.0, min_pairs: int = 16
+    image: np.ndarray,
+    max_ratio: float = 0.2,
+    active: float = 100.0,
+    min_pairs: int = 16,
+    min_pairs_second: int = 4,
 ) -> ChromaLayout:
     """Find which axes of a decoded RGB uint8 image had their chroma subsampled by 2.
 
@@ -86,24 +90,40 @@ def detect_chroma_layout(
     difference has under ``max_ratio`` of the louder one's energy, measured on at least
     ``min_pairs`` window pairs with signal. Pixels with a channel at 0-1 or 254-255 are left out:
     clipping in the decoder's conversion to RGB breaks the identity. Too little signal: not
-    subsampled (restoration is then skipped, which is the safe side)."""
+    subsampled (restoration is then skipped, which is the safe side).
+
+    The two axes do not carry the same signal: a photo with little colour contrast can have 20
+    loud window pairs along its rows and 15 along its columns. Judging each axis alone then reads
+    the 4:2:0 JPEG that nearly every encoder writes (Pillow's default) as 4:2:2. So once one axis
+    is found subsampled, the other, if it has too few pairs to be judged on its own, is judged on
+    the ``min_pairs_second`` or more it has: a full-resolution axis shows both phases at about equal
+    energy (ratios 0.4-1 on photos), so a few pairs with a ratio under ``max_ratio`` are evidence."""
     img = np.asarray(image)
     ycc = to_ycc(img)
     usable = (img.min(axis=-1) >= 2) & (img.max(axis=-1) <= 253)
-    found: list[tuple[bool, int]] = []
+    evidence: list[tuple[float, float, int]] = []
     for axis in (0, 1):
         even = odd = 0.0
         pairs = 0
         for ch in (1, 2):
             e0, e1, n = _phase_energies(ycc[..., ch], usable, axis, active)
             even, odd, pairs = even + e0, odd + e1, pairs + n
+        evidence.append((even, odd, pairs))
+
+    def quiet(even: float, odd: float) -> bool:
         loud = max(even, odd)
-        is_sub = pairs >= min_pairs and loud > 0 and min(even, odd) < max_ratio * loud
-        # Windows [2k-1, 2k+2] centred on cell {2k, 2k+1} start at odd positions: quiet odd phase
-        # means cells start at even pixels (offset 0).
-        found.append((is_sub, 0 if odd <= even else 1))
-    (v, oy), (h, ox) = found
-    return ChromaLayout(vertical=v, horizontal=h, offset_y=oy if v else 0, offset_x=ox if h else 0)
+        return loud > 0 and min(even, odd) < max_ratio * loud
+
+    sub = [pairs >= min_pairs and quiet(even, odd) for even, odd, pairs in evidence]
+    for axis in (0, 1):
+        even, odd, pairs = evidence[axis]
+        if sub[1 - axis] and not sub[axis] and min_pairs_second <= pairs < min_pairs and quiet(even, odd):
+            sub[axis] = True
+    # Windows [2k-1, 2k+2] centred on cell {2k, 2k+1} start at odd positions: quiet odd phase
+    # means cells start at even pixels (offset 0).
+    offsets = [0 if odd <= even else 1 for even, odd, _ in evidence]
+    v, h = sub
+    return ChromaLayout(vertical=v, horizontal=h, offset_y=offsets[0] if v else 0, offset_x=offsets[1] if h else 0)
 
 
 def _down_up(x: np.ndarray, axis: int, offset: int) -> np.ndarray:
