@@ -291,7 +291,8 @@ def matte_cmd(
     Writes OUT/STEM.alpha.png (single channel, --bits 8 or 16), OUT/STEM.fg.png (RGB foreground,
     despilled) and OUT/matte.csv (per file: status, GSG score and distance, canvas colour,
     background uniformity, key-colour flag, timings). A corrupt or non-RGB file is reported in one
-    line and skipped. Exit code: 0 if at least one image was matted, 1 if none could be, 2 for bad
+    line and skipped; an image without a green board (all red, any grey image) is reported as
+    no_board and gets no outputs. Exit code: 0 if at least one image was matted, 1 if none could be, 2 for bad
     usage (missing folder, no images, unwritable output).
     """
     from factory.errors import RunError
@@ -304,7 +305,8 @@ def matte_cmd(
     )
     _echo(
         f"matted {summary.processed} of {len(summary.rows)} files in {summary.seconds:.1f} s "
-        f"({summary.skipped} skipped, {summary.failed} failed); outputs and {summary.summary_path.name} in {out}"
+        f"({summary.skipped} skipped, {summary.no_board} without a green board, {summary.failed} failed); "
+        f"outputs and {summary.summary_path.name} in {out}"
     )
     if summary.processed == 0:
         raise RunError(f"no image in {in_dir} could be matted ({summary.skipped} skipped, {summary.failed} failed)")

@@ -5,7 +5,8 @@ For every ``IN_DIR/STEM.(png|jpg|jpeg|webp)`` (suffix in any case) it writes ``O
 at the end ``OUT_DIR/matte.csv`` with one row per input: status, GSG, flags and timings.
 
 Rules: a file that cannot be read as an opaque RGB image (corrupt, RGBA, ...) is reported in one line
-and skipped; so is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
+and skipped; an image without a green board (all one non-green colour; any grey image, 8- or
+16-bit) gets the status ``no_board``, is reported in one line and gets no outputs; so is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
 same outputs) and anything named ``*.alpha.png`` / ``*.fg.png`` (this command's own outputs). Outputs
 are written to a temporary name and renamed, so an interrupted run leaves no half-written file.
 """
@@ -25,12 +26,12 @@ from typing import Any
 from factory.errors import FactoryError, InputError
 from factory.fsutil import AtomicFile, atomic_write_bytes, check_writable_dir
 from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, read_rgb
-from factory.matte.pipeline import GreenPostSettings, greenpost
+from factory.matte.pipeline import GreenPostSettings, MatteResult, greenpost
 from factory.score import REFERENCE_GREEN, gsg
 
 SUMMARY_NAME = "matte.csv"
 OUTPUT_SUFFIXES = (".alpha.png", ".fg.png")
-STATUS_OK, STATUS_SKIPPED, STATUS_FAILED = "ok", "skipped", "failed"
+STATUS_OK, STATUS_SKIPPED, STATUS_FAILED, STATUS_NO_BOARD = "ok", "skipped", "failed", "no_board"
 COLUMNS = (
     "stem", "file", "status", "message", "width", "height", "gsg", "gsg_distance", "canvas_color",
     "bg_uniformity", "contains_key_color", "key_colored_fraction", "unknown_fraction", "alpha_coverage",
@@ -62,6 +63,11 @@ class MatteFolderSummary:
     @property
     def failed(self) -> int:
         return self.count(STATUS_FAILED)
+
+    @property
+    def no_board(self) -> int:
+        """Images read but without a green board (all one non-green colour, grey): not matted."""
+        return self.count(STATUS_NO_BOARD)
 
     @property
     def issues(self) -> list[str]:
@@ -103,6 +109,8 @@ def matte_one(
         image = read_rgb(path)
         result = greenpost(image, None, settings)
         score = gsg(image, reference=reference)
+        if result.no_board:
+            return _no_board_row(path, result, score.score, start)
         atomic_write_bytes(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(result.alpha, bits), fsync=False)
         atomic_write_bytes(out_dir / f"{path.stem}.fg.png", encode_png(result.fg), fsync=False)
     except FactoryError as exc:
@@ -125,6 +133,21 @@ def matte_one(
         alpha_coverage=round(float(result.alpha.mean()), 6),
         seconds=round(time.perf_counter() - start, 4),
     )
+    return row
+
+
+def _no_board_row(path: Path, result: MatteResult, gsg_score: float, start: float) -> dict[str, Any]:
+    """The row of an image without a green board: reported, no outputs written (a matte of it
+    would be all 0 or all 1 and mean nothing)."""
+    canvas = "#{:02x}{:02x}{:02x}".format(*result.canvas_color)
+    row = _row(
+        path,
+        STATUS_NO_BOARD,
+        f"no green board found (main colour {canvas}, {100 * result.board_fraction:.1f} % board pixels); not matted",
+    )
+    h, w = result.alpha.shape
+    row.update(width=w, height=h, gsg=round(gsg_score, 6), canvas_color=canvas, chroma=result.chroma,
+               seconds=round(time.perf_counter() - start, 4))  # fmt: skip
     return row
 
 

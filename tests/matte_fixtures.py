@@ -72,3 +72,27 @@ def flat(color, size: int = 96) -> np.ndarray:
     img = np.empty((size, size, 3), np.uint8)
     img[...] = color
     return img
+
+
+PURE_GREEN = (0, 255, 0)
+RING_RED = (200, 40, 40)
+
+
+def ring_with_disc(inner_color=None, size: int = 160, board: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A red ring on a board (default pure green) with an opaque inner disc of ``inner_color``, or a
+    true hole through which the board shows (``inner_color`` None). Returns (image, inner disc mask)."""
+    outer = soft_disc(size, radius=52, softness=3)
+    inner = soft_disc(size, radius=26, softness=3)
+    b = np.broadcast_to(np.asarray(PURE_GREEN, np.float64), (size, size, 3)) if board is None else board
+    if inner_color is None:
+        return composite(np.clip(outer - inner, 0, 1), RING_RED, b), inner >= 1.0
+    f = inner[..., None] * np.asarray(inner_color, np.float64) + (1 - inner[..., None]) * np.asarray(RING_RED, np.float64)
+    return composite(outer, f, b), inner >= 1.0
+
+
+def textured_blob(color, size: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Foliage-like: a disc of ``color`` with a blurred-noise texture (+-40 levels) on a shaded board."""
+    rng = np.random.default_rng(seed)
+    alpha = soft_disc(size, radius=45, softness=3)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, (size, size, 1)), (2, 2, 0)) * 40
+    return composite(alpha, np.clip(np.asarray(color, np.float64) + texture, 0, 255), shaded_board(alpha)), alpha

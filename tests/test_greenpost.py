@@ -10,7 +10,7 @@ import pickle
 import numpy as np
 import pytest
 from scipy import ndimage
-from matte_fixtures import BOARD_GREEN, composite, shaded_board, soft_disc, strands
+from matte_fixtures import BOARD_GREEN, composite, flat, ring_with_disc, shaded_board, soft_disc, strands, textured_blob
 
 from factory.errors import InputError
 from factory.matte import GreenPostSettings, MatteResult, greenpost
@@ -102,6 +102,46 @@ def test_key_colored_object_is_flagged() -> None:
     brick = greenpost(composite(alpha, (190, 70, 50), board))
     assert leaf.contains_key_color and leaf.key_colored_fraction > 0.05
     assert not brick.contains_key_color
+
+
+@pytest.mark.parametrize("inner", [(120, 200, 30), (20, 120, 40), (20, 240, 20)])
+def test_key_colored_disc_inside_a_ring_is_flagged_where_it_is(inner) -> None:
+    """The issue's fixtures: a red ring on pure green with an opaque inner disc of a green (the last
+    one's chroma points exactly the board's way). The matte makes the disc (partly) transparent; the
+    flag fires, with the fraction and the region: the disc."""
+    image, disc = ring_with_disc(inner)
+    r = greenpost(image)
+    assert r.contains_key_color
+    assert r.key_colored is not None and r.key_colored.shape == disc.shape
+    assert r.key_colored_fraction == pytest.approx(r.key_colored.mean())
+    assert r.key_colored[disc].mean() > 0.8  # the disc is found ...
+    assert not r.key_colored[~ndimage.binary_dilation(disc, np.ones((3, 3)), iterations=3)].any()  # ... and nothing else
+
+
+def test_a_hole_that_shows_the_board_is_not_key_colored() -> None:
+    for board in (None, shaded_board(soft_disc(160, radius=52))):
+        r = greenpost(ring_with_disc(None, board=board)[0])
+        assert not r.contains_key_color and r.key_colored_fraction == 0.0
+
+
+@pytest.mark.parametrize("kind", ["hair", "foliage"])
+def test_green_tinted_but_not_key_colored_objects_are_not_flagged(kind) -> None:
+    """Olive hair and foliage are greenish (G above R and B) but keyed as opaque: not the hard case."""
+    if kind == "hair":
+        alpha = strands(size=160, n=18, seed=2)
+        image = composite(alpha, (120, 135, 80), shaded_board(alpha))
+    else:
+        image, _ = textured_blob((95, 115, 70))
+    r = greenpost(image)
+    assert not r.contains_key_color and r.key_colored_fraction < 0.002
+
+
+@pytest.mark.parametrize("color", [(200, 30, 30), (128, 128, 128)])
+def test_an_image_without_a_green_board_is_reported(color) -> None:
+    r = greenpost(flat(color))
+    assert r.no_board and not r.contains_key_color
+    assert not r.alpha.any() and np.array_equal(r.fg, flat(color))
+    assert not greenpost(composite(soft_disc(), (190, 70, 50), shaded_board(soft_disc()))).no_board
 
 
 def test_coarse_alpha_keeps_a_green_object_solid() -> None:

@@ -146,3 +146,47 @@ def test_matte_chroma_option(cli, folders, tmp_path: Path) -> None:
     bad = cli(["matte", folders["in"], "--out", tmp_path / "o2", "--chroma", "4:1:1"])
     assert bad.code == 2 and "chroma must be one of" in bad.err and "Traceback" not in bad.err
     assert not (tmp_path / "o2").exists() or not list((tmp_path / "o2").iterdir())
+
+
+def _png16_rgb(rgb: np.ndarray) -> bytes:
+    """A 48-bit RGB PNG (Pillow cannot write one): IHDR bit depth 16, colour type 2."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_images_without_a_green_board_are_reported_not_matted(cli, tmp_path: Path) -> None:
+    """All red, 8-bit grey, 16-bit grey: status no_board, one line each, no outputs. A 16-bit RGB
+    PNG of a green screen is read at 8 bits per channel and matted."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src / "red.png")
+    Image.new("L", (64, 64), 128).save(src / "grey.png")
+    Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(src / "grey16.png")
+    alpha = soft_disc(96, radius=24)
+    image = composite(alpha, (190, 70, 50), shaded_board(alpha)).astype(np.uint16) * 257
+    (src / "deep.png").write_bytes(_png16_rgb(image))
+    res = cli(["matte", src, "--out", out, "--workers", "1"])
+    assert res.code == 0, res.err
+    assert "matted 1 of 4 files" in res.out and "3 without a green board" in res.out
+    rows = read_csv(out / "matte.csv")
+    for name in ("red.png", "grey.png", "grey16.png"):
+        assert rows[name]["status"] == "no_board" and "no green board" in rows[name]["message"]
+        assert not (out / name.replace(".png", ".alpha.png")).exists()
+        assert sum(f"no_board {name}:" in line for line in res.err.splitlines()) == 1
+    assert rows["deep.png"]["status"] == "ok"
+    truth = evaluate_pair(np.asarray(Image.open(out / "deep.alpha.png"), np.float32) / 255.0, alpha)
+    assert truth["sad_whole"] < 0.5
+    only_red = tmp_path / "red_only"
+    only_red.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(only_red / "red.png")
+    none = cli(["matte", only_red, "--out", tmp_path / "o2", "--workers", "1"])
+    assert none.code == 1 and "error: no image" in none.err

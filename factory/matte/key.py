@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from factory.matte.canvas import chroma, chroma_direction, dot3, key_excess
+from factory.matte.canvas import chroma, dot3, key_excess
+from factory.matte.fill import push_pull, tile_sums, tiles_to_pixels
 
 
 def local_difference_key(image: np.ndarray, plate: np.ndarray, key_color: tuple[int, int, int]) -> np.ndarray:
@@ -88,34 +89,106 @@ def hsv_threshold_key(
     return (~background).astype(np.float32)
 
 
-def key_colored_pixels(
+def board_chromaticity_distance(
+    image: np.ndarray, outer_board: np.ndarray, block: int = 16
+) -> tuple[np.ndarray, float]:
+    """How far each pixel's chromaticity is from the board's, and the board's own spread of it.
+
+    Chromaticity ``rgb / (r + g + b)`` is what stays when light is scaled: a gradient, a vignette
+    or a shadow leaves it alone, so the board keeps one chromaticity (drifting slowly with its hue)
+    while a green *object* of another saturation or hue does not, even when its chroma points
+    exactly the board's way (``(20, 240, 20)`` on ``(0, 255, 0)``, which every chroma-angle test
+    takes for board). The reference is the mean over ``outer_board`` pixels per ``block`` tile,
+    push-pull filled and interpolated (smooth, so it follows the drift but not the noise).
+    Returns the distance (float32 (H, W)) and the 99th percentile of it on ``outer_board``."""
+    x = image.astype(np.float32)
+    c = x / np.maximum(x[..., 0] + x[..., 1] + x[..., 2], 1.0)[..., None]
+    num, den = tile_sums(c, outer_board, block)
+    grid = push_pull(num / np.maximum(den, 1e-9)[..., None], den / (block * block), min_weight=0.25)
+    diff = c - tiles_to_pixels(grid, block, outer_board.shape)
+    dist = np.sqrt(dot3(diff, diff))
+    on_board = dist[outer_board]
+    step = max(1, on_board.size // 50_000)  # a sample is enough for a percentile
+    return dist, float(np.quantile(on_board[::step], 0.99)) if on_board.size else 0.0
+
+
+def outer_board(background: np.ndarray) -> np.ndarray:
+    """The background pixels connected to the image's border: the board around the object. Enclosed
+    background (a hole through the object, or a key-coloured part of it) is left out. When no
+    background touches the border (an object filling the frame), all of it."""
+    labels, _ = ndimage.label(background)
+    rim = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    rim = rim[rim > 0]
+    return np.isin(labels, rim) if rim.size else background
+
+
+def mixing_explained(
     image: np.ndarray,
     plate: np.ndarray,
-    key_alpha: np.ndarray,
-    key_color: tuple[int, int, int],
-    object_core: np.ndarray | None = None,
-    min_difference: float = 30.0,
-    hue_deg: float = 10.0,
-    brighter: float = 1.15,
+    fg_guess: np.ndarray,
+    core: np.ndarray,
+    max_angle_deg: float = 15.0,
+    min_contrast: float = 50.0,
+    max_core_distance: float | None = None,
+    min_offset: float = 10.0,
 ) -> np.ndarray:
-    """Pixels of the object that are themselves key-coloured (the Smith-Blinn hard case).
-
-    With a coarse alpha, those are the pixels deep inside its object (``object_core``) that the key
-    calls mostly background. Without one: pixels the key calls mostly background although they are
-    clearly not the board: at least ``min_difference`` (RGB) from the plate and either off the
-    board's chroma by more than ``hue_deg`` or brighter than the board by ``brighter`` (a shadow is
-    darker board of the same chroma, so it does not count). A 5x5 opening keeps solid regions
-    only: the thin rim of a non-green object mixed with the board can look off-hue too."""
-    greenish = key_alpha < 0.5
-    if object_core is not None:
-        return greenish & object_core
+    """Pixels that a mix of the board and the nearby object's colour explains: the offset ``I - B``
+    points, within ``max_angle_deg``, the way of ``F - B`` (``F`` interpolated from a foreground core
+    at most ``max_core_distance`` px away, at least ``min_contrast`` from the board). Hair over the
+    board is such a mix, whatever its alpha; a key-coloured part of an object is not (its colour is
+    not on the line from the board to the object's). An offset under ``min_offset`` (RGB) has no
+    direction to test (noise): a region that the plate took for board is not explained by it.
+    ``max_core_distance`` (None: any) limits how far the interpolated colour is trusted."""
     x = image.astype(np.float32)
-    diff = x - plate
-    found = greenish & (dot3(diff, diff) >= min_difference**2)
-    # The colour tests on those pixels only (usually few: the board is greenish but close to the plate).
-    xs, ps = x[found], np.asarray(plate, dtype=np.float32)[found]
-    off_hue = dot3(chroma_direction(xs), chroma_direction(ps)) < np.cos(np.deg2rad(hue_deg))
-    d = int(np.argmax(key_color))
-    lighter = xs[:, d] > brighter * ps[:, d]
-    found[found] = off_hue | lighter
-    return ndimage.binary_opening(found, structure=np.ones((5, 5), dtype=bool))
+    d = np.asarray(fg_guess, dtype=np.float32) - plate
+    o = x - plate
+    dd, od = dot3(d, d), dot3(o, d)
+    oo = dot3(o, o)
+    aligned = (od > 0) & (oo >= min_offset**2) & (od * od >= np.cos(np.deg2rad(max_angle_deg)) ** 2 * oo * dd)
+    if not core.any():
+        return np.zeros(core.shape, dtype=bool)
+    if max_core_distance is None:
+        return aligned & (dd >= min_contrast**2)
+    near = ndimage.distance_transform_edt(~core) <= max_core_distance
+    return aligned & (dd >= min_contrast**2) & near
+
+
+def key_colored_pixels(
+    image: np.ndarray,
+    alpha: np.ndarray,
+    background: np.ndarray,
+    key_alpha: np.ndarray,
+    object_core: np.ndarray | None = None,
+    plate: np.ndarray | None = None,
+    fg_guess: np.ndarray | None = None,
+    core: np.ndarray | None = None,
+    solid_alpha: float = 0.9,
+    spread_factor: float = 2.0,
+    min_distance: float = 0.02,
+    opening: int = 5,
+) -> np.ndarray:
+    """Object pixels that the matte took for board: the object contains the key colour (Smith and
+    Blinn's hard case), and its alpha there is wrong by construction.
+
+    Such a pixel has a matte below ``solid_alpha`` (it was keyed as partly or wholly board) although
+    its chromaticity is not the board's: farther from the board's local chromaticity than
+    ``spread_factor`` times the board's own spread (99th percentile over the board around the
+    object) and at least ``min_distance``, and no mix of the board with the nearby object's colour
+    explains it (:func:`mixing_explained`, given ``plate``, ``fg_guess`` and the foreground ``core``).
+    The board around the object is the background connected to the image border
+    (:func:`outer_board`); a region enclosed by the object or attached to it is judged by its colour,
+    so a hole that shows the board is not flagged and a disc of ``(20, 240, 20)`` inside a red ring
+    on ``(0, 255, 0)`` is. An ``opening`` x ``opening`` opening keeps solid regions only (thin
+    strands mixed with the board differ from it too). With a coarse alpha, its object core where
+    the key calls it mostly board (``key_alpha < 0.5``) counts as well."""
+    board = outer_board(background)
+    found = np.zeros(alpha.shape, dtype=bool)
+    if board.any():
+        dist, spread = board_chromaticity_distance(image, board)
+        found = (alpha < solid_alpha) & (dist > max(spread_factor * spread, min_distance)) & ~board
+        if plate is not None and fg_guess is not None and core is not None and found.any():
+            found &= ~mixing_explained(image, plate, fg_guess, core)
+        found = ndimage.binary_opening(found, structure=np.ones((opening, opening), dtype=bool))
+    if object_core is not None:
+        found |= (key_alpha < 0.5) & object_core
+    return found

@@ -16,7 +16,8 @@ Steps (docs/matting.md has the reasoning):
    colour does not fit), clip black / clip white, and optionally the closed-form matting Laplacian
    as a regulariser;
 6. foreground colour by un-mixing the plate, then despill;
-7. the flag for objects that contain the key colour.
+7. the flag for objects that contain the key colour: object regions the matte took for board.
+An image without a green board (all red, grey) is reported (``no_board``), not matted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from factory.errors import InputError
-from factory.matte.canvas import background_plate, board_without_object, estimate_canvas_color, strict_canvas
+from factory.matte.canvas import (
+    background_plate,
+    board_without_object,
+    estimate_canvas_color,
+    key_excess,
+    strict_canvas,
+)
 from factory.matte.chroma import ChromaLayout, detect_chroma_layout, restore_chroma
 from factory.matte.foreground import (
     despill,
@@ -82,8 +89,10 @@ class GreenPostSettings:
     despill_width: float = 6.0  # px into the solid object over which despill fades out
     coarse_core: float = 8.0  # px inside the coarse alpha's object that are foreground for sure
     coarse_far: float | None = None  # px outside the coarse object beyond which all is background (None: off)
-    flag_fraction: float = 0.002  # key-coloured object pixels (share of the image) that raise the flag
+    flag_fraction: float = 0.005  # key-coloured object pixels (share of the image) that raise the flag
     flag_min_pixels: int = 64  # ... and at least this many
+    min_board_fraction: float = 0.02  # board-for-sure pixels (share of the image) below which: no board
+    min_board_excess: float = 20.0  # a canvas colour whose G - max(R, B) is below this is no green board
 
     def __post_init__(self) -> None:
         if self.key_color is not None and (
@@ -124,6 +133,9 @@ class MatteResult:
     chroma: str = "4:4:4"  # chroma layout the input was found (or said) to have; restored if not 4:4:4
     key_colored_fraction: float = 0.0  # share of pixels counted as key-coloured object
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+    key_colored: np.ndarray | None = None  # bool (H, W): the key-coloured object region
+    no_board: bool = False  # no green board found: nothing was matted (alpha 0, fg the image)
+    board_fraction: float = 0.0  # share of the image that is board for sure
 
 
 def _check_inputs(image: np.ndarray, coarse_alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -221,6 +233,8 @@ def greenpost(
     img = restore_chroma(img, layout)
     clock.lap("chroma")
     board = strict_canvas(img, key_color, s.hue_tolerance_deg, s.strict_deg)
+    if not _board_found(key_color, board, s):
+        return _no_board_result(img, key_color, board, layout.name, clock)
     if obj is not None and (board & ~obj).sum() >= 0.25 * board.sum():  # ignore a mask that covers it all
         board &= ~obj
     plate = background_plate(img, key_color, board, s.plate_block)
@@ -259,7 +273,7 @@ def greenpost(
         fg = unmix_foreground(img, plate, alpha, fg_guess)
     fg = despill(fg, alpha, key_color, s.despill_width)
     clock.lap("foreground")
-    flagged = key_colored_pixels(img, plate, key, key_color, tri.coarse_core)
+    flagged = key_colored_pixels(img, alpha, tri.bg, key, tri.coarse_core, plate=plate, fg_guess=fg_guess, core=tri.core)
     n_flag = int(flagged.sum())
     clock.lap("flag")
     return MatteResult(
@@ -271,4 +285,32 @@ def greenpost(
         chroma=layout.name,
         key_colored_fraction=n_flag / flagged.size,
         timings=clock.times,
+        key_colored=flagged,
+        board_fraction=float(board.mean()),
+    )
+
+
+def _board_found(key_color: tuple[int, int, int], board: np.ndarray, s: GreenPostSettings) -> bool:
+    """A green board is there: the canvas colour is green (unless the key colour was given) and
+    enough pixels are board for sure. An all-red or a grey image has none."""
+    if s.key_color is None and float(key_excess(np.asarray(key_color, np.float32), (0, 255, 0))) < s.min_board_excess:
+        return False
+    return float(board.mean()) >= s.min_board_fraction
+
+
+def _no_board_result(
+    img: np.ndarray, key_color: tuple[int, int, int], board: np.ndarray, chroma_name: str, clock: _Clock
+) -> MatteResult:
+    """What an image without a green board gets: no matte (alpha 0), the image as foreground, and
+    ``no_board`` set, so that callers report it instead of writing a meaningless matte."""
+    return MatteResult(
+        alpha=np.zeros(img.shape[:2], dtype=np.float32),
+        fg=img.copy(),
+        canvas_color=key_color,
+        contains_key_color=False,
+        unknown_fraction=0.0,
+        chroma=chroma_name,
+        timings=clock.times,
+        no_board=True,
+        board_fraction=float(board.mean()),
     )
