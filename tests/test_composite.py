@@ -171,8 +171,14 @@ def test_scenes_occlusion_and_coco_masks(run_dir: Path, tmp_path: Path, capsys) 
     out = tmp_path / "scenes"
     code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--layout", "scenes", "--size", 64,
                        "--per-object", 3, "--objects-per-scene", "2,3", "--min-visible", 0.3, "--scale", "0.4,0.7",
-                       "--blend", "none", "--blend", "gaussian", "--blend", "motion", "-o", out)
+                       "--blend", "none", "--blend", "gaussian", "--blend", "motion", "--blend", "poisson", "-o", out)
     assert code == 0, err
+    labels = {}
+    for path in (out / "recipes").glob("*.json"):
+        recipe = json.loads(path.read_text())
+        labels[recipe["key"]] = recipe["label"]
+        assert recipe["label"] == ("approx" if any(o["edge"]["mode"] == "poisson" for o in recipe["objects"]) else "exact")
+    assert set(labels.values()) == {"exact", "approx"}
     coco = COCO(str(out / "annotations.json"))
     assert coco.getImgIds() and coco.getAnnIds()
     assert {c["name"] for c in coco.loadCats(coco.getCatIds())} <= {"owl", "fern", "red fox", "wine glass"}
@@ -200,6 +206,36 @@ def test_scenes_occlusion_and_coco_masks(run_dir: Path, tmp_path: Path, capsys) 
             assert np.abs(written - expected).max() <= 0.5 / 255 + 1e-6
             assert written.sum() >= 0.3 * a.sum() - 1
     assert stacked
+
+
+def test_objects_from_an_export_and_backgrounds_from_shards_with_licences(run_dir: Path, tmp_path: Path, capsys) -> None:
+    export = tmp_path / "export"
+    assert cli(capsys, "export", "--run", run_dir, "--all", "--split", "none", "-o", export)[0] == 0
+    shards = tmp_path / "bg-shards"
+    shards.mkdir()
+    rng = np.random.default_rng(1)
+    with tarfile.open(shards / "bg-000000.tar", "w") as tar:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            members = [(f"img{i}.jpg", buf.getvalue()), (f"img{i}.json", json.dumps({"license": f"CC0 #{i}"}).encode())]
+            if i == 2:
+                members = [(f"img{i}.jpg", b"broken")]
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "baked"
+    code, stdout, err = cli(capsys, "composite", "--objects", export, "-b", shards / "bg-000000.tar", "--size", 48,
+                            "--per-object", 2, "--format", "folder", "-o", out)
+    assert code == 0, err
+    assert "skipped 1 unreadable background files" in stdout
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out / "samples.parquet").to_pylist()
+    assert len(rows) == 10 and {r["licence"] for r in rows} <= {"CC0 #0", "CC0 #1"}
+    assert {r["object"] for r in rows} == {p.name.split(".")[0] for p in run_dir.glob("samples/*/*.fg.png")}
+    assert "CC0 #" in (out / "README.md").read_text()
 
 
 def _data_files(out: Path) -> dict[str, bytes]:

@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from factory.composite.backgrounds import PROCEDURAL, BackgroundSource, procedural_background
 from factory.composite.blend import LABEL_EXACT
 from factory.composite.coco import instance_annotation
