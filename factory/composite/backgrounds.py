@@ -54,10 +54,18 @@ class BackgroundSource:
         """The background as RGB uint8 (procedural ones drawn at ``size``, or 512)."""
         if ref.where is None:
             return procedural_background(int(ref.id.split(":")[1]), size or 512)
-        data = ref.where.read() if isinstance(ref.where, Member) else Path(ref.where).read_bytes()
+        return np.asarray(self.open(ref), np.uint8)
+
+    def open(self, ref: BackgroundRef, draft: tuple[int, int] | None = None) -> Image.Image:
+        """A file background as a decoded RGB Pillow image; ``draft``: a JPEG may be decoded at
+        1/2, 1/4 or 1/8 scale when that still covers this (width, height)."""
+        data = ref.where.read() if isinstance(ref.where, Member) else Path(str(ref.where)).read_bytes()
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                return np.asarray(im.convert("RGB"), np.uint8)
+            im = Image.open(io.BytesIO(data))
+            if draft is not None and im.format == "JPEG":
+                im.draft("RGB", draft)
+            im.load()
+            return im if im.mode == "RGB" else im.convert("RGB")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"background {ref.id}: not a readable image ({exc})") from exc
 

@@ -41,18 +41,18 @@ def load_frame(recipe: dict[str, Any], backgrounds: BackgroundSource, frame: tup
     bg = recipe["background"]
     if bg["id"].startswith(PROCEDURAL + ":"):
         return procedural_background(int(bg["id"].split(":")[1]), frame[0])
-    img = backgrounds.load(backgrounds.by_id()[bg["id"]], None)
-    if bg["resize"] is not None:
-        rw, rh = bg["resize"]
-        pil = Image.fromarray(img)
-        x, y = bg["crop"]
-        if pil.size == (rw, rh):
-            return np.asarray(pil.crop((x, y, x + frame[1], y + frame[0])), np.uint8)
-        # only the crop is resampled: the source box that maps onto it
-        sx, sy = pil.width / rw, pil.height / rh
-        box = (x * sx, y * sy, (x + frame[1]) * sx, (y + frame[0]) * sy)
-        img = np.asarray(pil.resize((frame[1], frame[0]), Image.Resampling.BILINEAR, box=box), np.uint8)
-    return img
+    ref = backgrounds.by_id()[bg["id"]]
+    if bg["resize"] is None:
+        return backgrounds.load(ref, None)
+    rw, rh = bg["resize"]
+    pil = backgrounds.open(ref, draft=(rw, rh))
+    x, y = bg["crop"]
+    if pil.size == (rw, rh):
+        return np.asarray(pil.crop((x, y, x + frame[1], y + frame[0])), np.uint8)
+    # only the crop is resampled: the source box that maps onto it
+    sx, sy = pil.width / rw, pil.height / rh
+    box = (x * sx, y * sy, (x + frame[1]) * sx, (y + frame[0]) * sy)
+    return np.asarray(pil.resize((frame[1], frame[0]), Image.Resampling.BILINEAR, box=box), np.uint8)
 
 
 def _edge(alpha: np.ndarray, edge: dict[str, Any]) -> np.ndarray:
