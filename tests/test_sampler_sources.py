@@ -204,11 +204,16 @@ def test_hub_id_from_the_local_cache(tiny_folder: Path, hf_home: Path, reference
     for a, b in zip(_images(ModelSpec(source=repo)), reference_images):
         assert np.array_equal(a, b)
 
-    # A checkpoint trained on a hub base references it by id and finds it in the cache again.
+    # A checkpoint trained on a hub base holds every part (it is a diffusers folder) and says where
+    # they came from; a version-1 checkpoint that references the base by id finds it in the cache.
     ckpt = save_checkpoint(tmp_path / "ckpt", comps, head=None)
-    assert read_checkpoint_config(ckpt)["base"] == {"kind": HUB, "id": repo}
-    assert model_identity(ModelSpec(source=str(ckpt))).endswith(f"(base=hub:{repo}@{COMMIT})")
-    assert load_components(ModelSpec(source=str(ckpt))).base == {"kind": HUB, "id": repo}
+    cfg = read_checkpoint_config(ckpt)
+    assert cfg["base"] == {"kind": "embedded", "path": "."} and cfg["embedded_from"] == {"kind": HUB, "id": repo}
+    from tests.test_sampler_checkpoint import write_v1_checkpoint
+
+    old = write_v1_checkpoint(tmp_path / "v1", comps, base={"kind": HUB, "id": repo})
+    assert model_identity(ModelSpec(source=str(old))).endswith(f"(base=hub:{repo}@{COMMIT})")
+    assert load_components(ModelSpec(source=str(old))).base == {"kind": HUB, "id": repo}
 
 
 def test_hub_snapshot_that_is_not_a_pipeline(hf_home: Path, tmp_path: Path) -> None:
