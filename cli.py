@@ -801,9 +801,13 @@ def _tidy_help(command: object) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning every error into one line and an exit code."""
-    from factory.errors import FactoryError
+    from factory.errors import TERMINATED_EXIT, FactoryError, install_sigterm_handler, was_terminated
     from factory.feedback import NORMAL, QUIET, VERBOSE, set_verbosity
 
+    import signal
+
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    install_sigterm_handler()  # SIGTERM takes Ctrl-C's path (commit, stop workers), then exits 143
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _DEBUG_FLAG in args
     quiet = any(a in _QUIET_FLAGS for a in args)
@@ -814,6 +818,8 @@ def main(argv: list[str] | None = None) -> None:
     _tidy_help(command)
     try:
         code = command.main(args=args, prog_name="factory", standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt no command caught into a silent 130
+            typer.echo("error: terminated (SIGTERM)" if was_terminated() else "error: interrupted", err=True)
     except typer.Exit as exc:
         code = exc.exit_code
     except typer.Abort:
@@ -827,10 +833,13 @@ def main(argv: list[str] | None = None) -> None:
     except FactoryError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        message = str(exc)
+        if was_terminated() and message.startswith("interrupted"):
+            message = "terminated (SIGTERM)" + message[len("interrupted") :]
+        typer.echo(f"error: {message}", err=True)
         code = exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("error: interrupted", err=True)
+        typer.echo("error: terminated (SIGTERM)" if was_terminated() else "error: interrupted", err=True)
         code = 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
@@ -840,7 +849,13 @@ def main(argv: list[str] | None = None) -> None:
         code = 1
     finally:
         set_verbosity(NORMAL)  # -q / -v hold for this command only (main may be called again in-process)
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == 130 and was_terminated():
+        code = TERMINATED_EXIT
+    # The command is over: a SIGTERM now must not turn its exit into a traceback (the process
+    # ignores it while it exits); called in-process (tests), the caller's handler comes back.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if argv is None else previous_sigterm)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

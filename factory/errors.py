@@ -33,3 +33,58 @@ class Interrupted(FactoryError):
     """The user pressed Ctrl-C; what was finished is committed. Exit code 130, as shells expect."""
 
     exit_code = 130
+
+
+# ------------------------------------------------------------------------------ SIGTERM
+
+#: Exit code of a command stopped by SIGTERM (128 + 15, as shells report it; Ctrl-C's is 130).
+TERMINATED_EXIT = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler stopping the job), raised where Ctrl-C would be, so that it takes
+    the same path: what is finished is committed, workers are stopped, the command exits 143."""
+
+
+_signals = {"terminated": False}
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _signals["terminated"] = True
+    raise Terminated
+
+
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into :class:`Terminated` in the main thread (Ray's ``init`` replaces the
+    handler with its own, so the Ray session calls this again after starting)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        _signals["terminated"] = False
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def was_terminated() -> bool:
+    """Whether this process received SIGTERM."""
+    return _signals["terminated"]
+
+
+def restore_sigterm_handler():  # noqa: ANN201 - a context manager
+    """A block after which SIGTERM's handler is what it was before (``ray.init`` installs its own,
+    which exits with code 15 from wherever the signal lands)."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def block():  # noqa: ANN202
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    return block()

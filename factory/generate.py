@@ -214,6 +214,8 @@ def _drive(
     fb.status(f"checking the run ({plural(opts.n, 'planned sample')})")
     state = store.resume()
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
+    if state.left_alone_line():
+        summary.notes.append(state.left_alone_line())
     rows = state.pending  # plan rows made on demand from plan.parquet
     if not rows:
         summary.notes.append("nothing to do: every planned sample is done")

@@ -92,6 +92,10 @@ def slugify(text: str) -> str:
     return slug[:_MAX_SLUG].rstrip("_") or "x"
 
 
+#: What every sample key looks like (see :func:`row_key`): clean-ups delete only files named by one.
+KEY_PATTERN = r"[a-z0-9][a-z0-9_-]*-\d{%d}-[a-z0-9_]+" % KEY_INDEX_WIDTH
+
+
 def row_key(manifest_name: str, index: int, label: str) -> str:
     """The sample key: unique (the index), stable, no dots."""
     return f"{manifest_name}-{index:0{KEY_INDEX_WIDTH}d}-{slugify(label)}"

@@ -2,8 +2,8 @@
 
 - No ``--address``: a local Ray instance sized to this machine (all its GPUs and CPUs), whose
   temporary files go under ``<run>/ray`` (or ``--ray-tmp``); it is shut down at the end. A driver
-  killed with SIGKILL takes it down too (Ray's processes share the fate of the driver that started
-  them).
+  that ends any other way (Ctrl-C, SIGTERM, SIGKILL) takes it down too: a watchdog process
+  (:mod:`factory.ray_watchdog`) stops every process the driver started once the driver is gone.
 - ``--address auto|HOST:PORT|ray://...``: join an existing cluster; its temporary files are the
   cluster's own, and the ``factory`` package is shipped to its workers (``py_modules``).
 - A Ray session that is already initialised in this process (tests, notebooks) is used as it is and
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.errors import InputError, RunError
+from factory.errors import InputError, RunError, restore_sigterm_handler
 
 #: Ray's Unix sockets live at ``<tmp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store``;
 #: AF_UNIX paths are limited to 107 bytes, which leaves this much for ``<tmp>`` itself.
@@ -123,12 +123,13 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
         if ray_tmp is not None:
             notes.append("ray: --ray-tmp is ignored with --address (the cluster keeps its own temporary files)")
         try:
-            ray.init(
-                address=address,
-                runtime_env=runtime_env,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
+            with restore_sigterm_handler():
+                ray.init(
+                    address=address,
+                    runtime_env=runtime_env,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RunError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from exc
         return RaySession(owned=True, mode="cluster", temp_dir=None, runtime_env={}, notes=notes)
@@ -147,19 +148,42 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
         num_gpus = min(gpus, detect_gpus())
     cpus = os.cpu_count() or 1
     try:
-        ray.init(
-            address="local",  # never join a cluster named by RAY_ADDRESS without --address
-            num_cpus=cpus,
-            num_gpus=num_gpus,
-            include_dashboard=False,
-            _temp_dir=str(temp_dir),
-            runtime_env={"env_vars": env},
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        with restore_sigterm_handler():
+            ray.init(
+                address="local",  # never join a cluster named by RAY_ADDRESS without --address
+                num_cpus=cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                _temp_dir=str(temp_dir),
+                runtime_env={"env_vars": env},
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line for the user
         raise RunError(f"cannot start a local Ray instance in {temp_dir}: {' '.join(str(exc).split())[:300]}") from exc
+    start_watchdog()
     return RaySession(owned=True, mode="local", temp_dir=temp_dir, runtime_env={}, notes=notes)
+
+
+def start_watchdog() -> None:
+    """Start :mod:`factory.ray_watchdog`: when this process ends, however it ends (even by
+    ``kill -9``), the Ray processes it started are stopped. Best effort: a failure to start it
+    is not a reason to stop the run."""
+    import subprocess
+
+    script = Path(__file__).with_name("ray_watchdog.py")
+    with contextlib.suppress(OSError):
+        _WATCHDOGS.append(subprocess.Popen(
+            [sys.executable, str(script), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,  # a Ctrl-C to the terminal's process group does not reach it
+        ))
+
+
+_WATCHDOGS: list[Any] = []  # kept referenced: the watchdog runs until this process is gone
 
 
 def detect_gpus() -> int:

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "factory"
 #: Layers, lowest first: a module may import modules of its own layer or below, never above.
 #: Each entry is a module or a package prefix; docs/architecture.md lists the same order.
 LAYERS: list[list[str]] = [
-    ["factory", "factory.errors", "factory.fsutil", "factory.imageio", "factory.ray_session", "factory.toy", "factory.toy.world", "factory.feedback"],
+    ["factory", "factory.errors", "factory.fsutil", "factory.imageio", "factory.ray_session", "factory.ray_watchdog", "factory.toy", "factory.toy.world", "factory.feedback"],
     ["factory.manifest"],
     ["factory.plan"],
     ["factory.sample", "factory.sampler", "factory.matte", "factory.score", "factory.metrics"],

@@ -53,7 +53,7 @@ from ray import exceptions as rex
 from factory.distribute.actors import SamplerActor, finish_task, warm_up_task
 from factory.distribute.sizing import WorkerPlan, plan_workers
 from factory.ray_session import RaySession, start_ray
-from factory.errors import InputError, RunError
+from factory.errors import InputError, RunError, Terminated
 from factory.finish import failed_result
 from factory.plan import PlanRow
 from factory.sample import SampleResult
@@ -457,16 +457,21 @@ class RayExecutor:
 
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done (an interrupted ``ray.shutdown`` leaves Ray half-closed),
-    then raise KeyboardInterrupt if one came."""
+    """Hold Ctrl-C and SIGTERM until the block is done (an interrupted ``ray.shutdown`` leaves Ray
+    half-closed), then raise KeyboardInterrupt (:class:`Terminated` for SIGTERM) if one came."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signal.SIGTERM in received:
+        if callable(previous[signal.SIGTERM]):
+            previous[signal.SIGTERM](signal.SIGTERM, None)  # the handler the process had (ours raises Terminated)
+        raise Terminated
     if received:
         raise KeyboardInterrupt

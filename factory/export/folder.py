@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +34,13 @@ from factory.export.outdir import OutDir
 from factory.export.prepare import Prepared
 from factory.export.schema import attributes_of, phash_hex, public_model
 from factory.export.records import Records, SplitResult, WriteResult, split_rows
-from factory.fsutil import AtomicFile, atomic_write_bytes
+from factory.errors import InputError
+from factory.fsutil import TMP_PREFIX, AtomicFile, atomic_write_bytes
 from factory.integrity import FileReader
+from factory.plan import KEY_PATTERN
 
 SUBDIRS = ("image", "alpha", "fg")
+_FILE_RE = re.compile(r"^" + KEY_PATTERN + r"\.(png|jpg)$")
 METADATA = "metadata.jsonl"
 
 
@@ -83,9 +86,55 @@ def write_folder(
         for meta in pending:  # interrupted: drop the unfinished metadata files
             meta.abort()
     for path in out.iterdir():  # split folders of an older plan
-        if path.is_dir() and path.name not in result.splits and (path / METADATA).exists():
-            shutil.rmtree(path)
+        if path.is_dir() and not path.is_symlink() and path.name not in result.splits and (path / METADATA).exists():
+            left = remove_split(path)
+            if left:
+                on_problem(left_alone_line(left))
     return result
+
+
+def _export_file(path: Path) -> bool:
+    """A file an export writes in a split's sub-folder: ``KEY.png``/``KEY.jpg`` or a temporary name."""
+    return path.is_file() and not path.is_symlink() and (path.name.startswith(TMP_PREFIX) or _FILE_RE.match(path.name) is not None)
+
+
+def remove_split(path: Path) -> list[str]:
+    """Delete what an export wrote in the split folder ``path`` and the folders left empty.
+
+    Symlinks and files an export does not write are left where they are; returns their paths.
+    """
+    left: list[str] = []
+    for sub in SUBDIRS:
+        folder = path / sub
+        if folder.is_symlink():
+            left.append(f"{folder} (symlink)")
+        elif folder.is_dir():
+            for item in folder.iterdir():
+                if _export_file(item):
+                    item.unlink()
+                else:
+                    left.append(str(item) + (" (symlink)" if item.is_symlink() else ""))
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    meta = path / METADATA
+    if meta.is_file() and not meta.is_symlink():
+        meta.unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+    return left
+
+
+def left_alone_line(left: list[str]) -> str:
+    shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    return f"left alone: {len(left)} entries an export did not write (symlinks or foreign files): {shown}"
+
+
+def _real_folder(path: Path) -> Path:
+    """``path`` created as a real folder; a symlink there is refused (an export never writes through one)."""
+    if path.is_symlink():
+        raise InputError(f"{path}: is a symlink; an export writes only into folders it makes (remove the link or choose another --out)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _write_splits(
@@ -105,11 +154,14 @@ def _write_splits(
         result.splits[split] = sres
         base = out / split
         if len(rows) == 0:  # nothing in this split (e.g. every class has one sample): no folder
-            if (base / METADATA).exists():
-                shutil.rmtree(base)
+            if (base / METADATA).exists() and not base.is_symlink():
+                left = remove_split(base)
+                if left:
+                    on_problem(left_alone_line(left))
             continue
+        _real_folder(base)
         for sub in SUBDIRS:
-            (base / sub).mkdir(parents=True, exist_ok=True)
+            _real_folder(base / sub)
         meta_fh = AtomicFile(base / METADATA, "w", fsync=False, encoding="utf-8")
         pending.append(meta_fh)
         wanted: dict[str, set[str]] = {sub: set() for sub in SUBDIRS}
@@ -158,10 +210,17 @@ def _write_splits(
             )
             sres.samples += 1
             sres.bytes += sum(sizes.values())
+        left: list[str] = []
         for sub in SUBDIRS:  # files of samples no longer in the plan
             for path in (base / sub).iterdir():
-                if path.name not in wanted[sub]:
+                if path.name in wanted[sub]:
+                    continue
+                if _export_file(path):
                     path.unlink()
+                else:
+                    left.append(str(path) + (" (symlink)" if path.is_symlink() else ""))
+        if left:
+            on_problem(left_alone_line(left))
 
     if p.options.fsync:
         os.sync()  # the sample files, once, before the metadata files commit them
@@ -206,12 +265,7 @@ class FolderFormat:
                 continue
             if not ((path / METADATA).exists() or any((path / s).is_dir() for s in SUBDIRS)):
                 continue
-            for sub in SUBDIRS:
-                if not (path / sub).is_symlink():
-                    shutil.rmtree(path / sub, ignore_errors=True)
-            (path / METADATA).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                path.rmdir()
+            remove_split(path)
 
     def loading(self, p: Prepared, result: WriteResult) -> str:
         return FOLDER_LOADING

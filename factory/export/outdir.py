@@ -40,7 +40,9 @@ class OutDir:
                 previous = {"kind": EXPORT_KIND, "plan": None}
             if previous.get("kind") != EXPORT_KIND:
                 raise InputError(f"{root}: {EXPORT_FILE} is not a factory export's; choose another --out")
-        elif root.is_dir() and any(p.name != LOCK_FILE for p in root.iterdir()):
+        elif root.is_dir() and not all(_debris(p) for p in root.iterdir()):
+            # Only a lock and temporary files: an export killed before it wrote export.json
+            # (they are removed once the lock is taken). Anything else is not ours.
             raise InputError(f"{root}: exists, is not empty and is not a factory export; choose another --out")
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,9 @@ class OutDir:
     def remove_temporaries(self) -> int:
         """Delete temporary files left by a killed export (we hold the lock, so none is live)."""
         removed = 0
-        for path in self.root.rglob(f"{TMP_PREFIX}*"):
+        for path in self.root.rglob(f"{TMP_PREFIX}*"):  # rglob does not enter symlinked folders
+            if path.is_symlink() or not path.is_file():
+                continue
             with contextlib.suppress(OSError):
                 path.unlink()
                 removed += 1
@@ -65,6 +69,11 @@ class OutDir:
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.root / EXPORT_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def _debris(path: Path) -> bool:
+    """The lock or a temporary file an export leaves when killed (regular files only)."""
+    return (path.name == LOCK_FILE or path.name.startswith(TMP_PREFIX)) and path.is_file() and not path.is_symlink()
 
 
 def export_state(p: Prepared, state: str, **extra: Any) -> dict[str, Any]:

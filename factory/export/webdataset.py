@@ -223,7 +223,7 @@ def write_webdataset(
     # splits no longer in the plan
     for path in out.glob("*.tar"):
         match = SHARD_RE.match(path.name)
-        if match and match["split"] not in result.splits:
+        if match and match["split"] not in result.splits and not path.is_symlink():
             path.unlink()
     return result
 
@@ -271,7 +271,7 @@ def _remove_shards_from(out: Path, split: str, number: int) -> None:
     """Delete final-named shards of ``split`` numbered ``number`` or above (left by another plan)."""
     for path in out.glob(f"{split}-*.tar"):
         match = SHARD_RE.match(path.name)
-        if match and match["split"] == split and int(match["n"]) >= number:
+        if match and match["split"] == split and int(match["n"]) >= number and not path.is_symlink():
             path.unlink()
 
 
@@ -362,7 +362,7 @@ class WebDatasetFormat:
                 atomic_write_text(out / f"{name}{WIDS_SUFFIX}", stats_json(index))
         for path in out.glob(f"*{WIDS_SUFFIX}"):
             split = path.name[: -len(WIDS_SUFFIX)]
-            if split not in result.splits or not result.splits[split].shards:
+            if (split not in result.splits or not result.splits[split].shards) and not path.is_symlink():
                 path.unlink()
 
     def clean(self, out: Path) -> None:

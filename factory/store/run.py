@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from factory.fsutil import (
     fsync_path,
 )
 from factory.manifest import Manifest, manifest_from_dict
-from factory.plan import PLAN_ROW_GROUP, PLAN_SCHEMA, PlanReader, PlanRows, plan_chunks
+from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, PlanReader, PlanRows, plan_chunks
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED, SampleResult, key_of
 from factory.store import layout
 from factory.store.layout import (
@@ -68,6 +69,14 @@ class ResumeState:
     done: int
     failed_before: int  # failed earlier, retried now
     damaged: int  # marked done but files missing or of the wrong size: redone
+    left_alone: list[str] = field(default_factory=list)  # symlinks and foreign files under samples/ (kept)
+
+    def left_alone_line(self) -> str | None:
+        """One line naming what resume found under ``samples/`` that the store did not write."""
+        if not self.left_alone:
+            return None
+        shown = ", ".join(self.left_alone[:3]) + (f" and {len(self.left_alone) - 3} more" if len(self.left_alone) > 3 else "")
+        return f"left alone: {len(self.left_alone)} entries the store did not write (symlinks or foreign files): {shown}"
 
 
 # ------------------------------------------------------------------------------ the store
@@ -81,6 +90,7 @@ class RunStore:
         self._lock: FileLock | None = None
         self._seq: int | None = None
         self._chunks_since_fold = 0
+        self._left_alone: list[str] = []
         self.fold_every = 64  # journal chunks between rewrites of index.parquet
 
     # -------------------------------------------------------------- opening
@@ -112,7 +122,7 @@ class RunStore:
         root = Path(root)
         store = cls(root)
         existing = store._read_run_json() if (root / RUN_FILE).is_file() else None
-        if existing is None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if existing is None and root.exists() and (not root.is_dir() or not _unstarted(root)):
             raise InputError(f"{root}: exists and is not a run directory; choose another --out")
         if existing is not None and not restart:
             problem = _mismatch(existing, manifest, model_identity)
@@ -374,6 +384,7 @@ class RunStore:
         rows, one folder listing, and the pending plan indices (8 bytes per sample to do).
         """
         n = self.plan_size()
+        self._left_alone = []
         pending: list[np.ndarray] = []
         failed = damaged = 0
         seen_buckets: set[int] = set()
@@ -406,25 +417,46 @@ class RunStore:
             done=n - int(todo.size),
             failed_before=failed,
             damaged=damaged,
+            left_alone=list(self._left_alone),
         )
 
     def _bucket_numbers(self) -> set[int]:
         base = self.root / SAMPLES_DIR
         if not base.is_dir():
             return set()
-        return {int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()}
+        numbers = set()
+        for p in base.iterdir():
+            if p.is_symlink() or not p.is_dir() or not p.name.isdigit():
+                self._left_alone.append(f"{SAMPLES_DIR}/{p.name}" + (" (symlink)" if p.is_symlink() else ""))
+                continue
+            numbers.add(int(p.name))
+        return numbers
 
     def _listing(self, bucket: int) -> dict[str, int]:
-        """File name -> size in one bucket folder (one scandir)."""
+        """The store's own files in one bucket folder, name -> size (one scandir).
+
+        Only regular files named as the store names them (a temporary name, or a key of this
+        bucket and a sample suffix) are listed; anything else (a symlink, a sub-folder, a foreign
+        file) is noted in ``left_alone`` and never touched. A bucket that is a symlink is skipped.
+        """
         folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
+        if folder.is_symlink():
+            return {}
+        out = {}
         try:
             with os.scandir(folder) as entries:
-                return {e.name: e.stat().st_size for e in entries if e.is_file()}
+                for e in entries:
+                    if e.is_file(follow_symlinks=False) and _store_file_name(e.name, bucket):
+                        out[e.name] = e.stat(follow_symlinks=False).st_size
+                    else:
+                        self._left_alone.append(f"{SAMPLES_DIR}/{folder.name}/{e.name}" + (" (symlink)" if e.is_symlink() else ""))
         except FileNotFoundError:
             return {}
+        return out
 
     def _clean_bucket(self, bucket: int, listing: dict[str, int], done_keys: set[str]) -> None:
-        """Delete a bucket's temporary files and the files of samples not done (they are redone)."""
+        """Delete a bucket's temporary files and the files of samples not done (they are redone).
+        ``listing`` holds only the store's own regular files (see :meth:`_listing`)."""
         folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
         for name in listing:
             if name.startswith(TMP_PREFIX) or key_of(name) not in done_keys:
@@ -433,10 +465,11 @@ class RunStore:
 
     def _clean_temporary(self) -> None:
         for folder in (self.root, self.root / JOURNAL_DIR):
-            if folder.is_dir():
+            if folder.is_dir() and not folder.is_symlink():
                 for p in folder.glob(f"{TMP_PREFIX}*"):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+                    if p.is_file() and not p.is_symlink():
+                        with contextlib.suppress(FileNotFoundError):
+                            p.unlink()
 
     # -------------------------------------------------------------- writing
 
@@ -506,6 +539,42 @@ class RunStore:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+#: A file the store writes in a bucket: ``<manifest>-<8-digit index>-<slug><suffix>`` or a temporary name.
+_SAMPLE_FILE_RE = re.compile(r"^(" + KEY_PATTERN + r")(" + "|".join(re.escape(s) for s in SAMPLE_SUFFIXES) + r")$")
+
+
+def _store_file_name(name: str, bucket: int) -> bool:
+    """Whether ``name`` is a file the store writes in bucket folder ``bucket``."""
+    if name.startswith(TMP_PREFIX):
+        return True
+    match = _SAMPLE_FILE_RE.match(name)
+    return match is not None and int(match.group(1).rsplit("-", 2)[1]) // layout.BUCKET_SIZE == bucket
+
+
+def _unstarted(root: Path) -> bool:
+    """Whether ``root`` holds nothing, or only what a start killed before run.json leaves.
+
+    A start writes, under its lock: the plan (via a temporary file), the empty ``samples/`` and
+    ``index/`` folders, manifest.yaml, and run.json last. A folder with the lock and nothing but
+    those is a run that never started, taken over as a new run; anything else is not ours.
+    """
+    entries = list(root.iterdir())
+    names = {p.name for p in entries}
+    if not entries:
+        return True
+    if LOCK_FILE not in names:
+        return False
+    for p in entries:
+        if p.is_symlink():
+            return False
+        if p.name in (SAMPLES_DIR, JOURNAL_DIR):
+            if not p.is_dir() or any(p.iterdir()):
+                return False
+        elif not (p.is_file() and (p.name in (LOCK_FILE, PLAN_FILE, MANIFEST_FILE) or p.name.startswith(TMP_PREFIX))):
+            return False
+    return True
 
 
 def _mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str) -> str | None:

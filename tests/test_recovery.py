@@ -1,0 +1,198 @@
+"""Recovery and hardening: what a crash, a signal, a hostile path or an odd option leaves behind,
+and that the same command then works. Generation here uses a fake executor (tests/fake_run.py's
+samples, no model) unless a test is about the model; signal tests run the CLI in a subprocess
+that blocks at a chosen point (an event), never at a chosen time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import factory.generate as generate
+from factory.fsutil import FileLock
+from factory.store import RunStore
+from tests.fake_run import make_run, sample_result
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class FakeExecutor:
+    """Finished samples without a model: tests/fake_run.py's, two per batch."""
+
+    def __init__(self, spec: object, opts: object) -> None:
+        pass
+
+    def run(self, rows):
+        for start in range(0, len(rows), 2):
+            yield [sample_result(r) for r in rows[start : start + 2]]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(generate, "_default_executor", FakeExecutor)
+
+
+def gen_args(manifest: Path, run: Path, n: int = 4) -> list:
+    return ["generate", "--manifest", manifest, "--n", n, "--out", run, "--model", "tiny", "--no-ray"]
+
+
+# ------------------------------------------------------------------------------ 15.1 nothing outside the run
+
+
+def test_resume_never_deletes_or_follows_anything_outside_the_run(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli(gen_args(small_manifest, run)).code == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    (outside / "small-00007000-fern.png").write_bytes(b"named like a sample of bucket 7")
+    os.symlink(outside, run / "samples" / "00007")  # a bucket folder that is a symlink
+    bucket = run / "samples" / "00000"
+    (bucket / "notes.txt").write_text("mine")  # a foreign file among the samples
+    os.symlink(outside / "precious.txt", bucket / "small-00000009-owl.png")  # a symlink named as a sample
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 0, res.err
+    assert (outside / "precious.txt").read_text() == "keep me"
+    assert (outside / "small-00007000-fern.png").exists()
+    assert (bucket / "notes.txt").read_text() == "mine"
+    assert (bucket / "small-00000009-owl.png").is_symlink()
+    line = [ln for ln in res.out.splitlines() if ln.startswith("left alone:")]
+    assert len(line) == 1 and "3 entries" in line[0] and "samples/00007 (symlink)" in line[0], res.out
+    assert "4 planned, 4 done (0 now, 4 before)" in res.out
+
+
+def test_folder_export_never_deletes_or_writes_through_anything_outside(cli, tmp_path: Path) -> None:
+    make_run(tmp_path, 6)
+    run, out = tmp_path / "run", tmp_path / "export"
+    args = ["export", "--run", run, "--format", "folder", "--all", "--out", out, "--split", "none"]
+    assert cli(args).code == 0
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.png").write_bytes(b"keep me")
+    (out / "train" / "alpha" / "notes.txt").write_text("mine")  # a foreign file in an export folder
+    os.symlink(outside / "precious.png", out / "train" / "fg" / "small-00000099-owl.png")
+    res = cli([*args, "--alpha-bits", "16"])  # another plan: the export starts over
+    assert res.code == 0, res.err
+    assert (out / "train" / "alpha" / "notes.txt").read_text() == "mine"
+    assert (outside / "precious.png").read_bytes() == b"keep me"
+    assert "left alone:" in res.err and "notes.txt" in res.err
+    # A split folder that is a symlink is refused in one line; nothing is written through it.
+    for sub in ("image", "alpha", "fg"):
+        for p in (out / "train" / sub).iterdir():
+            if not p.is_symlink() and p.name != "notes.txt":
+                p.unlink()
+    (out / "train" / "image").rmdir()
+    os.symlink(outside, out / "train" / "image")
+    res = cli([*args, "--restart"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "is a symlink" in res.err, res.err
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.png"]
+
+
+# ------------------------------------------------------------------------------ 15.2 killed before it started
+
+
+def test_a_folder_left_by_a_start_killed_while_planning_is_taken_over(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").touch()
+    (run / ".tmp-plan.parquet.4242.0123abcd").write_bytes(b"PAR1 half a plan")
+    (run / "samples").mkdir()
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 0, res.err
+    assert "4 planned, 4 done (4 now, 0 before)" in res.out
+    assert not list(run.glob(".tmp-*"))
+    # ... but not while another process holds its lock, nor with a file the store did not write.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".tmp-plan.parquet.1.x").touch()
+    lock = FileLock(other / ".lock", "held")
+    try:
+        res = cli(gen_args(small_manifest, other))
+        assert res.code == 2 and "another factory process is writing" in res.err
+    finally:
+        lock.release()
+    (other / "mine.txt").write_text("x")
+    res = cli(gen_args(small_manifest, other))
+    assert res.code == 2 and "exists and is not a run directory" in res.err
+    assert (other / "mine.txt").read_text() == "x"
+
+
+def test_an_export_killed_before_its_first_shard_is_taken_over(cli, tmp_path: Path) -> None:
+    make_run(tmp_path, 4)
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / ".lock").touch()
+    (out / ".tmp-export.json.4242.0123abcd").write_text("{")
+    res = cli(["export", "--run", tmp_path / "run", "--all", "--out", out, "--split", "none"])
+    assert res.code == 0, res.err
+    assert (out / "train-000000.tar").is_file() and not list(out.glob(".tmp-*"))
+
+
+BLOCKING_DRIVER = r"""
+import sys, threading
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import factory.store.run as store_run
+import factory.generate as generate
+from tests.test_recovery import FakeExecutor
+
+generate._default_executor = FakeExecutor
+marker = Path(sys.argv[2])
+real = store_run.plan_chunks
+
+def blocked(manifest, n, size):  # the first row group goes to the writer, then planning stops
+    for chunk in real(manifest, n, size):
+        yield chunk
+        marker.touch()
+        threading.Event().wait()
+
+if sys.argv[3] == "block":
+    store_run.plan_chunks = blocked
+from cli import main
+main(sys.argv[4:])
+"""
+
+
+def _driver(small_manifest: Path, run: Path, marker: Path, mode: str) -> subprocess.Popen:
+    args = [str(a) for a in gen_args(small_manifest, run)]
+    return subprocess.Popen(
+        [sys.executable, "-c", BLOCKING_DRIVER, str(REPO), str(marker), mode, *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    import time
+
+    while not path.exists():  # an event (the file), polled; the test's timeout bounds it
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, small_manifest: Path, tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "planning"
+    proc = _driver(small_manifest, run, marker, "block")
+    _wait_for(marker, proc)
+    assert list(run.glob(".tmp-plan.parquet.*"))  # caught in the middle of writing the plan
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -9
+    else:
+        assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+        assert err.strip() == {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated (SIGTERM)"}[sig], err
+    proc = _driver(small_manifest, run, marker, "run")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "4 planned, 4 done (4 now, 0 before)" in out
+    assert len(RunStore.open(run).records()) == 4
