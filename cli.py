@@ -78,7 +78,7 @@ def plan_cmd(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Manifest YAML (see manifests/).")],
     n: Annotated[int, typer.Option("--n", help="Number of samples to plan (a positive integer).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the plan as Parquet here.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Override the manifest's base seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**62, help="Override the manifest's base seed (0..2^62, as in a manifest).")] = None,
 ) -> None:
     """Expand a manifest into exactly N sample rows (key, class or grid cell, prompt, seed, attributes).
 
@@ -173,10 +173,13 @@ def generate_cmd(
     restart: Annotated[
         bool, typer.Option("--restart", help="Delete the run's existing samples and start over.")
     ] = False,
+    shrink: Annotated[
+        bool, typer.Option("--shrink", help="Allow a smaller --n than the run's: its samples beyond leave the plan.")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any sample failed.")] = False,
     device: Annotated[Optional[str], typer.Option("--device", help="torch device for --no-ray (cpu, cuda).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (GPU, fixed resolution).")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Override the manifest's base seed.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**62, help="Override the manifest's base seed (0..2^62, as in a manifest).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. Default: the manifest's sampler.steps.")] = None,
     guidance: Annotated[
         Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale. Default: the manifest's.")
@@ -226,6 +229,7 @@ def generate_cmd(
             size=size,
             scheduler=scheduler,
             negative_prompt=negative_prompt,
+            shrink=shrink,
         )
     )
     for line in summary.lines():

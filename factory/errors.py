@@ -65,6 +65,13 @@ def install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def terminated() -> Terminated:
+    """A :class:`Terminated` for a SIGTERM that another handler caught first (Ray's, while
+    ``ray.init`` runs, exits with code 15): the command then ends as for any SIGTERM."""
+    _signals["terminated"] = True
+    return Terminated()
+
+
 def was_terminated() -> bool:
     """Whether this process received SIGTERM."""
     return _signals["terminated"]

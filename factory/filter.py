@@ -43,11 +43,12 @@ import pyarrow.compute as pc
 
 from factory.dedup import near_duplicates
 from factory.errors import InputError
+from factory.fsutil import is_locked
 from factory.integrity import CorruptSample, check_sample_files
 from factory.manifest import FilterSettings, with_overrides
 from factory.sample import SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED
 from factory.selection import DEFAULT_SELECTION, SELECTION_COLUMNS, check_selection_name, save_selection
-from factory.store import RunStore, resolve_run
+from factory.store import LOCK_FILE, RunStore, resolve_run
 
 #: Drop reasons, in the order they are tested. Code 0 means kept; reason ``i`` has code ``i + 1``.
 REASONS = (
@@ -340,6 +341,13 @@ def run_filter(
         per_class=result.per_class(),
         problems=problems,
     )
+    if is_locked(store.root / LOCK_FILE):
+        summary.problems.insert(
+            0,
+            f"{store.root} is being written (a `factory generate` is running): this filter read the "
+            f"{summary.status_counts.get(STATUS_DONE, 0)} samples done so far of {summary.total} planned; "
+            "filter again when the run has finished",
+        )
     if not dry_run:
         info = store.info
         meta = {

@@ -43,7 +43,9 @@ def write_error(exc: OSError, path: Path) -> RunError:
     """The one-line error for a failed write of ``path``."""
     if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
         return RunError(f"disk full while writing {path}; free space and re-run the same command to resume")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if exc.errno == errno.EROFS:
+        return RunError(f"cannot write {path}: read-only file system")
+    if exc.errno in (errno.EACCES, errno.EPERM):
         return RunError(f"cannot write {path}: permission denied")
     if exc.errno == errno.ENAMETOOLONG:
         return RunError(f"cannot write {path}: file name too long")
@@ -253,9 +255,32 @@ def check_output_file(path: Path) -> None:
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give a file name")
     check_writable_dir(path.parent if str(path.parent) else Path("."), "the output file's folder")
+    probe = temp_name(path)  # the very name the write will use (a long name fails here, not after the work)
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write this file ({exc.strerror or exc})") from exc
 
 
 # ------------------------------------------------------------------------------ locks
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a process holds the :class:`FileLock` on ``path`` now (False if there is no file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the shared lock, if it was taken
 
 
 class FileLock:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
+
 from factory.errors import InputError, Interrupted
 from factory.feedback import Feedback, plural
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
-from factory.sample import PROMPT_TOKEN_LIMIT, SampleResult
-from factory.store import RunStore, remember_latest_run
+from factory.sample import PROMPT_TOKEN_LIMIT, STATUS_DONE, SampleResult
+from factory.store import RUN_FILE, RunStore, remember_latest_run
 
 if TYPE_CHECKING:  # the worker side imports the matting stack (numba, seconds): not before it is needed
     from factory.worker import WorkSpec
@@ -61,6 +64,7 @@ class GenerateOptions:
     size: str | None = None  # "512" or "WIDTHxHEIGHT"
     scheduler: str | None = None
     negative_prompt: str | None = None
+    shrink: bool = False  # allow a smaller --n than the run's (its samples beyond leave the plan)
 
 
 class Executor(Protocol):
@@ -102,10 +106,11 @@ class LocalExecutor:
     """Everything in this process: one sampler, batches in plan order."""
 
     def __init__(self, spec: WorkSpec) -> None:
-        from factory.worker import load_work_sampler
+        from factory.worker import load_work_sampler, set_sampler_threads
 
         self.spec = spec
         self.sampler = load_work_sampler(spec, spec.device)
+        set_sampler_threads(self.sampler, spec.device)  # as a Ray sampler worker: the same bytes
         self.batch_size = spec.batch_size_for(self.sampler)
 
     def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]:
@@ -161,6 +166,10 @@ def resolve_manifest(opts: GenerateOptions) -> Manifest:
         if opts.model is not None:
             data["source"] = opts.model
         data["loras"] += [{"path": path, "scale": scale} for path, scale in opts.loras]
+        paths = [os.path.normpath(str(lora["path"])) for lora in data["loras"]]
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if twice:
+            raise InputError(f"--lora {twice[0]}: given twice (it would be fused twice); give each LoRA once, with its scale")
         data["allow_pickle"] = data["allow_pickle"] or opts.allow_pickle
         data["safety_checker"] = data["safety_checker"] or opts.safety_checker
         top["model"] = ModelSpec.model_validate(data)
@@ -183,7 +192,10 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
         fb.status("checking the model")
         identity = model_identity(manifest.model)
         out = opts.out or Path("runs") / manifest.name
+        check_utf8_path(out, "--out")
         opts = dataclasses.replace(opts, out=out)  # executors put their temporary files under the run
+        done = 0 if opts.restart else check_resize(out, opts.n, opts.shrink)
+        check_disk_space(out, manifest, opts.n - done)
         fb.status(f"planning {plural(opts.n, 'sample')}")
         plan_bar: list[Any] = []
 
@@ -317,6 +329,73 @@ class PromptTokens:
             f"warning: {plural(self.samples, 'sample')} ({plural(len(self.cut), 'prompt')}) cut at "
             f"{PROMPT_TOKEN_LIMIT} CLIP tokens; the index's prompt_tokens column lists them"
         ]
+
+
+def check_resize(out: Path, n: int, shrink: bool) -> int:
+    """Refuse a smaller N than an existing run's unless ``shrink``; returns its done samples.
+
+    Lowering N rewrites the plan: the done samples beyond the new N leave it (they stay on disk
+    and come back if N is raised again), which should never happen by a typo.
+    """
+    if not (out / RUN_FILE).is_file():
+        return 0
+    store = RunStore.open(out)
+    try:
+        old_n = int(store.info.get("n") or 0)
+        index = store.index(columns=["index", "status"])
+    except (InputError, OSError, ValueError, pa.ArrowException):
+        return 0  # the store reports its own problems when the run is prepared
+    done = (index["status"].to_numpy(zero_copy_only=False) == STATUS_DONE)
+    if n < old_n and not shrink:
+        beyond = int(done[index["index"].to_numpy() >= n].sum())
+        raise InputError(
+            f"{out}: the run has {old_n} planned samples and --n {n} would leave {beyond} done samples out "
+            f"of its plan; pass --shrink to lower N anyway, or --n {old_n} to resume"
+        )
+    return int(done[index["index"].to_numpy() < n].sum())
+
+
+#: Compressed size of a sample's files as a share of the raw pixels, kept low (a noisy photo
+#: compresses less) so that the estimate refuses only a run that cannot fit.
+_PNG_SHARE = {"rgb": 0.4, "alpha": 0.1}
+
+
+def estimate_sample_bytes(manifest: Manifest) -> int:
+    """About how many bytes one sample's four files take (image, alpha, foreground, JSON)."""
+    pixels = manifest.sampler.width * manifest.sampler.height
+    alpha_bytes = manifest.export.alpha_bits // 8
+    return int(pixels * (2 * 3 * _PNG_SHARE["rgb"] + alpha_bytes * _PNG_SHARE["alpha"])) + 2000
+
+
+def check_disk_space(out: Path, manifest: Manifest, todo: int) -> None:
+    """Refuse up front a run whose samples cannot fit on the disk of ``out`` (an estimate)."""
+    if todo <= 0:
+        return
+    where = Path(os.path.abspath(out))
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    per = estimate_sample_bytes(manifest)
+    need = per * todo
+    if need > free:
+        raise InputError(
+            f"--n: the {todo} samples to make need about {need / 1e9:,.1f} GB ({per / 1e3:,.0f} kB each at "
+            f"{manifest.sampler.width}x{manifest.sampler.height}), but {where} has {free / 1e9:,.1f} GB free; "
+            "free space, lower --n or choose another --out"
+        )
+
+
+def check_utf8_path(path: Path, option: str) -> None:
+    """Refuse a path that is not valid UTF-8 (its bytes came from another encoding): the index and
+    run.json record it as text, and Parquet's writer fails on it after the run has started."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise InputError(f"{option} {shown}: the path is not valid UTF-8; choose a name in UTF-8") from exc
 
 
 def lean_allocator() -> None:

@@ -32,6 +32,9 @@ DEFAULT_CANVAS_COLOR = (0, 255, 0)
 BUILTIN_SLOTS = frozenset({"a", "phrase", "class_name", "category"})
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+#: A sample file's temporary name is ``.tmp-<name>-<8 digits>-<slug of 40 at most>.alpha.png.<pid>.<8
+#: hex>``: about 90 bytes beside the name, and file names are limited to 255 bytes.
+MAX_NAME_CHARS = 150
 
 
 class _Strict(BaseModel):
@@ -313,6 +316,11 @@ class Manifest(_Strict):
     def _name(cls, v: str) -> str:
         if not _NAME_RE.match(v):
             raise ValueError("must be lowercase letters, digits, '-' or '_' (it names runs and keys)")
+        if len(v) > MAX_NAME_CHARS:
+            raise ValueError(
+                f"{len(v)} characters, at most {MAX_NAME_CHARS}: it starts every sample's file name, "
+                "which file systems limit to 255 bytes"
+            )
         return v
 
     @property

@@ -161,12 +161,11 @@ def _single_thread_worker() -> None:
         pass
 
 
-def _check_dirs(in_dir: Path, out_dir: Path) -> None:
+def _check_dirs(in_dir: Path) -> None:
     if not in_dir.exists():
         raise InputError(f"input folder {in_dir} does not exist")
     if not in_dir.is_dir():
         raise InputError(f"{in_dir} is not a folder")
-    check_writable_dir(out_dir)
 
 
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
@@ -200,10 +199,11 @@ def matte_folder(
         raise InputError(f"--bits must be 8 or 16, not {bits}")
     if workers is not None and workers < 1:
         raise InputError(f"--workers must be at least 1, not {workers}")
-    _check_dirs(in_dir, out_dir)
+    _check_dirs(in_dir)
     images, rows = list_inputs(in_dir)
     if not images:
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {in_dir}")
+    check_writable_dir(out_dir)  # created only once there is something to write
     settings = settings or GreenPostSettings()
     n_workers = min(workers or os.cpu_count() or 1, len(images))
     with _Progress(progress, len(images), log) as bar:

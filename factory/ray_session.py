@@ -17,13 +17,14 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.errors import InputError, RunError, restore_sigterm_handler
+from factory.errors import InputError, RunError, restore_sigterm_handler, terminated
 
 #: Ray's Unix sockets live at ``<tmp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store``;
 #: AF_UNIX paths are limited to 107 bytes, which leaves this much for ``<tmp>`` itself.
@@ -130,6 +131,10 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
                     log_to_driver=False,
                     logging_level=logging.WARNING,
                 )
+        except SystemExit as exc:  # SIGTERM while ray.init ran: Ray's own handler exits with 15
+            if exc.code == signal.SIGTERM:
+                raise terminated() from exc
+            raise
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise RunError(f"cannot join the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from exc
         return RaySession(owned=True, mode="cluster", temp_dir=None, runtime_env={}, notes=notes)
@@ -159,6 +164,10 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
                 log_to_driver=False,
                 logging_level=logging.WARNING,
             )
+    except SystemExit as exc:  # SIGTERM while ray.init ran: Ray's own handler exits with 15
+        if exc.code == signal.SIGTERM:
+            raise terminated() from exc
+        raise
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line for the user
         raise RunError(f"cannot start a local Ray instance in {temp_dir}: {' '.join(str(exc).split())[:300]}") from exc
     start_watchdog()

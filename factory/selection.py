@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.errors import InputError
-from factory.fsutil import atomic_write_parquet
+from factory.fsutil import atomic_write_parquet, write_error
 from factory.store import SELECTIONS_DIR
 
 SELECTION_META_KEY = "factory.selection"
@@ -62,7 +62,10 @@ def list_selections(run_root: Path) -> list[Path]:
 def save_selection(run_root: Path, name: str, rows: pa.Table, meta: dict[str, Any]) -> Path:
     """Write (or overwrite) the selection ``name`` atomically; returns its path."""
     path = selection_path(run_root, name)
-    path.parent.mkdir(exist_ok=True)
+    try:
+        path.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, path.parent) from exc
     atomic_write_parquet(
         rows.select(list(SELECTION_COLUMNS)),
         path,

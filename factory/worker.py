@@ -16,6 +16,11 @@ from factory.sample import SampleResult
 
 #: Rows per sampler call when neither the command, the manifest nor the sampler says.
 DEFAULT_BATCH_SIZE = 2
+#: torch's intra-op threads while a sampler runs on the CPU, in every mode (``--no-ray`` and Ray
+#: alike): a CPU convolution or reduction splits its sums across threads, so another thread count
+#: changes the last bits of an image (measured: 1 and 2 threads gave other PNGs for the same row).
+#: One fixed count makes a plan row give the same bytes whichever mode or machine draws it.
+CPU_SAMPLER_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,19 @@ def load_work_sampler(spec: WorkSpec, device: str | None) -> Any:
     return make_sampler(spec.model, spec.sampler, spec.canvas, device=device, compile=spec.compile)
 
 
+def set_sampler_threads(sampler: Any, device: str | None, threads: int | None = None) -> str:
+    """Fix torch's thread count for sampling: :data:`CPU_SAMPLER_THREADS` on the CPU, ``threads``
+    (the CPU work around GPU kernels, which does not change an image) on a GPU. Returns the device."""
+    import torch
+
+    where = str(getattr(sampler, "device", None) or device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.startswith("cpu"):
+        torch.set_num_threads(CPU_SAMPLER_THREADS)
+    elif threads:
+        torch.set_num_threads(max(1, threads))
+    return where
+
+
 def process_batch(sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
     """Sample a batch, then finish each sample. A batch-wide exception fails every row with it."""
     try:
@@ -63,15 +81,22 @@ def process_batch(sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings,
 
 
 def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
-    """Finish what a sampler drew for ``rows`` (one result per row, failed ones included)."""
+    """Finish what a sampler drew for ``rows`` (one result per row, failed ones included).
+
+    With one BLAS/OpenMP thread, as in a Ray finishing task (its environment says so), so that the
+    driver of a ``--no-ray`` run finishes a sample to the same bytes (K-Means and the matting
+    solvers sum in another order on more threads)."""
+    from threadpoolctl import threadpool_limits
+
     results = []
-    for row, gen in zip(rows, generated, strict=True):
-        if gen.error:
-            result = failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds)
-        else:
-            result = finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker)
-        tokens = getattr(gen, "prompt_tokens", None)
-        if tokens is not None:
-            result.fields["prompt_tokens"] = int(tokens)
-        results.append(result)
+    with threadpool_limits(1):
+        for row, gen in zip(rows, generated, strict=True):
+            if gen.error:
+                result = failed_result(row, gen.error, finish, worker=worker, t_sample_s=gen.seconds)
+            else:
+                result = finish_sample(row, gen.image, gen.coarse_alpha, finish, t_sample_s=gen.seconds, worker=worker)
+            tokens = getattr(gen, "prompt_tokens", None)
+            if tokens is not None:
+                result.fields["prompt_tokens"] = int(tokens)
+            results.append(result)
     return results

@@ -41,8 +41,9 @@ class _Barrier(_Wrapper):
     def sample(self, rows: list[Any]) -> list[Any]:
         import time
 
-        deadline = time.monotonic() + 120
-        while len(list(self.marker_dir.glob("loaded-*"))) < self.parties and time.monotonic() < deadline:
+        # An event (every party's marker file), however long it takes on a loaded machine; the
+        # test's own timeout guards against a party that never loads.
+        while len(list(self.marker_dir.glob("loaded-*"))) < self.parties:
             time.sleep(0.05)
         return super().sample(rows)
 

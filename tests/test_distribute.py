@@ -34,6 +34,9 @@ from tests.conftest import SMALL_MANIFEST, write_manifest
 REPO = Path(__file__).resolve().parent.parent
 N = 12
 pytestmark = pytest.mark.slow
+#: Only a guard against a hang: the tests wait on events (samples committed, processes gone), and
+#: on a loaded 2-core machine one of them took over 240 s where a quiet one takes 40.
+HANG_S = 1200
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -147,7 +150,7 @@ def test_plan_workers_sizes_gpu_and_cpu_clusters() -> None:
     assert (cpu.workers, cpu.gpus_per_worker, cpu.threads_per_worker, cpu.finish_slots) == (2, 0.0, 1, 1)
     assert cpu.workers * cpu.cpus_per_worker <= 1.0  # one CPU always left for finishing
     no_gpu = plan_workers({"CPU": 16, "GPU": 4}, gpus=0, workers=3)
-    assert (no_gpu.workers, no_gpu.gpus_per_worker, no_gpu.threads_per_worker) == (3, 0.0, 4)
+    assert (no_gpu.workers, no_gpu.gpus_per_worker, no_gpu.threads_per_worker) == (3, 0.0, 1)  # a fixed count on CPU
     with pytest.raises(InputError, match="--gpus 4: the Ray cluster has 2 GPUs"):
         plan_workers({"CPU": 8, "GPU": 2}, gpus=4, workers=None)
     with pytest.raises(RunError, match="at least one"):
@@ -190,7 +193,7 @@ def test_plan_rows_are_made_on_demand(manifest_path: Path, tmp_path: Path) -> No
 # ------------------------------------------------------------------------------ fan-out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(HANG_S)
 def test_two_workers_make_exactly_the_planned_samples_and_the_same_images(ray_session, reference, manifest_path: Path, tmp_path: Path) -> None:
     run = tmp_path / "two"
     # The samplers wait for each other before their first batch, so that both get work even when
@@ -206,7 +209,7 @@ def test_two_workers_make_exactly_the_planned_samples_and_the_same_images(ray_se
     assert any("driver received" in note for note in summary.notes)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(HANG_S)
 def test_an_actor_that_crashes_on_its_second_batch_is_replaced_and_the_run_completes(
     ray_session, reference, manifest_path: Path, tmp_path: Path
 ) -> None:
@@ -224,7 +227,7 @@ def test_an_actor_that_crashes_on_its_second_batch_is_replaced_and_the_run_compl
     assert any("1 sampler worker restarts" in note for note in summary.notes), summary.notes
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(HANG_S)
 def test_a_batch_that_kills_its_worker_every_time_is_given_up_after_bounded_attempts(
     ray_session, reference, manifest_path: Path, tmp_path: Path
 ) -> None:
@@ -245,7 +248,7 @@ def test_a_batch_that_kills_its_worker_every_time_is_given_up_after_bounded_atte
     assert done == {k: v for k, v in reference.items() if k in done} and len(done) == 4
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(HANG_S)
 def test_a_failing_sample_is_recorded_and_the_run_exits_0_or_1_with_strict(
     ray_session, reference, manifest_path: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,7 +275,7 @@ def test_a_failing_sample_is_recorded_and_the_run_exits_0_or_1_with_strict(
     assert files == {k: v for k, v in reference.items() if k in files} and len(files) == 7
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(HANG_S)
 def test_a_model_that_cannot_load_stops_the_run_with_its_message(ray_session, manifest_path: Path, tmp_path: Path, cli, monkeypatch) -> None:
     import factory.generate as generate
 
@@ -282,6 +285,24 @@ def test_a_model_that_cannot_load_stops_the_run_with_its_message(ray_session, ma
     assert res.err.strip().splitlines()[-1] == (
         "error: sampler worker could not load the model: model weights not found: /nowhere/model.safetensors"
     )
+
+
+@pytest.mark.timeout(HANG_S)
+def test_no_ray_gives_the_same_bytes_as_ray_for_the_same_rows(reference, manifest_path: Path, tmp_path: Path) -> None:
+    """A run resumed in the other mode must not end up mixed: one plan row, one set of bytes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # whatever the driver's own thread count (Ray's sampler worker: its own)
+    try:
+        summary = run_generate(options(manifest_path, tmp_path / "local", n=4, use_ray=False))
+    finally:
+        torch.set_num_threads(before)
+    assert (summary.done, summary.failed) == (4, 0)
+    files = sample_files(tmp_path / "local")
+    assert len(files) == 4
+    for key, by_suffix in files.items():
+        assert by_suffix == reference[key], key  # every file, byte for byte
 
 
 # ------------------------------------------------------------------------------ the driver killed
@@ -299,15 +320,21 @@ def _done_files(run: Path) -> int:
 
 
 def _ray_processes(marker: str) -> list[int]:
-    """Pids of processes whose command line mentions ``marker`` (the run's Ray temp dir)."""
+    """Pids of processes whose command line, stdout or stderr mentions ``marker`` (the run's Ray
+    temp dir): Ray's daemons name it on their command line; its workers (``ray::SamplerWorker``)
+    write their output to log files under it."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    pids.append(int(proc.name))
+                names = [(proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")]
+                for fd in ("1", "2"):
+                    with contextlib.suppress(OSError):
+                        names.append(os.readlink(proc / "fd" / fd))
             except OSError:
                 continue
+            if any(marker in name for name in names):
+                pids.append(int(proc.name))
     return pids
 
 
@@ -321,7 +348,7 @@ def _wait_gone(marker: str, timeout: float = 60.0) -> list[int]:
     return _ray_processes(marker)
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(HANG_S)
 def test_driver_killed_at_random_moments_then_resumed_gives_exactly_n_samples(reference, manifest_path: Path, tmp_path: Path) -> None:
     """SIGKILL (and once SIGTERM, once Ctrl-C) the driver at random moments; re-run each time; check the store."""
     run = tmp_path / "killed"
@@ -339,21 +366,22 @@ def test_driver_killed_at_random_moments_then_resumed_gives_exactly_n_samples(re
                 if moment == "start":
                     time.sleep(rng.uniform(1.0, 6.0))
                 else:
-                    deadline = time.monotonic() + 120
-                    while _done_files(run) <= before and proc.poll() is None and time.monotonic() < deadline:
+                    while _done_files(run) <= before and proc.poll() is None:  # new samples committed
                         time.sleep(0.05)
                     time.sleep(rng.uniform(0.0, 1.0))
                 if proc.poll() is None:
                     proc.send_signal(sig)
-            out, err = proc.communicate(timeout=180)
+            out, err = proc.communicate(timeout=HANG_S)
             if sig == signal.SIGINT and proc.returncode != 0:
                 assert proc.returncode == 130, err
                 assert "interrupted;" in err and "re-run the same command to resume" in err
             if sig == signal.SIGTERM:
-                # Ray's handler exits with 15 while Ray runs; before ray.init or after the
-                # shutdown the signal's default action ends the process (-15); 0: it had finished.
-                assert proc.returncode in (0, 15, -15), err
+                # SIGTERM takes Ctrl-C's path (commit what is finished, stop the workers) and exits
+                # 143 with its one line; 0: it came as the run finished, and the run had finished.
+                assert proc.returncode in (0, 143), err
                 assert "Traceback" not in err, err
+                if proc.returncode == 143:
+                    assert err.strip().splitlines()[-1].startswith("error: terminated (SIGTERM)"), err
             if sig is None:
                 assert proc.returncode == 0, err
                 assert f"{N} planned, {N} done" in out
@@ -399,7 +427,7 @@ finally:
 """
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(HANG_S)
 def test_cluster_run_workers_on_another_node_and_the_driver_writes(reference, manifest_path: Path, tmp_path: Path) -> None:
     run = tmp_path / "cluster"
     ray_tmp = tempfile.mkdtemp(prefix="fc-", dir="/tmp")
@@ -411,7 +439,7 @@ def test_cluster_run_workers_on_another_node_and_the_driver_writes(reference, ma
         proc = subprocess.run(
             [sys.executable, "-c", CLUSTER_SCRIPT, str(manifest_path), str(run), str(REPO)],
             cwd=tmp_path,
-            env=env, capture_output=True, text=True, timeout=280,
+            env=env, capture_output=True, text=True, timeout=HANG_S,
         )  # fmt: skip
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

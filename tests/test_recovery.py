@@ -196,3 +196,174 @@ def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, 
     assert proc.returncode == 0, err
     assert "4 planned, 4 done (4 now, 0 before)" in out
     assert len(RunStore.open(run).records()) == 4
+
+
+# ------------------------------------------------------------------------------ 15.5 OS errors, one line
+
+
+def test_export_disk_full_is_one_line_and_the_same_command_resumes(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from factory.export import webdataset
+
+    make_run(tmp_path, 6)
+    out = tmp_path / "export"
+    args = ["export", "--run", tmp_path / "run", "--all", "--out", out, "--split", "none", "--maxcount", 2]
+    real_add = webdataset.TarShard.add
+    calls = []
+
+    def full_disk(self, members, scratch=None):
+        calls.append(1)
+        if len(calls) == 3:  # the first sample of the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, members, scratch)
+
+    monkeypatch.setattr(webdataset.TarShard, "add", full_disk)
+    res = cli(args)
+    assert res.code == 1 and res.err.count("\n") == 1, res.err
+    assert "disk full while writing" in res.err and "re-run the same command to resume" in res.err
+    assert (out / "train-000000.tar").is_file() and not list(out.glob(".tmp-*"))
+    monkeypatch.setattr(webdataset.TarShard, "add", real_add)
+    res = cli(args)
+    assert res.code == 0, res.err
+    assert "resumed: 2 samples already written were kept" in res.out
+
+
+def test_filter_on_a_read_only_run_is_one_line_and_dry_run_works(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    make_run(tmp_path, 4)
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kw):
+        if str(path).startswith(str(tmp_path / "run")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kw)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    assert cli(["filter", "--run", tmp_path / "run", "--dry-run"]).code == 0
+    res = cli(["filter", "--run", tmp_path / "run"])
+    assert res.code == 1 and res.err.count("\n") == 1 and "read-only file system" in res.err, res.err
+
+
+def test_generate_refuses_an_out_path_that_is_not_utf8(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / os.fsdecode(b"run-\xff")
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 2 and res.err.count("\n") == 1 and "not valid UTF-8" in res.err, res.err
+    assert not os.path.lexists(run)
+
+
+def test_a_manifest_name_too_long_for_sample_file_names_is_refused_up_front(cli, tmp_path: Path) -> None:
+    from tests.conftest import SMALL_MANIFEST, write_manifest
+
+    manifest = write_manifest(tmp_path, SMALL_MANIFEST.replace("name: small", "name: " + "a" * 170))
+    res = cli(["generate", "--manifest", manifest, "--n", 2, "--out", tmp_path / "run", "--model", "tiny", "--no-ray"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "at most 150" in res.err, res.err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ 15.9 exit codes everywhere
+
+
+def test_eval_checks_its_json_path_before_the_work(cli, tmp_path: Path) -> None:
+    from PIL import Image
+
+    for folder in ("pred", "gt"):
+        (tmp_path / folder).mkdir()
+        Image.new("L", (8, 8), 128).save(tmp_path / folder / "a.png")
+    json_out = tmp_path / ("m" * 245 + ".json")  # fits, but its temporary name does not
+    res = cli(["eval", "--pred", tmp_path / "pred", "--gt", tmp_path / "gt", "--json", json_out, "--workers", 1])
+    assert res.code == 2 and res.err.count("\n") == 1 and "cannot write this file" in res.err, res.err
+    assert "SAD" not in res.out  # refused before any metric was computed
+
+
+def test_matte_on_an_empty_folder_creates_no_output_folder(cli, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    res = cli(["matte", tmp_path / "in", "--out", tmp_path / "out"])
+    assert res.code == 2 and "no images" in res.err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ 15.7 smaller holes
+
+
+def test_filter_while_generate_writes_the_run_says_so(cli, tmp_path: Path) -> None:
+    make_run(tmp_path, 4)
+    lock = FileLock(tmp_path / "run" / ".lock", "held")  # as a running generate holds it
+    try:
+        res = cli(["filter", "--run", tmp_path / "run"])
+    finally:
+        lock.release()
+    assert res.code == 0
+    warning = [ln for ln in res.err.splitlines() if "is being written" in ln]
+    assert len(warning) == 1 and "read the 4 samples done so far of 4 planned" in warning[0], res.err
+    assert "is being written" not in cli(["filter", "--run", tmp_path / "run"]).err
+
+
+def test_seed_minus_one_is_refused_on_the_command_line_as_in_a_manifest(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    for command in (["plan", "--manifest", small_manifest, "--n", 2], gen_args(small_manifest, tmp_path / "run")):
+        res = cli([*command, "--seed", -1])
+        assert res.code == 2 and res.err.count("\n") == 1 and "--seed" in res.err, res.err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ 15.6 nothing recorded before it is true
+
+
+def test_a_run_with_no_committed_sample_takes_the_corrected_model(cli, small_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import factory.sampler
+
+    from tests import fault_samplers
+
+    run = tmp_path / "run"
+
+    def broken(spec, opts):
+        fault_samplers.broken_model(spec.model, spec.sampler, spec.canvas)
+
+    monkeypatch.setattr(generate, "_default_executor", broken)
+    monkeypatch.setattr(factory.sampler, "model_identity", lambda model: "typo:/nowhere")
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 2 and "model weights not found" in res.err
+    monkeypatch.setattr(generate, "_default_executor", FakeExecutor)
+    monkeypatch.setattr(factory.sampler, "model_identity", lambda model: "fixed:1")
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 0, res.err
+    assert RunStore.open(run).info["model"] == "fixed:1"
+    # Once samples exist, another model is refused as before.
+    monkeypatch.setattr(factory.sampler, "model_identity", lambda model: "other:2")
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 2 and "made with a different model" in res.err
+
+
+# ------------------------------------------------------------------------------ 15.8 nothing shrinks or doubles silently
+
+
+def test_a_smaller_n_is_refused_unless_shrink(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli(gen_args(small_manifest, run, n=6)).code == 0
+    res = cli(gen_args(small_manifest, run, n=4))
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "has 6 planned samples" in res.err and "leave 2 done samples" in res.err and "--shrink" in res.err
+    assert RunStore.open(run).plan_size() == 6  # nothing rewritten
+    res = cli([*gen_args(small_manifest, run, n=4), "--shrink"])
+    assert res.code == 0 and "4 planned, 4 done (0 now, 4 before)" in res.out, res.err
+
+
+def test_the_same_lora_twice_is_refused(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    lora = tmp_path / "style.safetensors"
+    res = cli([*gen_args(small_manifest, tmp_path / "run"), "--lora", f"{lora}:0.5", "--lora", f"{lora}:0.8"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "given twice" in res.err, res.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_n_beyond_the_free_disk_space_is_refused_up_front(cli, fake_executor, small_manifest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
+    res = cli(gen_args(small_manifest, tmp_path / "run", n=1000))
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "the 1000 samples to make need about" in res.err and "GB free" in res.err
+    assert not (tmp_path / "run").exists()
+    assert cli(gen_args(small_manifest, tmp_path / "run", n=4)).code == 0  # what fits is not refused

@@ -22,7 +22,7 @@ import ray
 
 from factory.errors import FactoryError
 from factory.plan import PlanRow
-from factory.worker import finish_generated, load_work_sampler
+from factory.worker import finish_generated, load_work_sampler, set_sampler_threads
 
 
 class SamplerWorker:
@@ -40,14 +40,12 @@ class SamplerWorker:
         self.node = ctx.get_node_id()[:8]
         self.name = f"w{slot}@{self.node}"
         try:
-            import torch
-
-            torch.set_num_threads(max(1, threads))
             if ray.get_gpu_ids():
                 self.device = "cuda"
             elif spec.device and not spec.device.startswith("cuda"):
                 self.device = spec.device
             self.sampler = load_work_sampler(spec, self.device)
+            set_sampler_threads(self.sampler, self.device, threads)  # one on CPU, as with --no-ray
             self.batch_size = spec.batch_size_for(self.sampler)
         except Exception as exc:  # noqa: BLE001 - reported by info(); the driver decides
             self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, FactoryError) else str(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from factory.errors import InputError, RunError
+from factory.worker import CPU_SAMPLER_THREADS
 
 #: Default number of CPU sampler actors on a machine without GPU.
 DEFAULT_CPU_WORKERS = 2
@@ -60,7 +61,9 @@ def plan_workers(resources: dict[str, float], gpus: int | None, workers: int | N
     else:
         n = workers or DEFAULT_CPU_WORKERS
         gpus_per = 0.0
-        threads = max(1, int(total_cpus) // (n + 1))
+        # A CPU sampler uses a fixed thread count (factory.worker.CPU_SAMPLER_THREADS: the same
+        # bytes in every mode); more CPUs go to more workers (--workers) and to finishing.
+        threads = CPU_SAMPLER_THREADS
         # Ray's CPU counts are logical: keep at least one CPU for finishing tasks.
         cpus_per = min(float(threads), max(0.01, (total_cpus - 1) / n))
     cpus_per = round(cpus_per, 4)

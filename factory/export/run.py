@@ -39,7 +39,7 @@ from factory.export.outdir import OutDir, export_state
 from factory.export.prepare import Prepared, prepare
 from factory.export.records import WriteResult
 from factory.export.webdataset import WebDatasetFormat
-from factory.fsutil import atomic_write_parquet, atomic_write_text
+from factory.fsutil import atomic_write_parquet, atomic_write_text, write_error
 
 #: The output formats by name (the manifest's ``export.format`` values). A format writes the
 #: planned samples into the output folder, resuming its own finished work (``write``), adds its
@@ -122,12 +122,15 @@ def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None 
         total_bytes = int(
             sum(np.nansum(p.ordered[c].to_numpy(zero_copy_only=False).astype(float)) for c in ("image_bytes", "alpha_bytes", "fg_bytes"))
         )
-        with _progress(options.progress, p.ordered.num_rows, total_bytes) as advance:
-            try:
-                result = output.write(p, outdir, advance, problems_cb)
-            except KeyboardInterrupt as exc:
-                raise Interrupted(f"interrupted; finished parts of {p.out} are kept: re-run the same command to resume") from exc
-        summary = _finish(p, outdir, result, started)
+        try:
+            with _progress(options.progress, p.ordered.num_rows, total_bytes) as advance:
+                try:
+                    result = output.write(p, outdir, advance, problems_cb)
+                except KeyboardInterrupt as exc:
+                    raise Interrupted(f"interrupted; finished parts of {p.out} are kept: re-run the same command to resume") from exc
+            summary = _finish(p, outdir, result, started)
+        except OSError as exc:  # disk full, a read-only folder: one line, and the finished shards stay
+            raise write_error(exc, Path(exc.filename) if exc.filename else p.out) from exc
         summary.restarted = restarted
         summary.seconds = time.perf_counter() - start
         return summary

@@ -126,6 +126,8 @@ class RunStore:
             raise InputError(f"{root}: exists and is not a run directory; choose another --out")
         if existing is not None and not restart:
             problem = _mismatch(existing, manifest, model_identity)
+            if problem and not _mismatch(existing, manifest, existing.get("model", "")) and not store._has_commits():
+                problem = None  # no sample made yet (its model failed to load): the run takes the new one
             if problem:
                 raise InputError(f"{root}: {problem}; pass --restart to start this run over, or choose another --out")
         check_writable_dir(root, "output directory")
@@ -169,6 +171,19 @@ class RunStore:
             return pq.read_metadata(self.root / PLAN_FILE).num_rows
         except (OSError, pa.ArrowException):
             return None
+
+    def _has_commits(self) -> bool:
+        """Whether any sample was committed (done or failed): a journal chunk, or a row of
+        index.parquet that is not ``planned``."""
+        if self._journal():
+            return True
+        try:
+            status = pq.read_table(self.root / INDEX_FILE, columns=["status"])["status"]
+        except FileNotFoundError:
+            return False
+        except (OSError, pa.ArrowException):
+            return True  # unreadable: assume there is something to protect
+        return bool(pc.any(pc.not_equal(status, STATUS_PLANNED)).as_py())
 
     def _wipe(self) -> None:
         for name in (SAMPLES_DIR, JOURNAL_DIR, SELECTIONS_DIR):
