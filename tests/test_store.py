@@ -129,6 +129,7 @@ def test_damaged_and_orphan_files(store: RunStore) -> None:
 
 
 def test_refuses_other_manifest_and_model(store: RunStore, tmp_path: Path) -> None:
+    store.save([fake_result(table_rows(store.plan())[0])])  # a run with a sample (one without takes a new model)
     store.release_lock()
     other = load_manifest(write_manifest(tmp_path, SMALL_MANIFEST.replace("seed: 7", "seed: 9"), "o.yaml"))
     same = store.manifest()
