@@ -74,9 +74,11 @@ class CaptionSummary:
     model: str
     engine: str
     notes: list[str] = field(default_factory=list)
+    caption_seconds: float = 0.0
+    """Time spent captioning, without loading the model (for the rate)."""
 
     def lines(self) -> list[str]:
-        rate = f", {self.captioned / self.seconds:.2f} img/s" if self.captioned and self.seconds > 0 else ""
+        rate = f", {self.captioned / self.caption_seconds:.2f} img/s" if self.captioned and self.caption_seconds > 0 else ""
         lines = [
             f"captioned {self.captioned} of {self.samples} samples ({self.done_before} done before) with {self.model} "
             f"({self.engine}), {self.seconds:.1f} s{rate}",
@@ -271,6 +273,7 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     engine = "ray" if opts.ray else "local"
     empty = 0
     notes: list[str] = []
+    caption_seconds = 0.0
     if todo:
         with journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, unique, done_before) as bar:
 
@@ -299,12 +302,14 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
                 notes += _run_on_ray(opts, str(folder), batches, record, out)
             else:
                 captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device)
+                t0 = time.perf_counter()
                 for batch in batches:
                     record(batch, captioner([picture(r) for r in batch]))
+                caption_seconds = time.perf_counter() - t0
     write_final(out, records, done)
     return CaptionSummary(
         out=out, samples=unique, done_before=done_before, captioned=len(todo), empty=empty,
-        seconds=time.perf_counter() - start, model=opts.model, engine=engine, notes=notes,
+        seconds=time.perf_counter() - start, model=opts.model, engine=engine, notes=notes, caption_seconds=caption_seconds,
     )  # fmt: skip
 
 
