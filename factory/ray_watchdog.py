@@ -77,6 +77,7 @@ def wait_for_exit(driver: int) -> dict[int, int]:
         fd = os.pidfd_open(driver)
     except (OSError, AttributeError):
         fd = None
+    first = True
     while True:
         table = process_table()
         if driver not in table:
@@ -84,6 +85,9 @@ def wait_for_exit(driver: int) -> dict[int, int]:
         # Remember every descendant ever seen (a worker whose raylet died is reparented away).
         seen.update(descendants(driver, table))
         seen.pop(me, None)
+        if first:  # for whoever waits on the watchdog being in place (stdout is /dev/null in use)
+            print("watching", flush=True)
+            first = False
         if fd is not None:
             if select.select([fd], [], [], POLL_S)[0]:
                 break

@@ -367,3 +367,48 @@ def test_an_n_beyond_the_free_disk_space_is_refused_up_front(cli, fake_executor,
     assert "the 1000 samples to make need about" in res.err and "GB free" in res.err
     assert not (tmp_path / "run").exists()
     assert cli(gen_args(small_manifest, tmp_path / "run", n=4)).code == 0  # what fits is not refused
+
+
+# ------------------------------------------------------------------------------ 15.2 / 15.10 signals and Ray processes
+
+FAKE_DRIVER = r"""
+import subprocess, sys, threading
+child = subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait()"])  # as Ray's daemons
+print(child.pid, flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_watchdog_stops_what_a_killed_driver_started(tmp_path: Path) -> None:
+    import time
+
+    from factory import ray_watchdog
+
+    driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER], stdout=subprocess.PIPE, text=True)
+    child = int(driver.stdout.readline())
+    watchdog = subprocess.Popen([sys.executable, ray_watchdog.__file__, str(driver.pid)], stdout=subprocess.PIPE, text=True)
+    assert watchdog.stdout.readline().strip() == "watching"  # its first look at the driver's processes
+    driver.kill()  # kill -9: no clean-up of its own
+    driver.wait()
+    watchdog.wait(timeout=100)
+    while os.path.exists(f"/proc/{child}") and "Z" not in open(f"/proc/{child}/stat").read().split(")")[-1][:3]:
+        time.sleep(0.05)  # the child is gone (or a zombie waiting for init to reap it)
+
+
+def test_a_sigterm_while_ray_shuts_down_is_held_until_the_shutdown_is_done() -> None:
+    from factory.distribute.executor import sigint_deferred
+    from factory.errors import Terminated, install_sigterm_handler
+
+    previous = signal.getsignal(signal.SIGTERM)
+    install_sigterm_handler()
+    finished = []
+    try:
+        with pytest.raises(Terminated):
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))  # the handler runs here, between bytecodes: it must only take note
+                finished.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert finished == [True]
