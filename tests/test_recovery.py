@@ -69,6 +69,20 @@ def test_resume_never_deletes_or_follows_anything_outside_the_run(cli, fake_exec
     assert "4 planned, 4 done (0 now, 4 before)" in res.out
 
 
+def test_a_bucket_of_this_run_that_is_a_symlink_is_refused_and_left_alone(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli(gen_args(small_manifest, run)).code == 0
+    outside = tmp_path / "elsewhere"
+    (run / "samples" / "00000").rename(outside)
+    os.symlink(outside, run / "samples" / "00000")
+    key = RunStore.open(run).plan()["key"][3].as_py()
+    (outside / f"{key}.png").unlink()  # a sample to redo: it must not be written through the link
+    before = sorted(p.name for p in outside.iterdir())
+    res = cli(gen_args(small_manifest, run))
+    assert res.code == 2 and res.err.count("\n") == 1 and "is a symlink" in res.err, res.err
+    assert sorted(p.name for p in outside.iterdir()) == before
+
+
 def test_folder_export_never_deletes_or_writes_through_anything_outside(cli, tmp_path: Path) -> None:
     make_run(tmp_path, 6)
     run, out = tmp_path / "run", tmp_path / "export"

@@ -456,7 +456,10 @@ class RunStore:
         """
         folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
         if folder.is_symlink():
-            return {}
+            raise InputError(
+                f"{folder}: is a symlink, where this run keeps samples; the store writes only into folders it "
+                "makes: move the link away and re-run"
+            )
         out = {}
         try:
             with os.scandir(folder) as entries:
