@@ -96,8 +96,8 @@ def render(
         if recipe.get("harmonize"):
             f = harmonize(f, a, bg, float(recipe["harmonize"]))
         placed.append((f, a, entry["edge"]["mode"]))
-    union = np.zeros(frame, np.float32)
-    for _, a, _ in placed:
+    union = placed[0][1] if len(placed) == 1 else np.zeros(frame, np.float32)
+    for _, a, _ in placed if len(placed) > 1 else []:
         union = 1.0 - (1.0 - union) * (1.0 - a)
     shadow = None
     if recipe.get("shadow"):
@@ -114,7 +114,7 @@ def render(
         redo = lambda b: _over(placed, b)  # noqa: E731
     else:
         f, a = _combine([(p[0], p[1]) for p in placed])
-        fg_q, a_q = to_uint8(f), quantized(a, bits)
+        fg_q, a_q = to_uint8(f), (a if len(placed) == 1 else quantized(a, bits))  # one object: quantised already
         approx = any(p[2] == "poisson" for p in placed)
         make = (lambda b: poisson(fg_q, a_q, b)) if approx else (lambda b: composite(fg_q, a_q, b))
         out = Rendered(image=make(bg), bg=bg, alpha=a_q, fg=fg_q, shadow=shadow)
@@ -151,8 +151,7 @@ def ring_mask(union: np.ndarray, shadow: np.ndarray | None, width: int) -> np.nd
     if ys.size:
         y0, y1 = max(ys.min() - width - 1, 0), ys.max() + width + 2
         x0, x1 = max(xs.min() - width - 1, 0), xs.max() + width + 2
-        grown = ndimage.maximum_filter(obj[y0:y1, x0:x1].view(np.uint8), size=2 * width + 1, mode="constant") > 0
-        ring[y0:y1, x0:x1] = grown
+        ring[y0:y1, x0:x1] = ndimage.distance_transform_edt(~obj[y0:y1, x0:x1]) <= width  # a round ring
     if shadow is not None:
         ring |= shadow > 0.02
     return ring & ~obj
