@@ -3,7 +3,6 @@ source and licence; how to load it) and ``contact_sheet.png`` (composites beside
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections import Counter
 from datetime import UTC, datetime
@@ -16,14 +15,29 @@ from PIL import Image, ImageDraw
 from factory import __version__
 from factory.composite.backgrounds import BackgroundSource
 from factory.composite.blend import composite
+from factory.composite.encode import encode
 from factory.composite.objects import ObjectSource
-from factory.export.card import _font, _thumb
+from factory.export.card import _font
 from factory.fsutil import atomic_write_bytes, atomic_write_text
 from factory.imageio import decode_alpha, decode_rgb
 from factory.manifest import CompositeSettings
 
 CONTACT_SHEET = "contact_sheet.png"
 README = "README.md"
+
+
+def _thumb(arr: np.ndarray, tile: int) -> Image.Image:
+    """A thumbnail on a white ``tile`` square: a box reduction by an integer factor first (cheap on
+    1024-px composites), then bilinear."""
+    im = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
+    factor = max(1, max(im.width, im.height) // tile)
+    if factor > 1:
+        im = im.reduce(factor)
+    scale = tile / max(im.width, im.height)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (tile, tile), (255, 255, 255))
+    canvas.paste(im, ((tile - im.width) // 2, (tile - im.height) // 2))
+    return canvas
 
 
 def _pair(out: Path, s: CompositeSettings, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,9 +88,7 @@ def contact_sheet(out: Path, s: CompositeSettings, rows: list[dict[str, Any]], c
             sheet.paste(im, (x0 + j * tile, y0 + label_h))
             draw.rectangle([x0 + j * tile, y0 + label_h, x0 + (j + 1) * tile - 1, y0 + label_h + tile - 1], outline=(160, 160, 160))
         draw.text((x0, y0 + 1), f"{r['key']}  {r['class_name']}  {r['label']}"[:48], fill="black", font=font)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()
+    return encode(np.asarray(sheet))
 
 
 LOADING = {
