@@ -452,7 +452,8 @@ class RunStore:
 
         Only regular files named as the store names them (a temporary name, or a key of this
         bucket and a sample suffix) are listed; anything else (a symlink, a sub-folder, a foreign
-        file) is noted in ``left_alone`` and never touched. A bucket that is a symlink is skipped.
+        file) is noted in ``left_alone`` and never touched. A bucket folder of the run that is a
+        symlink is refused: its samples would be redone, written through the link.
         """
         folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
         if folder.is_symlink():
