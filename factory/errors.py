@@ -46,12 +46,20 @@ class Terminated(KeyboardInterrupt):
     the same path: what is finished is committed, workers are stopped, the command exits 143."""
 
 
-_signals = {"terminated": False}
+_signals = {"terminated": False, "finished": False}
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    if _signals["finished"]:
+        return  # the work is committed and the workers stopped: the process is about to exit 0
     _signals["terminated"] = True
     raise Terminated
+
+
+def work_finished() -> None:
+    """Say that the command's work is done and committed: a SIGTERM from now on changes nothing
+    (the command exits 0 as it was going to) instead of turning a finished run into exit 143."""
+    _signals["finished"] = True
 
 
 def install_sigterm_handler() -> None:
@@ -61,7 +69,7 @@ def install_sigterm_handler() -> None:
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        _signals["terminated"] = False
+        _signals["terminated"] = _signals["finished"] = False
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from factory.errors import InputError, Interrupted
+from factory.errors import InputError, Interrupted, work_finished
 from factory.feedback import Feedback, plural
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
@@ -210,7 +210,9 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
             fb.remove(plan_bar[0])
         try:
             remember_latest_run(store.root)
-            return _drive(store, manifest, identity, opts, executor_factory, fb)
+            summary = _drive(store, manifest, identity, opts, executor_factory, fb)
+            work_finished()  # committed, workers stopped: a SIGTERM now leaves the exit code at 0
+            return summary
         finally:
             store.release_lock()
 

@@ -426,3 +426,43 @@ def test_a_sigterm_while_ray_shuts_down_is_held_until_the_shutdown_is_done() -> 
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert finished == [True]
+
+
+FINISHED_DRIVER = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import factory.generate as generate
+from tests.test_recovery import FakeExecutor
+
+generate._default_executor = FakeExecutor
+finished, go = Path(sys.argv[2]), Path(sys.argv[3])
+real = generate.run_generate
+
+def run_then_wait(*args, **kw):  # the run is over; the summary is not printed yet
+    summary = real(*args, **kw)
+    finished.touch()
+    while not go.exists():
+        time.sleep(0.05)
+    return summary
+
+generate.run_generate = run_then_wait
+from cli import main
+main(sys.argv[4:])
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_sigterm_once_the_run_has_finished_leaves_exit_0(small_manifest: Path, tmp_path: Path) -> None:
+    run, finished, go = tmp_path / "run", tmp_path / "finished", tmp_path / "go"
+    args = [str(a) for a in gen_args(small_manifest, run)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FINISHED_DRIVER, str(REPO), str(finished), str(go), *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _wait_for(finished, proc)
+    proc.send_signal(signal.SIGTERM)
+    go.touch()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "4 planned, 4 done (4 now, 0 before)" in out and "error" not in err
