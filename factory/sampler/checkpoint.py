@@ -218,6 +218,10 @@ def load_checkpoint(
         from factory.sampler.tiny import TINY_NOTE, TINY_SAMPLE_SIZE
 
         notes, native_size = [TINY_NOTE], (TINY_SAMPLE_SIZE, TINY_SAMPLE_SIZE)
+    elif origin.get("kind") == "toy":  # the packaged toy model, or a model fine-tuned from it
+        from factory.toy import TOY_NOTE, TOY_SAMPLE_SIZE
+
+        notes, native_size = [TOY_NOTE], (TOY_SAMPLE_SIZE, TOY_SAMPLE_SIZE)
     try:
         unet = UNet2DConditionModel.from_pretrained(
             path / cfg.get("unet", UNET_DIR), use_safetensors=True, local_files_only=True, torch_dtype=torch_dtype

@@ -3,6 +3,8 @@
 Kinds (resolved by :func:`resolve_source`, in this order):
 
 - ``tiny`` or ``tiny:SEED``: the random test model built in code (``tiny.py``);
+- ``toy``: the small trained model shipped in the package (``factory/toy/model``, a DiffuMatting
+  checkpoint with its base embedded; ``docs/toy-model.md``), loaded as any checkpoint;
 - an existing folder with ``diffumatting.json``: a DiffuMatting checkpoint (``checkpoint.py``);
 - an existing folder with ``model_index.json``: a local diffusers Stable Diffusion folder;
 - an existing file ``*.safetensors`` (or a pickle ``.ckpt``/``.bin``/``.pt``/``.pth`` with
@@ -47,7 +49,7 @@ if TYPE_CHECKING:  # torch and the components stay unimported until something is
 
     from factory.sampler.components import ModelComponents
 
-TINY, DIFFUMATTING, DIFFUSERS, SINGLE_FILE, HUB = "tiny", "diffumatting", "diffusers", "single_file", "hub"
+TINY, TOY, DIFFUMATTING, DIFFUSERS, SINGLE_FILE, HUB = "tiny", "toy", "diffumatting", "diffusers", "single_file", "hub"
 PICKLE_FILE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 _TINY_RE = re.compile(r"^tiny(?::(\d+))?$")
 _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -78,6 +80,12 @@ def resolve_source(source: str) -> ModelSource:
     m = _TINY_RE.match(source)
     if m:
         return ModelSource(TINY, TINY, int(m.group(1) or 0))
+    if source == TOY:
+        from factory.toy import MODEL_DIR
+
+        if not (MODEL_DIR / "diffumatting.json").is_file():
+            raise InputError(f"toy: the packaged toy model is missing from this installation ({MODEL_DIR.name}/ next to factory/toy)")
+        return ModelSource(TOY, str(MODEL_DIR))
     path = Path(source).expanduser()
     if path.exists():
         path = path.resolve()
@@ -106,6 +114,10 @@ def source_identity(src: ModelSource, allow_pickle: bool = False) -> str:
         from factory.sampler.tiny import TINY_VERSION
 
         return f"tiny:v{TINY_VERSION}:seed={src.seed}"
+    if src.kind == TOY:
+        from factory.toy import TOY_VERSION
+
+        return f"toy:v{TOY_VERSION}#{fingerprint(src.path)}"
     if src.kind == HUB:
         return _hub_identity(src)
     if src.kind == SINGLE_FILE and src.path.suffix.lower() in PICKLE_FILE_SUFFIXES and not allow_pickle:
@@ -223,6 +235,13 @@ def load_diffumatting(src: ModelSource, model: ModelSpec, torch_dtype: torch.dty
     comps = load_checkpoint(src.path, torch_dtype=torch_dtype, resolve_base=resolve)
     if model.safety_checker and comps.safety_checker is None:
         raise InputError(f"{src.ref}: the checkpoint's base has no safety checker; set model.safety_checker: false")
+    return comps
+
+
+def load_toy(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
+    """The packaged toy model: a DiffuMatting checkpoint (its native size and note come with it)."""
+    comps = load_diffumatting(src, model, torch_dtype)
+    comps.ref = TOY
     return comps
 
 
@@ -523,6 +542,7 @@ def _first_line(exc: BaseException) -> str:
 
 LOADERS = {
     TINY: load_tiny,
+    TOY: load_toy,
     DIFFUMATTING: load_diffumatting,
     DIFFUSERS: load_diffusers,
     SINGLE_FILE: load_single_file,

@@ -119,14 +119,14 @@ def native_resolution(model: str) -> int:
     it), else the UNet's ``sample_size`` times the VAE's scale (512 for SD1.5), read from the
     configs without loading weights; 512 when they cannot be read."""
     from factory.sampler.checkpoint import read_checkpoint_config
-    from factory.sampler.sources import DIFFUMATTING, DIFFUSERS, TINY, resolve_source
+    from factory.sampler.sources import DIFFUMATTING, DIFFUSERS, TINY, TOY, resolve_source
     from factory.sampler.tiny import TINY_SAMPLE_SIZE
 
     src = resolve_source(model)
     if src.kind == TINY:
         return TINY_SAMPLE_SIZE
     unet_dir = vae_dir = None
-    if src.kind == DIFFUMATTING:
+    if src.kind in (DIFFUMATTING, TOY):
         desc = read_checkpoint_config(src.path)
         base = desc["base"]
         origin = desc.get("embedded_from") if base["kind"] == "embedded" else base
