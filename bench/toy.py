@@ -58,8 +58,8 @@ def untrained_model(work: Path, dest: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         comps.head = MattingHead.for_vae(comps.vae)
-    comps.base = {"kind": "embedded", "path": "base", "origin": {"kind": "toy"}}
-    return save_checkpoint(dest, comps, embed_base=True)
+    comps.base = {"kind": "embedded", "path": ".", "origin": {"kind": "toy"}}
+    return save_checkpoint(dest, comps)
 
 
 def generated(model: str, n: int, batch: int = 8, keep: int = 0) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:

@@ -67,14 +67,14 @@ def test_recipe_trains_both_stages_on_a_few_world_images_and_packages(tmp_path: 
 
     work = tmp_path / "w"
     recipe.main([
-        "--out", str(work), "--n", "4", "--vae-steps", "2", "--steps", "2",
+        "--out", str(work), "--n", "4", "--vae-steps", "2", "2", "--steps", "2",
         "--set", "batch_size=2", "--set", "validation_prompts=[]",
     ])  # fmt: skip
     steps = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["stage"]) for r in steps] == [(1, "generator"), (2, "joint")]
     assert {"noise", "green", "detail", "latent"} <= set(steps[1])
     record = json.loads((work / "recipe.json").read_text())
-    assert record["train_settings"]["steps"] == 2 and record["vae"]["latent_std"] > 0
+    assert record["train_settings"]["steps"] == 2 and record["vae"]["phase2"]["latent_std"] > 0
     model = recipe.package(work / "run", tmp_path / "model")
     desc = read_checkpoint_config(model)
     assert desc["head"] is not None and desc["base"]["kind"] == "embedded"
