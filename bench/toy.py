@@ -1,6 +1,6 @@
 """Benchmark of the toy model, measured as the DiffuMatting paper measures (CPU figures).
 
-    python bench/toy.py --n 256 --work WORK [--no-lg RUN] [--yield-n 64] [--sheet docs/toy-contact-sheet.png]
+    python bench/toy.py --n 256 --work WORK [--with-lg CKPT --no-lg CKPT] [--yield-n 64] [--sheet docs/toy-contact-sheet.png]
 
 1. **Generated samples** of each model with the README's manifest (``manifests/gom.yaml``: its
    prompts, negative prompt, DPM-Solver++ 30 steps, guidance 7.5, rendered at the toy's 64 px):
@@ -8,8 +8,9 @@
    against GreenPost's alpha on the same image (mean absolute difference); boundary detail as the
    share of fractional GreenPost alpha (0.02 < a < 0.98) among the object's pixels (a > 0.02).
    Models: the shipped ``toy``; with ``--work`` (the recipe's work folder), the **untrained** model
-   (the recipe's base: trained VAE, random UNet and head); with ``--no-lg``, a run of the same
-   recipe with ``lambda_green: 0`` (the green-control ablation).
+   (the recipe's base: trained VAE, random UNet and head); with ``--no-lg``, a checkpoint of the
+   same recipe run with ``lambda_green: 0`` (the green-control ablation), against ``--with-lg``,
+   the shipped run's checkpoint at the same step. Every model renders at 64 px.
 2. **Head on held-out renders**: world seed 1 (the model trained on seed 0), composites on
    studio greens, encoded by the VAE and decoded with the head: SAD (/1000) and MSE of the coarse
    alpha against the exact alpha, next to GreenPost's alpha on the same composites.
@@ -67,7 +68,8 @@ def generated(model: str, n: int, batch: int = 8, keep: int = 0) -> tuple[dict[s
 
     manifest = load_manifest(MANIFEST)
     rows = build_rows(manifest, n)
-    sampler = load_sampler(ModelSpec(source=model), manifest.sampler, manifest.canvas, device="cpu")
+    settings = manifest.sampler.model_copy(update={"width": 64, "height": 64})  # the toy's size, for every model compared
+    sampler = load_sampler(ModelSpec(source=model), settings, manifest.canvas, device="cpu")
     reference = tuple(manifest.canvas.color)
     scores, head_gap, fractional, shown = [], [], [], []
     t0 = time.perf_counter()
@@ -166,7 +168,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=256, help="generated samples per model")
     ap.add_argument("--work", type=Path, default=None, help="the recipe's work folder (for the untrained model)")
-    ap.add_argument("--no-lg", type=Path, default=None, help="a run of the recipe with lambda_green 0")
+    ap.add_argument("--no-lg", type=Path, default=None, help="a checkpoint of the recipe run with lambda_green 0")
+    ap.add_argument("--with-lg", type=Path, default=None, help="the shipped recipe's checkpoint at the same step as --no-lg")
     ap.add_argument("--heldout", type=int, default=128, help="held-out world renders for the head")
     ap.add_argument("--yield-n", type=int, default=64, help="samples for the filter yield (0: skip)")
     ap.add_argument("--sheet", type=Path, default=None, help="write a contact sheet of the toy model's samples")
@@ -188,9 +191,10 @@ def main() -> None:
     print(json.dumps({"toy": stats}), flush=True)
     if args.sheet:
         contact_sheet(shown, args.sheet)
-    if args.no_lg is not None:
-        out["models"]["recipe without L_g"] = generated(str(args.no_lg), args.n)[0]
-        print(json.dumps(out["models"]["recipe without L_g"]), flush=True)
+    for label, path in (("recipe, same step as the ablation", args.with_lg), ("recipe without L_g", args.no_lg)):
+        if path is not None:
+            out["models"][label] = generated(str(path), args.n)[0]
+            print(json.dumps({label: out["models"][label]}), flush=True)
     if args.work is not None:
         with tempfile.TemporaryDirectory() as tmp:
             model = untrained_model(args.work, Path(tmp) / "untrained")

@@ -84,7 +84,7 @@ def resolve_source(source: str) -> ModelSource:
         from factory.toy import MODEL_DIR
 
         if not (MODEL_DIR / "diffumatting.json").is_file():
-            raise InputError(f"toy: the packaged toy model is missing from this installation ({MODEL_DIR.name}/ next to factory/toy)")
+            raise InputError(f"toy: the packaged toy model is missing from this installation (no {MODEL_DIR})")
         return ModelSource(TOY, str(MODEL_DIR))
     path = Path(source).expanduser()
     if path.exists():
