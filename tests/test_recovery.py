@@ -155,10 +155,7 @@ import sys, threading
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import factory.store.run as store_run
-import factory.generate as generate
-from tests.test_recovery import FakeExecutor
 
-generate._default_executor = FakeExecutor
 marker = Path(sys.argv[2])
 real = store_run.plan_chunks
 
@@ -168,17 +165,16 @@ def blocked(manifest, n, size):  # the first row group goes to the writer, then 
         marker.touch()
         threading.Event().wait()
 
-if sys.argv[3] == "block":
-    store_run.plan_chunks = blocked
+store_run.plan_chunks = blocked
 from cli import main
-main(sys.argv[4:])
+main(sys.argv[3:])
 """
 
 
-def _driver(small_manifest: Path, run: Path, marker: Path, mode: str) -> subprocess.Popen:
+def _driver(small_manifest: Path, run: Path, marker: Path) -> subprocess.Popen:
     args = [str(a) for a in gen_args(small_manifest, run)]
     return subprocess.Popen(
-        [sys.executable, "-c", BLOCKING_DRIVER, str(REPO), str(marker), mode, *args],
+        [sys.executable, "-c", BLOCKING_DRIVER, str(REPO), str(marker), *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -193,9 +189,9 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, small_manifest: Path, tmp_path: Path) -> None:
+def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
     run, marker = tmp_path / "run", tmp_path / "planning"
-    proc = _driver(small_manifest, run, marker, "block")
+    proc = _driver(small_manifest, run, marker)
     _wait_for(marker, proc)
     assert list(run.glob(".tmp-plan.parquet.*"))  # caught in the middle of writing the plan
     proc.send_signal(sig)
@@ -205,10 +201,9 @@ def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, 
     else:
         assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
         assert err.strip() == {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated (SIGTERM)"}[sig], err
-    proc = _driver(small_manifest, run, marker, "run")
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err
-    assert "4 planned, 4 done (4 now, 0 before)" in out
+    res = cli(gen_args(small_manifest, run))  # the same command, in this process
+    assert res.code == 0, res.err
+    assert "4 planned, 4 done (4 now, 0 before)" in res.out
     assert len(RunStore.open(run).records()) == 4
 
 
