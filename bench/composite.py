@@ -12,7 +12,7 @@ the same compression level 1). Runs alternate (baseline, ours, baseline, ours, .
 ``--repeat`` of each is compared, in wall time and in CPU time of this process (steadier on a
 shared machine).
 
-    python bench/composite.py                      # 512 and 1024 px, Markdown table
+    python bench/composite.py                      # 512 and 1024 px, 8 objects x 16, Markdown table
     python bench/composite.py --sizes 512 --repeat 1 --per-object 2   # quick look
 
 Outputs go to ``bench/out/composite`` (git-ignored) and are deleted unless ``--keep``.
@@ -112,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--objects", type=int, default=8)
-    ap.add_argument("--per-object", type=int, default=4)
+    ap.add_argument("--per-object", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
