@@ -21,7 +21,7 @@ from factory.composite.backgrounds import PROCEDURAL, BackgroundSource, procedur
 from factory.composite.blend import LABEL_EXACT
 from factory.composite.coco import instance_annotation
 from factory.composite.encode import alpha_png, encode
-from factory.composite.objects import ObjectRef, ObjectSource, _read
+from factory.composite.objects import ObjectRef, read_bytes
 from factory.composite.placement import rng_for
 from factory.composite.recipe import draw_background
 from factory.composite.render import Rendered
@@ -90,10 +90,10 @@ def _bg_name(bg_id: str, ext: str) -> str:
 
 
 def dim_members(
-    ref: ObjectRef, objects: ObjectSource, backgrounds: BackgroundSource, s: CompositeSettings
+    ref: ObjectRef, backgrounds: BackgroundSource, s: CompositeSettings
 ) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
     """One object's ``fg``/``alpha`` files as stored, and its ``per_object`` background pairings."""
-    files = [(f"fg/{ref.key}.png", _read(ref.fg)), (f"alpha/{ref.key}.png", _read(ref.alpha))]
+    files = [(f"fg/{ref.key}.png", read_bytes(ref.fg)), (f"alpha/{ref.key}.png", read_bytes(ref.alpha))]
     rows = []
     for k in range(s.per_object):
         bg = draw_background(rng_for(s.seed, ref.key, k), backgrounds, s.model_copy(update={"size": None}))
@@ -102,7 +102,7 @@ def dim_members(
             data = encode(procedural_background(int(bg["id"].split(":")[1]), s.size or 512))
         else:
             name = _bg_name(bg["id"], Path(bg["id"]).suffix.lower())
-            data = _read(backgrounds.by_id()[bg["id"]].where)
+            data = read_bytes(backgrounds.by_id()[bg["id"]].where)
         files.append((name, data))
         rows.append({"key": f"{ref.key}-{k:03d}", "fg": f"fg/{ref.key}.png", "alpha": f"alpha/{ref.key}.png", "bg": name,
                      "k": k, "object": ref.key, "class_name": ref.class_name, "background": bg["id"],

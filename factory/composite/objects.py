@@ -29,7 +29,8 @@ class ObjectRef:
     alpha: str | Member
 
 
-def _read(where: str | Member) -> bytes:
+def read_bytes(where: str | Member) -> bytes:
+    """The bytes of an object's file, from a path or a shard member."""
     return where.read() if isinstance(where, Member) else Path(where).read_bytes()
 
 
@@ -50,7 +51,7 @@ class ObjectSource:
         if hit is not None:
             return hit
         try:
-            fg, alpha = decode_rgb(_read(ref.fg)), decode_alpha(_read(ref.alpha))
+            fg, alpha = decode_rgb(read_bytes(ref.fg)), decode_alpha(read_bytes(ref.alpha))
         except (InputError, OSError) as exc:
             raise InputError(f"object {ref.key}: unreadable foreground or alpha ({exc})") from exc
         if fg.shape[:2] != alpha.shape:

@@ -89,7 +89,7 @@ def render_part(job: PartJob) -> dict[str, Any]:
     nbytes = 0
     if s.layout == "dim":
         for i in job.units:
-            files, pairs = dim_members(objects.refs[i], objects, backgrounds, s)
+            files, pairs = dim_members(objects.refs[i], backgrounds, s)
             nbytes += _write_files(out, files, written)
             rows += pairs
     elif s.layout == "baked":

@@ -209,7 +209,8 @@ def run_composite(options: CompositeOptions) -> CompositeSummary:
 def _part_files_exist(out: Path, settings: CompositeSettings, rec: dict[str, Any]) -> bool:
     if settings.layout == "baked" and settings.format == "webdataset":
         return (out / shard_name(rec["part"])).is_file() or not rec["rows"]
-    return all((out / r["file"]).is_file() for r in rec["rows"] if "file" in r)
+    names = [r[c] for r in rec["rows"] for c in ("file", "fg", "alpha", "bg") if c in r]
+    return all((out / name).is_file() for name in names)
 
 
 def _execute(jobs: list[PartJob], options: CompositeOptions) -> Iterator[dict[str, Any]]:
