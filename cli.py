@@ -386,6 +386,23 @@ def filter_cmd(
             show_default=False,
         ),
     ] = None,
+    max_residual: Annotated[
+        Optional[float],
+        typer.Option(
+            "--max-residual",
+            help="Drop untrusted mattes: recomposition residual over the band above this (8-bit levels); 0 = off.",
+        ),
+    ] = None,
+    min_confidence: Annotated[
+        Optional[float],
+        typer.Option("--min-confidence", help="Drop mattes whose confidence (0..1) is below this; 0 = off."),
+    ] = None,
+    drop_no_board: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--drop-no-board/--keep-no-board", help="Drop samples with no green board found.", show_default=False
+        ),
+    ] = None,
     dedup_distance: Annotated[
         Optional[int],
         typer.Option(
@@ -408,7 +425,8 @@ def filter_cmd(
 
     Options left out take the manifest's `filter:` defaults. Only done samples are candidates; each
     dropped sample is counted under the first reason that applies (low_gsg, empty_matte, full_matte,
-    touches_border, key_color, near_duplicate, class_cap). Re-running overwrites the selection.
+    touches_border, key_color, no_board, untrusted_matte, near_duplicate, class_cap). Re-running
+    overwrites the selection.
     """
     from factory.filter import run_filter
 
@@ -422,6 +440,9 @@ def filter_cmd(
         max_coverage=max_coverage,
         drop_border=drop_border,
         drop_key_color=drop_key_color,
+        drop_no_board=drop_no_board,
+        max_residual=max_residual,
+        min_confidence=min_confidence,
         dedup_distance=dedup_distance,
         per_class_cap=per_class_cap,
     )

@@ -12,9 +12,13 @@ in this order (so the dropped counts add up to the number of dropped samples):
 3. ``full_matte``: alpha coverage above ``max_coverage``;
 4. ``touches_border``: the object is cut by the frame (only with ``drop_border``);
 5. ``key_color``: the object contains the key colour (Smith and Blinn's hard case; ``drop_key_color``);
-6. ``near_duplicate``: perceptual hash within ``dedup_distance`` bits of a better kept sample;
-7. ``class_cap``: beyond ``per_class_cap`` kept samples of its class;
-8. ``corrupt``: a file failed the integrity check (only with ``verify_files``).
+6. ``no_board``: GreenPost found no green board (``drop_no_board``);
+7. ``untrusted_matte``: the matte's recomposition residual is above ``max_residual`` or its
+   confidence below ``min_confidence`` (docs/matting.md, "Matte confidence"; a run made before
+   these columns existed has them empty, and an empty value passes);
+8. ``near_duplicate``: perceptual hash within ``dedup_distance`` bits of a better kept sample;
+9. ``class_cap``: beyond ``per_class_cap`` kept samples of its class;
+10. ``corrupt``: a file failed the integrity check (only with ``verify_files``).
 
 Near-duplicates and the class cap only look at samples that passed the earlier tests, and both
 prefer the *best* sample: highest GSG, ties broken by the lowest plan index. Within a cluster of
@@ -57,6 +61,8 @@ REASONS = (
     "full_matte",
     "touches_border",
     "key_color",
+    "no_board",
+    "untrusted_matte",
     "near_duplicate",
     "class_cap",
     "corrupt",
@@ -80,16 +86,21 @@ _NEEDED = (
     "contains_key_color",
     "phash",
 )
+#: Columns read when present (an index written before they existed lacks them: nothing is dropped).
+_OPTIONAL = ("no_board", "matte_residual", "matte_confidence")
 #: Index columns of the sample files' sizes, read with ``--verify-files``.
 _SIZE_COLUMNS = ["width", "height", "alpha_bits", *SIZE_COLUMNS.values()]
 
 
 def filter_settings(defaults: FilterSettings, **overrides: Any) -> FilterSettings:
     """The manifest's filter settings with the command line's options (``None``: not given;
-    ``per_class_cap=0``: no cap)."""
+    ``per_class_cap=0``: no cap; ``max_residual=0``: no residual test)."""
     if overrides.get("per_class_cap") == 0:
         overrides["per_class_cap"] = None
         defaults = defaults.model_copy(update={"per_class_cap": None})
+    if overrides.get("max_residual") == 0:  # 0 turns the residual test off
+        overrides["max_residual"] = None
+        defaults = defaults.model_copy(update={"max_residual": None})
     return with_overrides(defaults, overrides)
 
 
@@ -100,6 +111,9 @@ def describe(params: FilterSettings) -> str:
         f"min GSG {params.min_gsg:g}; coverage {params.min_coverage:g}..{params.max_coverage:g}; "
         f"drop border-touching {'yes' if params.drop_border else 'no'}; "
         f"drop key colour {'yes' if params.drop_key_color else 'no'}; "
+        f"drop no board {'yes' if params.drop_no_board else 'no'}; "
+        f"max residual {'off' if params.max_residual is None else f'{params.max_residual:g}'}; "
+        f"min confidence {params.min_confidence:g}; "
         f"near-duplicate distance {dedup}; per-class cap {cap}"
     )
 
@@ -176,6 +190,12 @@ def select(index: pa.Table, params: FilterSettings) -> FilterResult:
         drop("touches_border", _np_bool(index["touches_border"]))
     if params.drop_key_color:
         drop("key_color", _np_bool(index["contains_key_color"]))
+    if params.drop_no_board and "no_board" in index.column_names:
+        drop("no_board", _np_bool(index["no_board"]))
+    if params.max_residual is not None and "matte_residual" in index.column_names:
+        drop("untrusted_matte", _np_float(index["matte_residual"], -math.inf) > params.max_residual)
+    if params.min_confidence > 0 and "matte_confidence" in index.column_names:
+        drop("untrusted_matte", _np_float(index["matte_confidence"], math.inf) < params.min_confidence)
 
     # Priority among the samples still in: best GSG first, then lowest plan index (rank 0 is the
     # best). Only compared between samples that passed the tests above, so only they are ranked.
@@ -320,7 +340,7 @@ def run_filter(
     check_selection_name(name)
     store = RunStore.open(resolve_run(run))
     params = filter_settings(store.manifest().filter, **overrides)
-    columns = list(_NEEDED) + (_SIZE_COLUMNS if verify_files else [])
+    columns = list(_NEEDED) + list(_OPTIONAL) + (_SIZE_COLUMNS if verify_files else [])
     index = store.index(columns=columns, dictionary=_CATEGORICAL)
     result = select(index, params)
     problems: list[str] = []

@@ -4,7 +4,8 @@
 alpha from the matting head) into a :class:`~factory.sample.SampleResult`: GreenPost alpha and
 foreground, the GSG score, coverage, border and key-colour flags, a perceptual hash for
 near-duplicate filtering, and the encoded files with their metadata JSON. It is a pure function of
-its inputs, so it can run in a process pool or a Ray task.
+its inputs, so it can run in a process pool or a Ray task. The matte's confidence measures
+(:mod:`factory.matte.confidence`) are computed here and go to the index (``CONFIDENCE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ from PIL import Image
 from factory import __version__
 from factory.imageio import encode_alpha_png, encode_png
 from factory.matte import GreenPostSettings, greenpost
+from factory.matte.confidence import matte_confidence
 from factory.plan import PlanRow
 from factory.score import gsg
 from factory.sample import STATUS_DONE, STATUS_FAILED, SampleResult
+
+#: The matte's trust measures, in the index and in each sample's JSON ``scores``.
+CONFIDENCE_FIELDS = (
+    "no_board", "key_colored_fraction", "matte_residual", "matte_green_residue", "matte_ambiguous", "matte_confidence",
+)  # fmt: skip
 
 #: A sample "touches the border" when more than this share of its border pixels is foreground.
 BORDER_FOREGROUND_SHARE = 0.01
@@ -84,6 +91,7 @@ def _finish(
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"sampler returned an image of shape {image.shape} and type {image.dtype}")
     matte = greenpost(image, coarse_alpha, settings.greenpost)
+    trust = matte_confidence(image, matte, settings.greenpost.despill_width)
     score = gsg(image, reference=settings.canvas_color)
     alpha = matte.alpha
     height, width = alpha.shape
@@ -105,6 +113,12 @@ def _finish(
         "alpha_coverage": float(alpha.mean()),
         "touches_border": touches_border(alpha),
         "contains_key_color": bool(matte.contains_key_color),
+        "no_board": bool(matte.no_board),
+        "key_colored_fraction": trust.key_colored_fraction,
+        "matte_residual": trust.residual,
+        "matte_green_residue": trust.green_residue,
+        "matte_ambiguous": trust.ambiguous_fraction,
+        "matte_confidence": trust.confidence,
         "phash": perceptual_hash(image),
         "t_sample_s": t_sample_s,
         "worker": worker,
@@ -154,6 +168,7 @@ def metadata(row: PlanRow, fields: dict[str, Any], sizes: dict[str, int], settin
             "alpha_coverage": fields["alpha_coverage"],
             "touches_border": fields["touches_border"],
             "contains_key_color": fields["contains_key_color"],
+            **{name: fields[name] for name in CONFIDENCE_FIELDS},
             "phash": f"{phash & ((1 << 64) - 1):016x}",
         },
         "file_bytes": {"image": sizes[".png"], "alpha": sizes[".alpha.png"], "fg": sizes[".fg.png"]},

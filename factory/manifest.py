@@ -181,6 +181,11 @@ class FilterSettings(_Strict):
     max_coverage: float = Field(0.95, ge=0.0, le=1.0)
     drop_border: bool = False
     drop_key_color: bool = True
+    drop_no_board: bool = True  # drop samples where GreenPost found no green board
+    # Matte confidence (docs/matting.md): the recomposition residual over the band, 8-bit levels
+    # (None: not tested), and the overall confidence (0: not tested).
+    max_residual: float | None = Field(12.0, ge=0.0)
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)
     dedup_distance: int = Field(4, ge=-1, le=64)  # perceptual-hash Hamming distance; -1 disables
     per_class_cap: int | None = Field(None, ge=1)
 

@@ -62,6 +62,7 @@ def sample_result(row: PlanRow, fields: dict[str, Any] | None = None, alpha_bits
         "touches_border": False,
         "contains_key_color": False,
         "phash": int(rng.integers(-(2**63), 2**63 - 1, dtype=np.int64)),
+        "matte_confidence": float(0.3 + 0.6 * rng.random()),
         "attempts": 1,
     }
     base.update(fields or {})

@@ -119,6 +119,7 @@ def test_dataset_card(cli, run) -> None:
     # the true size of the images (32x32), not the manifest's sampler size (64x64)
     assert "image size: 32x32 pixels" in card and "64x64" not in card and "512x512" not in card
     assert "gsg_histogram.png" in card and "contact_sheet.png" in card
+    assert "Matte confidence" in card and "| confidence | 0.0-0.1 |" in card  # the distribution of the exported samples
     with Image.open(out / "gsg_histogram.png") as im:
         assert im.size == (720, 360)
         assert len(set(im.convert("RGB").getdata())) > 3  # bars, axes, text

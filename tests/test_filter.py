@@ -230,6 +230,7 @@ def test_filter_defaults_from_manifest_and_latest_run(cli, run, tmp_path: Path, 
     assert sel.meta["params"] == {
         "min_gsg": 0.8, "min_coverage": 0.01, "max_coverage": 0.95, "drop_border": False,
         "drop_key_color": True, "dedup_distance": 4, "per_class_cap": None,
+        "drop_no_board": True, "max_residual": 12.0, "min_confidence": 0.0,
     }  # fmt: skip
     assert sel.table.num_rows == 17  # 24 - failed - low_gsg 2 - empty - full - key colour - duplicate
     res = cli(["filter", "--name", "capped", "--per-class-cap", "2", "--dry-run"])
@@ -293,3 +294,33 @@ def test_index_fast_path_equals_merging_reader(run, monkeypatch) -> None:
     assert got.equals(pa.concat_tables(list(store._merged(cols)))) and got["status"][23].as_py() == "done"
     slow = store.index(columns=cols, dictionary=("class_name", "status"))  # encoded on this path too
     assert slow.schema == fast.schema and slow.cast(got.schema).equals(got)
+
+
+def test_untrusted_mattes_and_no_board_are_dropped() -> None:
+    """The matte-confidence columns: a residual above ``max_residual`` or a confidence below
+    ``min_confidence`` is ``untrusted_matte``; ``no_board`` is dropped before it; an empty value
+    (a run made before the columns existed) passes; ``max_residual`` 0 on the command line is off."""
+    rows = [
+        {"matte_residual": 3.0, "matte_confidence": 0.8, "no_board": False},  # 0 kept
+        {"matte_residual": 20.0, "matte_confidence": 0.8, "no_board": False},  # 1 residual too high
+        {"matte_residual": 3.0, "matte_confidence": 0.1, "no_board": False},  # 2 confidence too low
+        {"matte_residual": 30.0, "matte_confidence": 0.0, "no_board": True},  # 3 no board comes first
+        {"matte_residual": None, "matte_confidence": None, "no_board": None},  # 4 unknown: kept
+    ]
+    base = index_table([{} for _ in rows])
+    extra = pa.table({
+        "no_board": pa.array([r["no_board"] for r in rows], pa.bool_()),
+        "matte_residual": pa.array([r["matte_residual"] for r in rows], pa.float32()),
+        "matte_confidence": pa.array([r["matte_confidence"] for r in rows], pa.float32()),
+    })  # fmt: skip
+    table = base
+    for name in extra.column_names:
+        table = table.append_column(name, extra[name])
+    params = FilterSettings(max_residual=12.0, min_confidence=0.5)
+    assert reasons_of(table, params) == ["kept", "untrusted_matte", "untrusted_matte", "no_board", "kept"]
+    assert reasons_of(table, FilterSettings(max_residual=None, min_confidence=0.0, drop_no_board=False)) == ["kept"] * 5
+    assert reasons_of(base, params) == ["kept"] * 5  # an index without the columns: nothing to test
+    assert filter_settings(FilterSettings(), max_residual=0).max_residual is None
+    assert filter_settings(FilterSettings(), max_residual=5.5).max_residual == 5.5
+    with pytest.raises(InputError, match="--max-residual"):
+        filter_settings(FilterSettings(), max_residual=-1.0)

@@ -47,6 +47,7 @@ class CardInfo:
     problems: list[str] = field(default_factory=list)
     loading: str = ""
     attribute_keys: list[str] = field(default_factory=list)  # the exported attributes struct's fields
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))  # matte confidence of the exported samples
     image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> samples, from the index
 
 
@@ -279,6 +280,7 @@ def write_card(info: CardInfo) -> Path:
     if all_gsg.size:
         q = np.quantile(all_gsg, [0.0, 0.5, 1.0])
         md.append(f"GSG: min {q[0]:.3f}, median {q[1]:.3f}, max {q[2]:.3f}.\n")
+    md.extend(confidence_lines(info.confidence))
     if sheet is not None:
         md.append("## Samples\n")
         md.append("Each triple: image on green, alpha matte, foreground over a checkerboard.\n")
@@ -338,6 +340,24 @@ ds = load_dataset("THIS_FOLDER")  # typed as this card's header declares: image,
 def plural(n: int, noun: str) -> str:
     """``1 damaged sample``, ``2 damaged samples``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def confidence_lines(values: np.ndarray) -> list[str]:
+    """The matte confidence of the exported samples (docs/matting.md, "Matte confidence"): its
+    quantiles and a 10-bin count table over 0..1. Nothing for a run made before it was recorded."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return []
+    q = np.quantile(v, [0.0, 0.1, 0.5, 1.0])
+    counts = np.histogram(np.clip(v, 0.0, 1.0), bins=10, range=(0.0, 1.0))[0]
+    return [
+        f"Matte confidence (1: the matte explains the image; see the factory's docs/matting.md): min {q[0]:.3f}, "
+        f"10th percentile {q[1]:.3f}, median {q[2]:.3f}, max {q[3]:.3f}; {int((v < 0.5).sum())} of {v.size} below 0.5.\n",
+        "| confidence | " + " | ".join(f"{b / 10:.1f}-{(b + 1) / 10:.1f}" for b in range(10)) + " |",
+        "|---|" + "---:|" * 10,
+        "| samples | " + " | ".join(str(int(c)) for c in counts) + " |\n",
+    ]
 
 
 def stats_json(data: dict[str, Any]) -> str:

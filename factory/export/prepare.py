@@ -102,6 +102,8 @@ _RELAX = {
     "full_matte": "--max-coverage 1",
     "touches_border": "--keep-border",
     "key_color": "--keep-key-color",
+    "no_board": "--keep-no-board",
+    "untrusted_matte": "--max-residual 0 --min-confidence 0",
     "near_duplicate": "--dedup-distance -1",
     "class_cap": "--per-class-cap 0",
     "corrupt": "damaged files",

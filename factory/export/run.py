@@ -169,6 +169,10 @@ def _finish(p: Prepared, outdir: OutDir, result: WriteResult, started: str) -> E
     for name in result.splits:
         part = table.filter(pc.equal(table["split"], name))["gsg"]
         gsg[name] = pc.drop_null(part).to_numpy(zero_copy_only=False).astype(np.float64)
+    confidence = np.zeros(0)
+    if "matte_confidence" in p.ordered.column_names:  # the index's, for the samples exported
+        exported = p.ordered.filter(pc.is_in(p.ordered["key"], value_set=table["key"]))["matte_confidence"]
+        confidence = pc.drop_null(exported).to_numpy(zero_copy_only=False).astype(np.float64)
 
     settings = p.settings.model_dump(mode="json")
     finished = datetime.now(UTC).isoformat(timespec="seconds")
@@ -203,6 +207,7 @@ def _finish(p: Prepared, outdir: OutDir, result: WriteResult, started: str) -> E
         problems=result.problems,
         loading=FORMATS[fmt].loading(p, result),
         attribute_keys=p.attribute_keys,
+        confidence=confidence,
         image_sizes=_image_sizes(p),
     )
     write_card(card)

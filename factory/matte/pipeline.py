@@ -136,6 +136,9 @@ class MatteResult:
     key_colored: np.ndarray | None = None  # bool (H, W): the key-coloured object region
     no_board: bool = False  # no green board found: nothing was matted (alpha 0, fg the image)
     board_fraction: float = 0.0  # share of the image that is board for sure
+    plate: np.ndarray | None = None  # float32 (H, W, 3): the board's colour behind every pixel
+    fg_guess: np.ndarray | None = None  # float32 (H, W, 3): the object's colour from its core
+    band: np.ndarray | None = None  # bool (H, W): the trimap's unknown band
 
 
 def _check_inputs(image: np.ndarray, coarse_alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -287,6 +290,9 @@ def greenpost(
         timings=clock.times,
         key_colored=flagged,
         board_fraction=float(board.mean()),
+        plate=plate,
+        fg_guess=fg_guess,
+        band=tri.unknown,
     )
 
 

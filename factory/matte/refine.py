@@ -38,9 +38,25 @@ def projected_alpha(
     unmixed = np.clip(dot / np.maximum(dd, 1.0), 0.0, 1.0)
     if shading_mix > 0:
         unmixed = (1.0 - shading_mix) * unmixed + shading_mix * shading_invariant_alpha(image, plate, fg_guess, unmixed)
-    cos2 = dot * dot / np.maximum(dot3(diff, diff) * dd, 1e-6)
-    weight = cos2**sharpness * (dd / (dd + min_contrast**2))
+    weight = _weight(dot, dot3(diff, diff), dd, sharpness, min_contrast)
     return np.clip(weight * unmixed + (1.0 - weight) * key_alpha, 0.0, 1.0).astype(np.float32)
+
+
+def _weight(dot: np.ndarray, diff2: np.ndarray, dd: np.ndarray, sharpness: float, min_contrast: float) -> np.ndarray:
+    cos2 = dot * dot / np.maximum(diff2 * dd, 1e-6)
+    return cos2**sharpness * (dd / (dd + min_contrast**2))
+
+
+def unmix_weight(
+    image: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, sharpness: float = 2.0, min_contrast: float = 50.0
+) -> np.ndarray:
+    """How far :func:`projected_alpha` trusts un-mixing over the fallback key, per pixel (float32 in
+    [0, 1]): ``cos^(2 sharpness)`` of the angle between ``I - B`` and ``F - B`` times
+    ``|F - B|^2 / (|F - B|^2 + min_contrast^2)``. Low where the pixel's colour is off the line from
+    the board to the object's colour (spill, another material) or the two colours are close."""
+    d = np.asarray(fg_guess, dtype=np.float32) - plate
+    diff = np.asarray(image, dtype=np.float32) - plate
+    return _weight(dot3(diff, d), dot3(diff, diff), dot3(d, d), sharpness, min_contrast).astype(np.float32)
 
 
 def two_colour_fit(

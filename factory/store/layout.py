@@ -48,6 +48,13 @@ RESULT_FIELDS = [
     pa.field("updated_at", pa.timestamp("ms", tz="UTC")),
     # CLIP tokens of the prompt, start and end included (over sample.PROMPT_TOKEN_LIMIT: it was cut)
     pa.field("prompt_tokens", pa.int32()),
+    # How far the matte can be trusted (factory.matte.confidence; docs/matting.md "Matte confidence")
+    pa.field("no_board", pa.bool_()),  # no green board found: nothing matted
+    pa.field("key_colored_fraction", pa.float32()),  # share of the image that is object keyed as board
+    pa.field("matte_residual", pa.float32()),  # mean |I - (a F + (1 - a) B)| over the band, 8-bit levels
+    pa.field("matte_green_residue", pa.float32()),  # mean G - max(R, B) > 0 of the foreground's rim, levels
+    pa.field("matte_ambiguous", pa.float32()),  # share of the band where spill and coverage are not told apart
+    pa.field("matte_confidence", pa.float32()),  # all of it in [0, 1]; 0 with key colour or no board
 ]
 INDEX_SCHEMA = pa.schema([*PLAN_SCHEMA, *RESULT_FIELDS])
 RESULT_NAMES = [f.name for f in RESULT_FIELDS]
