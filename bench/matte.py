@@ -16,8 +16,17 @@ synthetic "pure green background" of the kind a diffusion model draws:
   blurred with sigma 1-4 % of the long side, darkening the board by 10-40 %;
 - green spill: near the object's edge (weight: twice its alpha-complement blurred with sigma 2-6 px,
   at most 1) the foreground reflects board light, ``F' = F + s w (F / 255) * K`` with s 0.1-0.4;
+- rim spill: board light on the object's rim, ``F' = F + s exp(-d / L) B`` with s 0.2-0.5, d the
+  distance (px) into the object from where alpha falls below 1/2, L 1.5-4 px: green light mixed into
+  the foreground colour, strongest next to the board, reaching opaque pixels (drawn from a second
+  generator, so the other draws are those of earlier runs);
 - camera: Gaussian blur sigma 0-0.7 px, Gaussian noise sigma 1-3 levels, JPEG quality 80-95 with
-  4:4:4 or 4:2:0 chroma (even odds).
+  4:4:4 or 4:2:0 chroma (even odds). ``--clean`` leaves out noise and JPEG, as ``generate`` does.
+
+``--key-objects`` recolours a disc inside each opaque object to a green near the board's and
+reports how often GreenPost flags the key colour (without it, the same line is the false-flag
+rate). ``--baseline REF`` also runs GreenPost of git revision REF on the same composites, one after
+the other, and prints the time ratio.
 
 Methods, all on the same composites: ``greenpost`` (no coarse alpha, as for a user's own image),
 ``greenpost+coarse`` (with a simulated matting-head alpha: the true alpha at 1/8 resolution, blurred
@@ -137,27 +146,71 @@ def green_board(rng: np.random.Generator, alpha: np.ndarray) -> tuple[np.ndarray
     return np.clip(board, 0, 255), c0
 
 
-def composite(rng: np.random.Generator, fg: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rim_spill(rng: np.random.Generator, fg: np.ndarray, alpha: np.ndarray, board: np.ndarray) -> np.ndarray:
+    """Green light on the object's rim: the board's colour times 0.2-0.5 added to the foreground,
+    strongest next to the board (where alpha falls below 1/2) and fading as ``exp(-d / L)`` over
+    L = 1.5-4 px into the object. Unlike the albedo-weighted spill it lights dark and grey rims too,
+    and it reaches opaque pixels: what a single pixel cannot tell from lower coverage."""
+    depth = ndimage.distance_transform_edt(alpha >= 0.5)
+    weight = rng.uniform(0.2, 0.5) * np.exp(-depth / rng.uniform(1.5, 4.0)) * (alpha > 0)
+    return np.minimum(fg + weight[..., None] * board, 255.0)
+
+
+def key_object(rng: np.random.Generator, fg: np.ndarray, alpha: np.ndarray, board_color: np.ndarray) -> np.ndarray:
+    """The foreground with a key-coloured part: a disc (radius 8-15 % of the object's size) inside
+    the opaque object recoloured to a green near the board's (hue within 20 degrees, the board's
+    saturation and brightness varied by up to a third)."""
+    ys, xs = np.nonzero(alpha >= 1.0)
+    if ys.size == 0:
+        return fg
+    size = max(ys.max() - ys.min(), xs.max() - xs.min())
+    i = rng.integers(ys.size)
+    r = rng.uniform(0.08, 0.15) * size
+    yy, xx = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]]
+    disc = np.clip(r + 0.5 - np.hypot(yy - ys[i], xx - xs[i]), 0.0, 1.0) * (alpha >= 1.0)
+    import colorsys
+
+    h, sat, val = colorsys.rgb_to_hsv(*(np.asarray(board_color, np.float64) / 255.0))
+    colour = np.asarray(colorsys.hsv_to_rgb((h + rng.uniform(-20, 20) / 360.0) % 1.0,
+                                            np.clip(sat * rng.uniform(0.67, 1.0), 0, 1),
+                                            np.clip(val * rng.uniform(0.67, 1.2), 0, 1)), np.float32) * 255.0  # fmt: skip
+    return fg * (1 - disc[..., None]) + colour * disc[..., None]
+
+
+def composite(
+    rng: np.random.Generator,
+    fg: np.ndarray,
+    alpha: np.ndarray,
+    clean: bool = False,
+    extra: np.random.Generator | None = None,
+    key_colored: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic green-screen image of the case (uint8 RGB), following the protocol above, and
-    the board behind it (float32, for the oracle)."""
+    the board behind it (float32, for the oracle). ``clean``: no noise, no JPEG (what ``generate``
+    produces). ``extra`` draws the rim spill and the key-coloured part (kept apart from ``rng`` so
+    the other draws stay those of earlier runs)."""
     board, key = green_board(rng, alpha)
+    extra = extra or np.random.default_rng(0)
+    if key_colored:
+        fg = key_object(extra, fg, alpha, key)
     # Spill is board light reflected by the object: its albedo (F / 255) times the board colour,
     # added near the edge. (Mixing F towards the board colour instead would just be more
     # transparency, which no matting method can or should tell apart from alpha.)
     near_edge = np.clip(2.0 * ndimage.gaussian_filter(1.0 - alpha, rng.uniform(2, 6)), 0.0, 1.0) * (alpha > 0)
     spill = rng.uniform(0.1, 0.4) * near_edge[..., None] * (fg / 255.0) * key
-    f = np.minimum(fg + spill, 255.0)
+    f = rim_spill(extra, np.minimum(fg + spill, 255.0), alpha, board)
     a = alpha[..., None]
     img = a * f + (1 - a) * board
     sigma = rng.uniform(0.0, 0.7)
     if sigma > 0.05:
         img = ndimage.gaussian_filter(img, (sigma, sigma, 0))
-    img = img + rng.normal(0, rng.uniform(1, 3), img.shape)
-    img8 = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    noisy = img + rng.normal(0, rng.uniform(1, 3), img.shape)
+    quality, subsampling = int(rng.integers(80, 96)), int(rng.choice([0, 2]))
+    if clean:
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8), board.astype(np.float32)
+    img8 = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(img8).save(
-        buf, format="JPEG", quality=int(rng.integers(80, 96)), subsampling=int(rng.choice([0, 2]))
-    )
+    Image.fromarray(img8).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.uint8), board.astype(np.float32)
 
 
@@ -172,24 +225,47 @@ def coarse_alpha(alpha: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(small.astype(np.uint8)).resize((w, h), Image.BILINEAR), dtype=np.float32) / 255
 
 
-Method = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+Method = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, bool | None]]
 
 
 def _keyed(key_fn: Callable[[np.ndarray, tuple[int, int, int]], np.ndarray]) -> Method:
     """A baseline: the key with the K-Means canvas colour; its foreground is the image itself."""
 
-    def run(image: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return key_fn(image, estimate_canvas_color(image).color), image
+    def run(image: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool | None]:
+        return key_fn(image, estimate_canvas_color(image).color), image, None
 
     return run
 
 
-def _greenpost(settings: GreenPostSettings, use_coarse: bool) -> Method:
-    def run(image: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        r = greenpost(image, coarse if use_coarse else None, settings)
-        return r.alpha, r.fg
+def _greenpost(settings: GreenPostSettings, use_coarse: bool, fn: Callable = greenpost) -> Method:
+    def run(image: np.ndarray, coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool | None]:
+        r = fn(image, coarse if use_coarse else None, settings)
+        return r.alpha, r.fg, bool(r.contains_key_color)
 
     return run
+
+
+def baseline_method(ref: str) -> Method:
+    """GreenPost as it was at git revision ``ref``: that revision's ``factory`` package extracted
+    into a temporary folder as ``factory_base`` (imports rewritten), so both run side by side in
+    this process on the same composites, and their times are compared under the same load."""
+    import importlib
+    import re
+    import subprocess
+    import tarfile
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="matte-baseline-"))
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", ref, "factory"], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(tmp, filter="data")
+    (tmp / "factory").rename(tmp / "factory_base")
+    for py in (tmp / "factory_base").rglob("*.py"):
+        text = py.read_text()
+        py.write_text(re.sub(r"\bfactory(?=[. ])", "factory_base", text))
+    sys.path.insert(0, str(tmp))
+    base = importlib.import_module("factory_base.matte")
+    return _greenpost(base.GreenPostSettings(), False, base.greenpost)
 
 
 def methods() -> dict[str, Method]:
@@ -221,11 +297,22 @@ def foreground_error(fg: np.ndarray, true_fg: np.ndarray, alpha: np.ndarray, tri
     return float((w * err).sum() / max(w.sum(), 1e-9))
 
 
-def run(data: Path, names: list[str], variants: int, seeds: list[int], only: list[str] | None) -> list[dict]:
+def run(
+    data: Path,
+    names: list[str],
+    variants: int,
+    seeds: list[int],
+    only: list[str] | None,
+    clean: bool = False,
+    key_objects: bool = False,
+    baseline: str | None = None,
+) -> list[dict]:
     rows: list[dict] = []
     table = methods()
     if only:
         table = {k: v for k, v in table.items() if k in only}
+    if baseline:
+        table[f"greenpost@{baseline}"] = baseline_method(baseline)
     # Warm-up (imports, numba, K-Means thread pools) so the first image's timings are fair.
     warm = np.zeros((64, 64, 3), dtype=np.uint8)
     warm[..., 1] = 200
@@ -241,19 +328,21 @@ def run(data: Path, names: list[str], variants: int, seeds: list[int], only: lis
         coarse = coarse_alpha(case.alpha)
         for seed, var in [(seed, var) for seed in seeds for var in range(variants)]:
             rng = np.random.default_rng([seed, idx, var])
-            image, board = composite(rng, fg, case.alpha)
+            extra = np.random.default_rng([seed, idx, var, 1])
+            image, board = composite(rng, fg, case.alpha, clean=clean, extra=extra, key_colored=key_objects)
             for method, fn in table.items():
                 t0 = time.perf_counter()
-                pred, pred_fg = fn(image, coarse)
+                pred, pred_fg, flagged = fn(image, coarse)
                 secs = time.perf_counter() - t0
-                row = {"image": name, "seed": seed, "variant": var, "group": group_of(name), "method": method, "seconds": secs}
+                row = {"image": name, "seed": seed, "variant": var, "group": group_of(name), "method": method, "seconds": secs,
+                       "flagged": flagged}  # fmt: skip
                 row.update(evaluate_pair(pred, case.alpha, case.trimap))
                 row["fg_error"] = foreground_error(pred_fg, fg, case.alpha, case.trimap)
                 rows.append(row)
             oracle = oracle_alpha(image, board, fg)
             rows.append(
                 {"image": name, "seed": seed, "variant": var, "group": group_of(name), "method": "oracle", "seconds": 0.0,
-                 **evaluate_pair(oracle, case.alpha, case.trimap), "fg_error": None}
+                 **evaluate_pair(oracle, case.alpha, case.trimap), "fg_error": None, "flagged": None}
             )  # fmt: skip
             print(
                 f"{name} seed {seed} v{var}: "
@@ -315,6 +404,26 @@ def ratios(summary: dict[str, dict[str, dict[str, float]]], method: str = "green
     return "\n".join(lines)
 
 
+def flag_rates(rows: list[dict]) -> str:
+    """Share of composites whose object GreenPost flagged as containing the key colour."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        flags = [r["flagged"] for r in rows if r["method"] == method and r.get("flagged") is not None]
+        if flags:
+            out.append(f"{method}: key colour flagged on {sum(flags)} of {len(flags)} composites")
+    return "\n".join(out)
+
+
+def time_ratio(rows: list[dict], method: str, base: str) -> str:
+    """Time of ``method`` over ``base`` on the same composites, run one after the other."""
+    t = {m: [r["seconds"] for r in rows if r["method"] == m] for m in (method, base)}
+    if not t[method] or not t[base]:
+        return ""
+    ratio = np.asarray(t[method]) / np.maximum(np.asarray(t[base]), 1e-9)
+    return (f"time {method} / {base}: {np.mean(t[method]) / np.mean(t[base]):.2f} (mean s {np.mean(t[method]):.3f} vs "
+            f"{np.mean(t[base]):.3f}; per-image median ratio {np.median(ratio):.2f})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="alphamatting-training-lowres folder")
@@ -325,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", nargs="*", help="subset, e.g. GT03 GT04 (default: all)")
     ap.add_argument("--methods", nargs="*", help="subset of methods (default: all)")
     ap.add_argument("--json", type=Path, help="write per-image rows and the summary here")
+    ap.add_argument("--clean", action="store_true", help="no noise, no JPEG (what generate produces)")
+    ap.add_argument("--key-objects", action="store_true", help="a key-coloured disc inside every object; reports the flag rate")
+    ap.add_argument("--baseline", metavar="REF", help="also run GreenPost of this git revision side by side (time ratio)")
     args = ap.parse_args(argv)
     data = args.data.resolve()
     if not (data / "gt_training_lowres").is_dir():
@@ -336,9 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no such image in {data}: {' '.join(unknown)}", file=sys.stderr)
         return 2
     names = args.images or everyone
-    rows = run(data, names, args.variants, args.seeds, args.methods)
+    rows = run(data, names, args.variants, args.seeds, args.methods, args.clean, args.key_objects, args.baseline)
     summary = summarize(rows)
     print(markdown(summary))
+    print(flag_rates(rows))
+    if args.baseline:
+        print(time_ratio(rows, "greenpost", f"greenpost@{args.baseline}"))
     if len(args.seeds) > 1:
         print(f"all {len(args.seeds)} draws pooled:")
     print(ratios(summary))

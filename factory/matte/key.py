@@ -91,7 +91,7 @@ def hsv_threshold_key(
 
 def board_chromaticity_distance(
     image: np.ndarray, outer_board: np.ndarray, block: int = 16
-) -> tuple[np.ndarray, float]:
+) -> tuple[np.ndarray, float, np.ndarray]:
     """How far each pixel's chromaticity is from the board's, and the board's own spread of it.
 
     Chromaticity ``rgb / (r + g + b)`` is what stays when light is scaled: a gradient, a vignette
@@ -100,16 +100,20 @@ def board_chromaticity_distance(
     exactly the board's way (``(20, 240, 20)`` on ``(0, 255, 0)``, which every chroma-angle test
     takes for board). The reference is the mean over ``outer_board`` pixels per ``block`` tile,
     push-pull filled and interpolated (smooth, so it follows the drift but not the noise).
-    Returns the distance (float32 (H, W)) and the 99th percentile of it on ``outer_board``."""
+    Returns the distance (float32 (H, W)), the 99th percentile of it on ``outer_board``, and each
+    pixel's brightness (``r + g + b``) over the board's, interpolated the same way."""
     x = image.astype(np.float32)
-    c = x / np.maximum(x[..., 0] + x[..., 1] + x[..., 2], 1.0)[..., None]
+    total = x[..., 0] + x[..., 1] + x[..., 2]
+    c = np.concatenate([x / np.maximum(total, 1.0)[..., None], total[..., None]], axis=-1)
     num, den = tile_sums(c, outer_board, block)
     grid = push_pull(num / np.maximum(den, 1e-9)[..., None], den / (block * block), min_weight=0.25)
-    diff = c - tiles_to_pixels(grid, block, outer_board.shape)
+    ref = tiles_to_pixels(grid, block, outer_board.shape)
+    diff = c[..., :3] - ref[..., :3]
     dist = np.sqrt(dot3(diff, diff))
     on_board = dist[outer_board]
     step = max(1, on_board.size // 50_000)  # a sample is enough for a percentile
-    return dist, float(np.quantile(on_board[::step], 0.99)) if on_board.size else 0.0
+    spread = float(np.quantile(on_board[::step], 0.99)) if on_board.size else 0.0
+    return dist, spread, total / np.maximum(ref[..., 3], 1.0)
 
 
 def outer_board(background: np.ndarray) -> np.ndarray:
@@ -165,6 +169,8 @@ def key_colored_pixels(
     solid_alpha: float = 0.9,
     spread_factor: float = 2.0,
     min_distance: float = 0.02,
+    brighter: float = 1.15,
+    rim_width: float = 6.0,
     opening: int = 5,
 ) -> np.ndarray:
     """Object pixels that the matte took for board: the object contains the key colour (Smith and
@@ -173,7 +179,9 @@ def key_colored_pixels(
     Such a pixel has a matte below ``solid_alpha`` (it was keyed as partly or wholly board) although
     its chromaticity is not the board's: farther from the board's local chromaticity than
     ``spread_factor`` times the board's own spread (99th percentile over the board around the
-    object) and at least ``min_distance``, and no mix of the board with the nearby object's colour
+    object) and at least ``min_distance``, or brighter than the board there by ``brighter`` (a green
+    of the board's own chromaticity, lit more than the board can be; darker is not a test: the
+    board in the object's shadow is darker), and no mix of the board with the nearby object's colour
     explains it (:func:`mixing_explained`, given ``plate``, ``fg_guess`` and the foreground ``core``).
     The board around the object is the background connected to the image border
     (:func:`outer_board`); a region enclosed by the object or attached to it is judged by its colour,
@@ -184,8 +192,11 @@ def key_colored_pixels(
     board = outer_board(background)
     found = np.zeros(alpha.shape, dtype=bool)
     if board.any():
-        dist, spread = board_chromaticity_distance(image, board)
-        found = (alpha < solid_alpha) & (dist > max(spread_factor * spread, min_distance)) & ~board
+        dist, spread, brightness = board_chromaticity_distance(image, board)
+        off_board = (dist > max(spread_factor * spread, min_distance)) | (brightness > brighter)
+        found = (alpha < solid_alpha) & off_board & ~board
+        if rim_width > 0:  # spill lights the rim next to the board: not evidence of a key colour
+            found &= ndimage.distance_transform_edt(~board) > rim_width
         if plate is not None and fg_guess is not None and core is not None and found.any():
             found &= ~mixing_explained(image, plate, fg_guess, core)
         found = ndimage.binary_opening(found, structure=np.ones((opening, opening), dtype=bool))
