@@ -70,6 +70,7 @@ class CompositeSummary:
         if self.resumed_parts:
             out.append(f"resumed: {self.resumed_parts} parts already written were kept")
         what = {"dim": "pairings", "baked": "composites", "scenes": "scenes"}[self.layout]
+        what = what[:-1] if self.rows == 1 else what
         rate = self.rows / self.seconds if self.seconds > 0 else 0.0
         labels = ", ".join(f"{n} {k}" for k, n in sorted(self.labels.items()))
         out.append(f"wrote {self.rows} {what} ({self.layout}; labels: {labels}) to {self.out} in {self.seconds:.1f} s ({rate:.1f}/s)")
