@@ -8,17 +8,20 @@ yields finished samples in batches as they complete:
 - ``factory.distribute.RayExecutor`` fans out over Ray sampler actors (one per GPU) and CPU tasks.
 
 Every yielded batch is committed to the store at once, so an interrupted run loses at most the
-samples in flight, and re-running the same command resumes.
+samples in flight, and re-running the same command resumes. Executors also hand each sample to an
+``on_result`` callback as soon as it is finished, before its batch is committed: the progress bar
+moves per sample while the store still commits a batch as one journal chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -68,7 +71,10 @@ class GenerateOptions:
 
 
 class Executor(Protocol):
-    def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]: ...
+    def run(self, rows: Sequence[PlanRow], on_result: Callable[[SampleResult], None] | None = None) -> Iterator[list[SampleResult]]:
+        """Yield finished samples a batch at a time (each batch is committed as one); call
+        ``on_result`` with each sample as soon as it is finished, before its batch is yielded."""
+        ...
 
     def close(self) -> None: ...
 
@@ -113,12 +119,12 @@ class LocalExecutor:
         set_sampler_threads(self.sampler, spec.device)  # as a Ray sampler worker: the same bytes
         self.batch_size = spec.batch_size_for(self.sampler)
 
-    def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]:
+    def run(self, rows: Sequence[PlanRow], on_result: Callable[[SampleResult], None] | None = None) -> Iterator[list[SampleResult]]:
         from factory.worker import process_batch
 
         size = self.batch_size
         for start in range(0, len(rows), size):
-            yield process_batch(self.sampler, rows[start : start + size], self.spec.finish, worker="local")
+            yield process_batch(self.sampler, rows[start : start + size], self.spec.finish, worker="local", on_result=on_result)
 
     def close(self) -> None:
         self.sampler = None
@@ -267,19 +273,15 @@ def _drive(
             executor = make_executor(spec, opts)
             workers = getattr(getattr(executor, "plan", None), "workers", 1)
             fb.status(f"loading the model on {plural(workers, 'worker')} and warming up (the first batch)")
-            task = None
-            for results in executor.run(rows):
-                if task is None:
-                    task = fb.bar(len(rows), "generate", extra="")
+            bar = SampleBar(fb, len(rows), start)
+            for results in run_executor(executor, rows, bar.finished):
                 store.save(results)
                 ok = sum(r.status == "done" for r in results)
                 summary.done += ok
                 summary.failed += len(results) - ok
                 for line in tokens.check(results):
                     fb.warn(line)
-                elapsed = time.perf_counter() - start
-                rate = f"{summary.done / elapsed:.2f} img/s" if elapsed > 0 else ""
-                fb.advance(task, len(results), extra=f"{summary.failed} failed  {rate}" if summary.failed else rate)
+                bar.committed(results)
         finally:
             if executor is not None:
                 executor.close()
@@ -296,6 +298,49 @@ def _drive(
     store.fold()
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
     return summary
+
+
+def run_executor(executor: Executor, rows: Sequence[PlanRow], on_result: Callable[[SampleResult], None]) -> Iterator[list[SampleResult]]:
+    """``executor.run(rows, on_result=...)``, or ``executor.run(rows)`` for an executor that only
+    yields batches (its bar then moves a batch at a time)."""
+    if "on_result" in inspect.signature(executor.run).parameters:
+        return executor.run(rows, on_result=on_result)
+    return executor.run(rows)
+
+
+class SampleBar:
+    """The run's progress bar: one step per finished sample, with img/s and the ETA.
+
+    A sample moves the bar when the executor reports it finished (``finished``); a sample that
+    reaches the store without that report (a batch failed as a whole, or collected after Ctrl-C)
+    moves it when its batch is committed (``committed``), so each sample counts once."""
+
+    def __init__(self, fb: Feedback, total: int, start: float) -> None:
+        self.fb, self.total, self.start = fb, total, start
+        self.task: Any = None
+        self.done = 0
+        self.failed = 0
+        self.unsaved: set[str] = set()  # keys shown on the bar whose batch is not committed yet
+
+    def finished(self, result: SampleResult) -> None:
+        self.unsaved.add(result.key)
+        self._step([result])
+
+    def committed(self, results: Sequence[SampleResult]) -> None:
+        unseen = [r for r in results if r.key not in self.unsaved]
+        self.unsaved.difference_update(r.key for r in results)
+        if unseen or self.task is None:
+            self._step(unseen)
+
+    def _step(self, results: Sequence[SampleResult]) -> None:
+        if self.task is None:
+            self.task = self.fb.bar(self.total, "generate", extra="")
+        ok = sum(r.status == STATUS_DONE for r in results)
+        self.done += ok
+        self.failed += len(results) - ok
+        elapsed = time.perf_counter() - self.start
+        rate = f"{self.done / elapsed:.2f} img/s" if elapsed > 0 else ""
+        self.fb.advance(self.task, len(results), extra=f"{self.failed} failed  {rate}" if self.failed else rate)
 
 
 class PromptTokens:

@@ -5,7 +5,7 @@ and tasks of :mod:`factory.distribute` alike, so both modes run the same code.""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,24 +71,48 @@ def set_sampler_threads(sampler: Any, device: str | None, threads: int | None = 
     return where
 
 
-def process_batch(sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
-    """Sample a batch, then finish each sample. A batch-wide exception fails every row with it."""
+#: Called with each sample as soon as it is finished (the driver's progress bar), before the batch
+#: it belongs to is committed.
+OnResult = Callable[[SampleResult], None]
+
+
+def process_batch(
+    sampler: Any, rows: Sequence[PlanRow], finish: FinishSettings, worker: str = "", on_result: OnResult | None = None
+) -> list[SampleResult]:
+    """Sample a batch, then finish each sample. A batch-wide exception fails every row with it.
+    ``on_result`` sees each sample as soon as it is finished (the batch is returned at the end)."""
     try:
         generated = sampler.sample(rows)
     except Exception as exc:  # noqa: BLE001 - recorded per row; the run goes on
-        return [failed_result(r, f"sampling failed: {type(exc).__name__}: {exc}", finish, worker=worker) for r in rows]
-    return finish_generated(rows, generated, finish, worker)
+        failed = [failed_result(r, f"sampling failed: {type(exc).__name__}: {exc}", finish, worker=worker) for r in rows]
+        for result in failed:
+            if on_result is not None:
+                on_result(result)
+        return failed
+    return finish_generated(rows, generated, finish, worker, on_result)
 
 
-def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "") -> list[SampleResult]:
-    """Finish what a sampler drew for ``rows`` (one result per row, failed ones included).
+def finish_generated(
+    rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "", on_result: OnResult | None = None
+) -> list[SampleResult]:
+    """Finish what a sampler drew for ``rows`` (one result per row, failed ones included);
+    ``on_result`` sees each one as soon as it is finished."""
+    results = []
+    for result in iter_finished(rows, generated, finish, worker):
+        if on_result is not None:
+            on_result(result)
+        results.append(result)
+    return results
+
+
+def iter_finished(rows: Sequence[PlanRow], generated: Sequence[Any], finish: FinishSettings, worker: str = "") -> Iterator[SampleResult]:
+    """Finish what a sampler drew for ``rows``, yielding each sample as soon as it is finished.
 
     With one BLAS/OpenMP thread, as in a Ray finishing task (its environment says so), so that the
     driver of a ``--no-ray`` run finishes a sample to the same bytes (K-Means and the matting
     solvers sum in another order on more threads)."""
     from threadpoolctl import threadpool_limits
 
-    results = []
     with threadpool_limits(1):
         for row, gen in zip(rows, generated, strict=True):
             if gen.error:
@@ -98,5 +122,4 @@ def finish_generated(rows: Sequence[PlanRow], generated: Sequence[Any], finish: 
             tokens = getattr(gen, "prompt_tokens", None)
             if tokens is not None:
                 result.fields["prompt_tokens"] = int(tokens)
-            results.append(result)
-    return results
+            yield result

@@ -305,6 +305,45 @@ def test_no_ray_gives_the_same_bytes_as_ray_for_the_same_rows(reference, manifes
         assert by_suffix == reference[key], key  # every file, byte for byte
 
 
+@pytest.mark.timeout(HANG_S)
+@pytest.mark.parametrize("use_ray", [False, True], ids=["no-ray", "ray"])
+def test_the_bar_moves_per_sample_and_a_batch_is_committed_as_one(
+    ray_session, reference, manifest_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_ray: bool
+) -> None:
+    """A batch of 4 shows 1/4, 2/4, 3/4 as its samples are finished; the store commits it once
+    with the same bytes. In-process, a sample is on the bar before the next one's finishing starts."""
+    import io
+
+    from rich.console import Console
+
+    import factory.feedback as feedback
+    import factory.worker as worker
+
+    terminal = io.StringIO()
+    monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=terminal, force_terminal=True, width=160))
+    finishing: list[str] = []  # what the terminal showed when each sample's finishing started (in-process)
+    real_finish = worker.finish_sample
+    monkeypatch.setattr(worker, "finish_sample", lambda *a, **kw: finishing.append(terminal.getvalue()) or real_finish(*a, **kw))
+    commits: list[tuple[int, str]] = []
+    real_save = RunStore.save
+    monkeypatch.setattr(RunStore, "save", lambda self, results: commits.append((len(results), terminal.getvalue())) or real_save(self, results))
+
+    run = tmp_path / "bar"
+    opts = GenerateOptions(manifest=manifest_path, n=4, out=run, model="tiny", batch_size=4, workers=1, use_ray=use_ray)
+    summary = run_generate(opts)
+    assert (summary.done, summary.failed) == (4, 0)
+    assert [n for n, _ in commits] == [4]  # one commit (one journal chunk) for the batch
+    shown = commits[0][1]
+    assert all(f"{k}/4" in shown for k in (1, 2, 3)) and "img/s" in shown  # each sample before the commit
+    if not use_ray:
+        assert len(finishing) == 4
+        for k, seen in enumerate(finishing):
+            assert f"{k}/4" in seen if k else "/4" not in seen  # the samples before it, already on the bar
+            assert f"{k + 1}/4" not in seen
+    assert sample_files(run) == {k: v for k, v in reference.items() if k in sample_files(run)}
+    assert len(sample_files(run)) == 4
+
+
 # ------------------------------------------------------------------------------ the driver killed
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ray
 
 from factory.errors import FactoryError
 from factory.plan import PlanRow
-from factory.worker import finish_generated, load_work_sampler, set_sampler_threads
+from factory.worker import iter_finished, load_work_sampler, set_sampler_threads
 
 
 class SamplerWorker:
@@ -80,12 +80,14 @@ class SamplerWorker:
         return {"error": None, "seconds": time.perf_counter() - start, "worker": self.name}, generated
 
 
-def finish_batch(rows: Sequence[PlanRow], generated: Any, finish: Any, worker: str) -> list[Any]:
+def finish_batch(rows: Sequence[PlanRow], generated: Any, finish: Any, worker: str) -> Iterator[Any]:
     """The CPU stage of one batch (matte, score, encode): a Ray task beside the sampler actors.
 
     ``generated`` arrives as the sampler actor's payload ObjectRef, resolved by Ray on this worker.
+    A streaming generator task: each sample goes back to the driver as soon as it is finished (its
+    progress bar moves per sample; the driver still commits the batch as one).
     """
-    return finish_generated(rows, generated, finish, worker)
+    yield from iter_finished(rows, generated, finish, worker)
 
 
 def warm_up() -> int:
@@ -99,5 +101,5 @@ def warm_up() -> int:
 SamplerActor = ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=1)(SamplerWorker)
 #: A finishing task whose worker process dies (OOM, segfault in a native library) is retried by Ray.
 FINISH_TASK_RETRIES = 2
-finish_task = ray.remote(max_retries=FINISH_TASK_RETRIES)(finish_batch)
+finish_task = ray.remote(max_retries=FINISH_TASK_RETRIES, num_returns="streaming")(finish_batch)
 warm_up_task = ray.remote(max_retries=0)(warm_up)

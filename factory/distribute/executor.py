@@ -5,7 +5,7 @@ Topology, for W sampler actors (one per GPU; ``--workers`` on CPU)::
     driver ── rows ──> SamplerActor 0..W-1   (model loaded once; ``sample`` only)
        ^                    │ status (small) ──> driver
        │                    └ payload ObjectRef ──> finish_task (CPU: matte, score, encode)
-       └──────────── list[SampleResult] (encoded files) ────────┘  -> RunStore.save (driver only)
+       └──────── each SampleResult (encoded files) as it is finished ┘  -> RunStore.save (driver only)
 
 Flow control (memory stays flat whatever N is):
 
@@ -13,7 +13,9 @@ Flow control (memory stays flat whatever N is):
   GPU never waits for the driver or for CPU work;
 - at most ``max_finishing`` batches being finished (2 per finishing CPU, at least 2); when finishing
   falls behind, no new batches are sampled until it catches up;
-- results are yielded as soon as a batch is finished (``ray.wait``), and the driver commits them.
+- a finishing task streams its samples back one at a time (a Ray streaming generator): each goes
+  to ``on_result`` (the driver's progress bar) as soon as it is finished, and the batch is yielded
+  (committed by the driver as one chunk) once its last sample is in.
 
 The driver holds plan rows and ObjectRefs, never images: the status is small and the payload goes
 from the actor's object store straight to the finishing task.
@@ -28,8 +30,9 @@ Faults:
   it. A batch is tried at most ``MAX_ATTEMPTS`` (3) times, then its rows are recorded failed
   with the last error. An actor slot that dies ``MAX_RESTARTS_IN_ROW`` + 1 times in a row without
   finishing a batch is retired; when every slot is retired the run stops with an error;
-- a finishing task whose worker dies is retried by Ray (``FINISH_TASK_RETRIES``); if its input
-  was lost with a node, the batch is sampled again (counted as an attempt);
+- a finishing task whose worker dies is retried by Ray (``FINISH_TASK_RETRIES``; the samples it
+  had already streamed are not sent twice); if its input was lost with a node, the samples of the
+  batch not yet received are sampled again (counted as an attempt);
 - a model that fails to load stops the run at once with the loader's message;
 - Ctrl-C: the sampler actors are stopped, the batches already being finished are collected for up
   to ``DRAIN_S`` seconds and yielded (so the driver commits them), then KeyboardInterrupt goes on.
@@ -42,7 +45,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,7 @@ class _Pending:
     batch: _Batch | None = None
     payload: Any = None
     worker: str = ""
+    received: list[SampleResult] = field(default_factory=list)  # samples a finishing task streamed so far
 
 
 class _RowQueue:
@@ -173,6 +177,7 @@ class RayExecutor:
         self.slots: list[_Slot] = []
         self._pending: dict[Any, _Pending] = {}
         self._results: list[SampleResult] = []
+        self._on_result: Callable[[SampleResult], None] | None = None
         run_dir = Path(opts.out) if opts.out is not None else Path("runs") / "ray"
         self.session = start_ray(run_dir, opts.address, opts.ray_tmp, opts.gpus, opts.workers)
         try:
@@ -326,27 +331,48 @@ class RayExecutor:
         finish = finish_task.options(**self._finish_options).remote(batch.rows, pend.payload, self._finish_ref, status["worker"])
         self._pending[finish] = _Pending("finish", slot, pend.generation, batch, worker=status["worker"])
 
-    def _on_finish(self, pend: _Pending, ref: Any, queue: _RowQueue) -> None:
+    def _on_finish(self, pend: _Pending, stream: Any, queue: _RowQueue) -> None:
+        """The next sample of a finishing task (or its end): shown at once, committed with its batch."""
         batch = pend.batch
         assert batch is not None
         try:
-            results = ray.get(ref)
+            ref = next(stream)  # ready: does not block
+        except StopIteration:
+            self._results.extend(pend.received)
+            return
+        try:
+            result = ray.get(ref)
         except SYSTEM_ERRORS as exc:
             # The finishing worker died Ray's retries over, or the payload went with its node.
-            self._resubmit(queue, batch, f"finishing failed: {one_line(exc)}", pend.worker)
+            self._results.extend(pend.received)
+            left = self._not_received(pend)
+            if left.rows:
+                self._resubmit(queue, left, f"finishing failed: {one_line(exc)}", pend.worker)
             return
         except rex.RayTaskError as exc:  # a bug in the finishing code: deterministic, not retried
-            self._fail_rows(batch, f"post-processing failed: {one_line(exc)}", pend.worker)
+            self._results.extend(pend.received)
+            self._fail_rows(self._not_received(pend), f"post-processing failed: {one_line(exc)}", pend.worker)
             return
-        for res in results:
-            res.fields["attempts"] = batch.attempt
-            self.stats.bytes_received += sum(len(b) for b in res.files.values())
-        self.stats.samples_received += len(results)
-        self._results.extend(results)
+        result.fields["attempts"] = batch.attempt
+        self.stats.bytes_received += sum(len(b) for b in result.files.values())
+        self.stats.samples_received += 1
+        pend.received.append(result)
+        self._pending[stream] = pend  # wait for its next sample
+        if self._on_result is not None:
+            self._on_result(result)
+
+    @staticmethod
+    def _not_received(pend: _Pending) -> _Batch:
+        """The rows of a finishing task's batch whose samples did not come back (same attempt)."""
+        assert pend.batch is not None
+        got = {r.key for r in pend.received}
+        return _Batch([row for row in pend.batch.rows if row.key not in got], pend.batch.attempt)
 
     # -------------------------------------------------------------- the loop
 
-    def run(self, rows: Sequence[PlanRow]) -> Iterator[list[SampleResult]]:
+    def run(self, rows: Sequence[PlanRow], on_result: Callable[[SampleResult], None] | None = None) -> Iterator[list[SampleResult]]:
+        """Yield each finished batch; ``on_result`` sees each sample as soon as it is finished."""
+        self._on_result = on_result
         queue = _RowQueue(rows)
         try:
             while True:
@@ -400,14 +426,17 @@ class RayExecutor:
         self._results = []
         while finishing and time.monotonic() < deadline:
             ready, _ = ray.wait(list(finishing), num_returns=1, timeout=max(0.0, deadline - time.monotonic()), fetch_local=False)
-            for ref in ready:
-                pend = finishing.pop(ref)
-                self._pending.pop(ref, None)
-                with contextlib.suppress(Exception):
-                    results = ray.get(ref)
-                    for res in results:
-                        res.fields["attempts"] = pend.batch.attempt if pend.batch else 1
-                    out.extend(results)
+            for stream in ready:
+                pend = finishing[stream]
+                try:
+                    result = ray.get(next(stream))
+                except Exception:  # noqa: BLE001 - its end, or a failure: keep what came
+                    finishing.pop(stream)
+                    continue
+                result.fields["attempts"] = pend.batch.attempt if pend.batch else 1
+                pend.received.append(result)
+        for pend in [p for p in self._pending.values() if p.kind == "finish"]:
+            out.extend(pend.received)  # every sample that came back, its batch complete or not
         if out:
             yield out
 
