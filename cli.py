@@ -203,6 +203,7 @@ def generate_cmd(
     Starts a local Ray instance sized to the machine unless --address is given. Failed samples are
     recorded with their error and the run goes on; the exit code is 0 unless --strict.
     """
+    from factory.feedback import plural
     from factory.generate import GenerateOptions, run_generate
 
     summary = run_generate(
@@ -235,7 +236,7 @@ def generate_cmd(
     for line in summary.lines():
         _echo(line)
     if summary.failed:
-        typer.echo(f"warning: {summary.failed} of {summary.planned} samples failed (see the index)", err=True)
+        typer.echo(f"warning: {summary.failed} of {plural(summary.planned, 'sample')} failed (see the index)", err=True)
         if strict:
             raise typer.Exit(1)
 
@@ -299,6 +300,7 @@ def matte_cmd(
     no_board and gets no outputs. Exit code: 0 if at least one image was matted, 1 if none could be, 2 for bad
     usage (missing folder, no images, unwritable output).
     """
+    from factory.feedback import plural
     from factory.errors import RunError
     from factory.matte import GreenPostSettings
     from factory.matte_folder import matte_folder
@@ -308,7 +310,7 @@ def matte_cmd(
         in_dir, out, bits=bits, workers=workers, settings=settings, reference=_parse_rgb(reference, "--reference")
     )
     _echo(
-        f"matted {summary.processed} of {len(summary.rows)} files in {summary.seconds:.1f} s "
+        f"matted {summary.processed} of {plural(len(summary.rows), 'file')} in {summary.seconds:.1f} s "
         f"({summary.skipped} skipped, {summary.no_board} without a green board, {summary.failed} failed); "
         f"outputs and {summary.summary_path.name} in {out}"
     )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import InputError, RunError
+from factory.feedback import plural
 from factory.fsutil import atomic_write_text, check_output_file
 
 #: The text prompt (or task token) a model family needs to caption; None = unconditional.
@@ -80,7 +81,7 @@ class CaptionSummary:
     def lines(self) -> list[str]:
         rate = f", {self.captioned / self.caption_seconds:.2f} img/s" if self.captioned and self.caption_seconds > 0 else ""
         lines = [
-            f"captioned {self.captioned} of {self.samples} samples ({self.done_before} done before) with {self.model} "
+            f"captioned {self.captioned} of {plural(self.samples, 'sample')} ({self.done_before} done before) with {self.model} "
             f"({self.engine}), {self.seconds:.1f} s{rate}",
             f"captions: {self.out} (use with factory train --captions {self.out})",
         ]

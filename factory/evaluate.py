@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from factory.errors import FactoryError, InputError
+from factory.feedback import plural
 from factory.imageio import IMAGE_SUFFIXES, read_alpha
 from factory.metrics import METRIC_NAMES, evaluate_pair
 
@@ -68,7 +69,7 @@ class EvalReport:
         """A Rich table: one row per image, then the mean. MSE is shown x1000."""
         from rich.table import Table
 
-        t = Table(title=f"matting metrics ({self.region}; {len(self.rows)} images)")
+        t = Table(title=f"matting metrics ({self.region}; {plural(len(self.rows), 'image')})")
         t.add_column("image")
         for k in METRIC_NAMES:
             t.add_column(LABELS[k] + (" x1e3" if k == "mse" else ""), justify="right")

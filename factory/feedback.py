@@ -130,7 +130,9 @@ class Feedback:
         return time.perf_counter() - self._start
 
 
-def plural(n: int, noun: str) -> str:
-    """``1 sample``, ``2 samples``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def plural(n: float, noun: str, many: str | None = None) -> str:
+    """``1 sample``, ``2 samples``; ``many`` for another plural (``1 process``, ``2 processes``).
+    A float count is shown as ``%g`` (``1 GPU``, ``0.5 GPUs``)."""
+    shown = f"{n:g}" if isinstance(n, float) else f"{n}"
+    return f"{shown} {noun if n == 1 else (many or noun + 's')}"
 

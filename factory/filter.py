@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 
 from factory.dedup import near_duplicates
 from factory.errors import InputError
+from factory.feedback import plural
 from factory.fsutil import is_locked
 from factory.integrity import CorruptSample, check_sample_files
 from factory.manifest import FilterSettings, with_overrides
@@ -106,7 +107,7 @@ def filter_settings(defaults: FilterSettings, **overrides: Any) -> FilterSetting
 
 def describe(params: FilterSettings) -> str:
     cap = "none" if params.per_class_cap is None else str(params.per_class_cap)
-    dedup = "off" if params.dedup_distance < 0 else f"{params.dedup_distance} bits"
+    dedup = "off" if params.dedup_distance < 0 else plural(params.dedup_distance, "bit")
     return (
         f"min GSG {params.min_gsg:g}; coverage {params.min_coverage:g}..{params.max_coverage:g}; "
         f"drop border-touching {'yes' if params.drop_border else 'no'}; "
@@ -296,7 +297,7 @@ class FilterSummary:
     def lines(self) -> list[str]:
         done = self.status_counts.get(STATUS_DONE, 0)
         other = ", ".join(f"{v} {k}" for k, v in self.status_counts.items() if k != STATUS_DONE and v)
-        out = [f"run {self.run}: {self.total} samples, {done} done" + (f" ({other} not candidates)" if other else "")]
+        out = [f"run {self.run}: {plural(self.total, 'sample')}, {done} done" + (f" ({other} not candidates)" if other else "")]
         out.append(f"filter: {describe(self.params)}")
         share = f" ({100.0 * self.kept / done:.1f} %)" if done else ""
         n_dropped = sum(self.dropped.values())
@@ -320,7 +321,7 @@ class FilterSummary:
         if self.path is None:
             out.append("dry run: no selection written")
         else:
-            out.append(f"selection '{self.name}' ({self.kept} samples) written to {self.path}")
+            out.append(f"selection '{self.name}' ({plural(self.kept, 'sample')}) written to {self.path}")
         return out
 
 
@@ -365,7 +366,7 @@ def run_filter(
         summary.problems.insert(
             0,
             f"{store.root} is being written (a `factory generate` is running): this filter read the "
-            f"{summary.status_counts.get(STATUS_DONE, 0)} samples done so far of {summary.total} planned; "
+            f"{plural(summary.status_counts.get(STATUS_DONE, 0), 'sample')} done so far of {summary.total} planned; "
             "filter again when the run has finished",
         )
     if not dry_run:

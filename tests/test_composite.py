@@ -152,7 +152,7 @@ def test_dim_layout_read_by_a_vitmatte_style_loader(run_dir: Path, tmp_path: Pat
     out = tmp_path / "dim"
     code, stdout, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--layout", "dim", "--per-object", 2, "-o", out)
     assert code == 0, err
-    assert "skipped 1 unreadable background files" in stdout
+    assert "skipped 1 unreadable background file\n" in stdout
     rows = list(csv.DictReader((out / "pairs.csv").open()))
     assert len(rows) == 10 and {r["licence"] for r in rows} == {"CC-BY-4.0 test backgrounds"}
     store_alpha = next(run_dir.glob("samples/*/*.alpha.png"))
@@ -229,7 +229,7 @@ def test_objects_from_an_export_and_backgrounds_from_shards_with_licences(run_di
     code, stdout, err = cli(capsys, "composite", "--objects", export, "-b", shards / "bg-000000.tar", "--size", 48,
                             "--per-object", 2, "--format", "folder", "-o", out)
     assert code == 0, err
-    assert "skipped 1 unreadable background files" in stdout
+    assert "skipped 1 unreadable background file\n" in stdout
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out / "samples.parquet").to_pylist()

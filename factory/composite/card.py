@@ -18,6 +18,7 @@ from factory.composite.blend import composite
 from factory.composite.encode import encode
 from factory.composite.objects import ObjectSource
 from factory.export.card import _font
+from factory.feedback import plural
 from factory.fsutil import atomic_write_bytes, atomic_write_text
 from factory.imageio import decode_alpha, decode_rgb
 from factory.manifest import CompositeSettings
@@ -124,13 +125,13 @@ def write_card(
     sheet = contact_sheet(out, s, rows)
     if sheet is not None:
         atomic_write_bytes(out / CONTACT_SHEET, sheet, fsync=False)
-    what = {"dim": "pairings", "baked": "composites", "scenes": "scenes"}[s.layout]
-    md = [f"# Composites ({s.layout}): {len(rows)} {what}\n",
+    what = {"dim": "pairing", "baked": "composite", "scenes": "scene"}[s.layout]
+    md = [f"# Composites ({s.layout}): {plural(len(rows), what)}\n",
           f"Made by `factory composite` {__version__} on {datetime.now(UTC).isoformat(timespec='seconds')}: generated "
           "objects (foreground and matting-level alpha) pasted into backgrounds.\n", "## Sources\n",
-          f"- objects: {objects.description} ({len(objects.refs)} objects)",
+          f"- objects: {objects.description} ({plural(len(objects.refs), 'object')})",
           f"- backgrounds: {backgrounds.description} ({len(backgrounds.refs)} usable"
-          + (f", {backgrounds.skipped} unreadable files skipped" if backgrounds.skipped else "") + ")"]
+          + (f", {plural(backgrounds.skipped, 'unreadable file')} skipped" if backgrounds.skipped else "") + ")"]
     if backgrounds.kind == "procedural":
         md.append("- **the backgrounds are procedural** (gradients, noise, shapes drawn in code): for demos and tests, not photographs")
     md.append("- settings: " + ", ".join(f"{k}={v}" for k, v in s.model_dump(mode="json").items() if v is not None) + "\n")

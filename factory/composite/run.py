@@ -31,6 +31,7 @@ from factory.composite.objects import ObjectSource, load_objects
 from factory.composite.options import CompositeOptions, resolve_settings
 from factory.composite.part import PARTS_DIR, PartJob, read_record, render_part, shard_name
 from factory.errors import InputError, Interrupted
+from factory.feedback import plural
 from factory.fsutil import TMP_PREFIX, FileLock, atomic_write_parquet, atomic_write_text
 from factory.manifest import CompositeSettings
 
@@ -64,16 +65,15 @@ class CompositeSummary:
     def lines(self) -> list[str]:
         out = [f"objects: {self.objects}", f"backgrounds: {self.backgrounds}"]
         if self.skipped_backgrounds:
-            out.append(f"skipped {self.skipped_backgrounds} unreadable background files")
+            out.append(f"skipped {plural(self.skipped_backgrounds, 'unreadable background file')}")
         if self.restarted:
             out.append(f"restarted: {self.restarted}")
         if self.resumed_parts:
-            out.append(f"resumed: {self.resumed_parts} parts already written were kept")
-        what = {"dim": "pairings", "baked": "composites", "scenes": "scenes"}[self.layout]
-        what = what[:-1] if self.rows == 1 else what
+            out.append(f"resumed: {plural(self.resumed_parts, 'part')} already written {'was' if self.resumed_parts == 1 else 'were'} kept")
+        what = {"dim": "pairing", "baked": "composite", "scenes": "scene"}[self.layout]
         rate = self.rows / self.seconds if self.seconds > 0 else 0.0
         labels = ", ".join(f"{n} {k}" for k, n in sorted(self.labels.items()))
-        out.append(f"wrote {self.rows} {what} ({self.layout}; labels: {labels}) to {self.out} in {self.seconds:.1f} s ({rate:.1f}/s)")
+        out.append(f"wrote {plural(self.rows, what)} ({self.layout}; labels: {labels}) to {self.out} in {self.seconds:.1f} s ({rate:.1f}/s)")
         out.append(f"dataset card: {self.out / 'README.md'}")
         return out
 

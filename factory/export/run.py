@@ -73,14 +73,14 @@ class ExportSummary:
         if self.restarted:
             out.append(f"restarted: {self.restarted}")
         if self.resumed_samples:
-            out.append(f"resumed: {plural(self.resumed_samples, 'sample')} already written were kept")
+            out.append(f"resumed: {plural(self.resumed_samples, 'sample')} already written {'was' if self.resumed_samples == 1 else 'were'} kept")
         for name, s in self.splits.items():
             if not s["samples"]:
                 why = "empty" if name == "train" else "empty: classes of one sample stay in train"
                 out.append(f"  {name:<8} {0:>9} samples  ({why})")
                 continue
             where = f"{s['shards']} shard{'s' if s['shards'] != 1 else ''}" if self.format == "webdataset" else f"{name}/"
-            out.append(f"  {name:<8} {s['samples']:>9} samples  {where}  {human_bytes(s['bytes'])}")
+            out.append(f"  {name:<8} {s['samples']:>9} sample{'s' if s['samples'] != 1 else ' '}  {where}  {human_bytes(s['bytes'])}")
         out.append(
             f"exported {plural(self.exported, 'sample')} ({self.format}) to {self.out} in {self.seconds:.1f} s"
             + (f" ({_rate(self.bytes_written, self.seconds)} written)" if self.bytes_written else "")

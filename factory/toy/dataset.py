@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory.errors import InputError
+from factory.feedback import plural
 from factory.fsutil import atomic_write_bytes, atomic_write_text, check_writable_dir
 from factory.imageio import encode_alpha_png, encode_png
 from factory.toy.world import CLASS_NAMES, DEFAULT_SIZE, render_sample
@@ -41,7 +42,7 @@ class ToySetSummary:
 
     def lines(self) -> list[str]:
         return [
-            f"toy world: {self.written} samples written, {self.skipped} already there, in {self.out}",
+            f"toy world: {plural(self.written, 'sample')} written, {self.skipped} already there, in {self.out}",
             f"train on it: factory train --data {self.out} --out RUN",
         ]
 

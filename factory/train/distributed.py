@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from factory.errors import FactoryError, InputError, RunError
+from factory.feedback import plural
 from factory.sampler.pipeline import resolve_device
 
 
@@ -197,9 +198,9 @@ def run_ray(
     try:
         avail = ray.cluster_resources()
         if use_gpu and avail.get("GPU", 0) < workers:
-            raise InputError(f"--workers {workers} with GPUs, but the Ray cluster has {avail.get('GPU', 0):g} GPUs")
+            raise InputError(f"--workers {workers} with GPUs, but the Ray cluster has {plural(float(avail.get('GPU', 0)), 'GPU')}")
         if not use_gpu and avail.get("CPU", 0) < workers:
-            raise InputError(f"--workers {workers}, but the Ray cluster has {avail.get('CPU', 0):g} CPUs")
+            raise InputError(f"--workers {workers}, but the Ray cluster has {plural(float(avail.get('CPU', 0)), 'CPU')}")
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"job": job, "worker": worker, "threads": threads},

@@ -20,6 +20,7 @@ from typing import Any
 
 from factory import __version__
 from factory.errors import FactoryError, InputError, RunError
+from factory.feedback import plural
 from factory.fsutil import atomic_write_text
 from factory.train import run_folder
 from factory.train.config import TrainConfig, make_config, read_config_file, resume_config
@@ -69,8 +70,8 @@ class TrainSummary:
             return []
         done = self.step - self.start_step
         lines = [
-            f"trained {done} steps ({self.start_step} -> {self.step} of {self.steps}) on {self.samples} samples, "
-            f"{self.world} process{'es' if self.world != 1 else ''} ({self.engine}), {self.seconds:.1f} s"
+            f"trained {plural(done, 'step')} ({self.start_step} -> {self.step} of {self.steps}) on {plural(self.samples, 'sample')}, "
+            f"{plural(self.world, 'process', 'processes')} ({self.engine}), {self.seconds:.1f} s"
         ]
         if self.last:
             terms = ", ".join(f"{k} {self.last[k]:.4g}" for k in ("loss", "noise", "green", "object", "detail", "latent") if k in self.last)
@@ -214,7 +215,7 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
     summary = data_summary(records)
     if saved is not None and saved.get("data", {}).get("digest") not in (None, summary["digest"]):
         raise InputError(
-            f"{out}: the training data changed since the run started ({saved['data'].get('samples')} samples then, "
+            f"{out}: the training data changed since the run started ({plural(saved['data'].get('samples') or 0, 'sample')} then, "
             f"{summary['samples']} now, or other files/captions); resume needs the same data"
         )
     if restart:
