@@ -40,10 +40,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from factory.manifest import ModelSpec  # noqa: E402
+from factory.manifest import ModelSpec, load_manifest  # noqa: E402
 from factory.matte.pipeline import greenpost  # noqa: E402
 from factory.metrics import mse, sad  # noqa: E402
-from factory.plan import build_rows, load_manifest  # noqa: E402
+from factory.plan import build_rows  # noqa: E402
 from factory.score import gsg  # noqa: E402
 
 MANIFEST = REPO / "manifests" / "gom.yaml"
@@ -107,6 +107,8 @@ def heldout_head(model: str, n: int) -> dict[str, Any]:
     from factory.toy.world import render_sample
 
     comps = load_components(ModelSpec(source=model))
+    if comps.head is None:
+        return {"skipped": "the model has no matting head"}
     vae, head = comps.vae.eval(), comps.head.eval()
     head_sad, head_mse, gp_sad, gp_mse = [], [], [], []
     green = np.array([12, 240, 12], np.float64)  # a studio green like the training canvases
@@ -170,9 +172,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="the recipe's work folder (for the untrained model)")
     ap.add_argument("--no-lg", type=Path, default=None, help="a checkpoint of the recipe run with lambda_green 0")
     ap.add_argument("--with-lg", type=Path, default=None, help="the shipped recipe's checkpoint at the same step as --no-lg")
-    ap.add_argument("--heldout", type=int, default=128, help="held-out world renders for the head")
+    ap.add_argument("--heldout", type=int, default=128, help="held-out world renders for the head (0: skip)")
     ap.add_argument("--yield-n", type=int, default=64, help="samples for the filter yield (0: skip)")
     ap.add_argument("--sheet", type=Path, default=None, help="write a contact sheet of the toy model's samples")
+    ap.add_argument("--skip-shipped", action="store_true", help="leave the shipped model's samples out (split runs)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -186,11 +189,12 @@ def main() -> None:
         "manifest": str(MANIFEST.relative_to(REPO)),
         "models": {},
     }
-    stats, shown = generated("toy", args.n, keep=32 if args.sheet else 0)
-    out["models"]["toy (shipped)"] = stats
-    print(json.dumps({"toy": stats}), flush=True)
-    if args.sheet:
-        contact_sheet(shown, args.sheet)
+    if not args.skip_shipped:
+        stats, shown = generated("toy", args.n, keep=32 if args.sheet else 0)
+        out["models"]["toy (shipped)"] = stats
+        print(json.dumps({"toy": stats}), flush=True)
+        if args.sheet:
+            contact_sheet(shown, args.sheet)
     for label, path in (("recipe, same step as the ablation", args.with_lg), ("recipe without L_g", args.no_lg)):
         if path is not None:
             out["models"][label] = generated(str(path), args.n)[0]
@@ -200,8 +204,9 @@ def main() -> None:
             model = untrained_model(args.work, Path(tmp) / "untrained")
             out["models"]["untrained"] = generated(str(model), args.n)[0]
         print(json.dumps(out["models"]["untrained"]), flush=True)
-    out["heldout_head"] = heldout_head("toy", args.heldout)
-    print(json.dumps(out["heldout_head"]), flush=True)
+    if args.heldout:
+        out["heldout_head"] = heldout_head("toy", args.heldout)
+        print(json.dumps(out["heldout_head"]), flush=True)
     if args.yield_n:
         out["filter_yield"] = filter_yield(args.yield_n)
     out["load_average_end"] = [round(v, 2) for v in __import__("os").getloadavg()]

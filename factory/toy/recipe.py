@@ -218,12 +218,15 @@ def train_settings(work: Path, overrides: dict[str, Any] | None = None) -> dict[
 
 
 def package(run: Path, dest: Path = MODEL_DIR) -> Path:
-    """The run's latest checkpoint as a standalone model folder (base embedded, no machine paths)."""
+    """The run's latest checkpoint (or the checkpoint ``run``) as a standalone model folder (base
+    embedded, no machine paths)."""
     from factory.manifest import ModelSpec
     from factory.sampler import load_components, save_checkpoint
     from factory.train.run_folder import latest_checkpoint
 
     found = latest_checkpoint(run)
+    if found is None and (run / "training_state").is_dir():  # a checkpoint folder itself
+        found = (int(json.loads((run / "diffumatting.json").read_text())["training"]["step"]), run)
     if found is None:
         raise SystemExit(f"{run}: no checkpoint to package")
     step, ckpt = found
