@@ -211,7 +211,10 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
             if plan_bar:
                 fb.advance(plan_bar[0], rows)
 
-        store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart, on_plan_rows=on_plan_rows)
+        try:
+            store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart, on_plan_rows=on_plan_rows)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(f"interrupted while writing the plan of {out}; no sample was made yet: re-run the same command") from exc
         if plan_bar:
             fb.remove(plan_bar[0])
         try:
