@@ -582,7 +582,7 @@ def composite_cmd(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="generative: the prompt.")] = None,
     ring: Annotated[Optional[int], typer.Option("--ring", help="generative: ring width, px.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="generative: inpainting steps.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel parts as Ray tasks (1: in this process).")] = 1,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel parts as Ray CPU tasks (1: in this process); --generative adds painter actors, one per GPU.")] = 1,
     address: Annotated[Optional[str], typer.Option("--address", help="Join this Ray cluster (auto, HOST:PORT).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="generative: torch device (cpu, cuda).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an earlier composite in --out and start over.")] = False,

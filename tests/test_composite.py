@@ -258,13 +258,33 @@ def test_resume_after_kill_9_gives_the_same_bytes(run_dir: Path, tmp_path: Path,
     assert _data_files(tmp_path / "a") == _data_files(tmp_path / "b")
 
 
-def test_generative_ring_changes_only_the_background_around_the_object(tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def ray_local():
+    """A small local Ray instance for one test; ``factory composite --workers`` uses it as it is."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from factory.ray_session import worker_env_vars
+
+    tmp = tempfile.mkdtemp(prefix="fray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": worker_env_vars()})
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_generative_ring_changes_only_the_background_and_ray_writes_the_same_bytes(tmp_path: Path, capsys, ray_local) -> None:
     run = make_run(tmp_path, 2).root  # two objects: even the tiny model is slow on a busy CPU
     common = ["composite", "--run", run, "-b", "procedural", "--size", 64, "--layers", "--per-object", 1,
-              "--shadow", 0.4, "--scale", "0.4,0.5"]
+              "--shadow", 0.4, "--scale", "0.4,0.5", "--maxcount", 1]
+    generative = ["--generative", "tiny", "--steps", 1, "--ring", 6]
     assert cli(capsys, *common, "-o", tmp_path / "plain")[0] == 0
     # 'tiny': the tiny inpainting pipeline (UNet of 9 input channels) built in code
-    code, _, err = cli(capsys, *common, "--generative", "tiny", "--steps", 1, "--ring", 6, "-o", tmp_path / "gen")
+    code, _, err = cli(capsys, *common, *generative, "-o", tmp_path / "gen")
     assert code == 0, err
     plain, gen = shard_samples(tmp_path / "plain"), shard_samples(tmp_path / "gen")
     assert plain.keys() == gen.keys()
@@ -277,6 +297,14 @@ def test_generative_ring_changes_only_the_background_around_the_object(tmp_path:
         changed += int((p_img != g_img).any(axis=-1).sum())
         check_exact(g_img, alpha, decode_rgb(gen[key]["fg.png"]), decode_rgb(gen[key]["bg.png"]))
     assert changed > 0
+    # The Ray fan-out (two parts at once as CPU tasks; rings repainted by painter actors that hold
+    # the model) writes the same bytes as this process, plain and generative.
+    for name, extra in [("plain", []), ("gen", generative)]:
+        code, _, err = cli(capsys, *common, *extra, "--workers", 2, "-o", tmp_path / f"{name}-ray")
+        assert code == 0, err
+        here, there = _data_files(tmp_path / name), _data_files(tmp_path / f"{name}-ray")
+        assert len([n for n in here if n.startswith("composite-")]) == 2
+        assert here == there
 
 
 @pytest.mark.parametrize(

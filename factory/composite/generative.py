@@ -110,8 +110,14 @@ def _box(mask: np.ndarray, multiple: int = 8, pad: int = 8) -> tuple[int, int, i
 
 def make_repaint(pipe: Any) -> Any:
     """``repaint(image, mask, generative) -> image``: the pipeline run on the ring's box; pixels
-    outside the mask are returned unchanged."""
+    outside the mask are returned unchanged. On the CPU torch runs with a fixed thread count
+    (:data:`factory.worker.CPU_SAMPLER_THREADS`, as generate's sampler), so a repaint gives the same
+    bytes in this process and in a Ray painter actor."""
     import torch
+
+    from factory.worker import CPU_SAMPLER_THREADS
+
+    on_cpu = str(getattr(pipe, "device", "cpu")).startswith("cpu")
 
     def repaint(image: np.ndarray, mask: np.ndarray, gen: dict[str, Any]) -> np.ndarray:
         if not mask.any():
@@ -120,8 +126,14 @@ def make_repaint(pipe: Any) -> Any:
         crop = Image.fromarray(image[y0:y1, x0:x1])
         m = Image.fromarray((mask[y0:y1, x0:x1] * 255).astype(np.uint8))
         generator = torch.Generator("cpu").manual_seed(int(gen["seed"]))
-        result = pipe(prompt=gen["prompt"], image=crop, mask_image=m, height=y1 - y0, width=x1 - x0,
-                      num_inference_steps=int(gen["steps"]), generator=generator, output_type="np").images[0]
+        threads = torch.get_num_threads()
+        if on_cpu:
+            torch.set_num_threads(CPU_SAMPLER_THREADS)
+        try:
+            result = pipe(prompt=gen["prompt"], image=crop, mask_image=m, height=y1 - y0, width=x1 - x0,
+                          num_inference_steps=int(gen["steps"]), generator=generator, output_type="np").images[0]
+        finally:
+            torch.set_num_threads(threads)
         painted = np.clip(np.rint(np.asarray(result) * 255.0), 0, 255).astype(np.uint8)
         out = image.copy()
         box = out[y0:y1, x0:x1]

@@ -4,7 +4,7 @@ written, then committed by its journal record ``parts/part-NNNNNN.json``.
 The store's discipline: every file goes to a temporary name and is renamed (a shard as a whole);
 the journal record is written last, so a part with a record is complete and a part without one is
 redone on resume (its units render to the same bytes). A part runs in this process or as a Ray
-task; it needs only the picklable :class:`PartJob`.
+task (:mod:`factory.composite.fanout`); it needs only the picklable :class:`PartJob`.
 """
 
 from __future__ import annotations
@@ -47,14 +47,18 @@ class PartJob:
     objects: ObjectSource
     backgrounds: BackgroundSource
     device: str | None = None
+    painter: Any = None  # on Ray with --generative: repaints in a painter actor (factory.composite.fanout)
 
 
-def _repaint(s: CompositeSettings, device: str | None) -> Any:
+def _repaint(job: PartJob) -> Any:
+    s = job.settings
     if not s.generative:
         return None
+    if job.painter is not None:
+        return job.painter
     from factory.composite.generative import load_pipeline, make_repaint
 
-    return make_repaint(load_pipeline(s.generative, device))
+    return make_repaint(load_pipeline(s.generative, job.device))
 
 
 def _write_files(out: Path, files: list[tuple[str, bytes]], written: set[str]) -> int:
@@ -93,7 +97,7 @@ def render_part(job: PartJob) -> dict[str, Any]:
             nbytes += _write_files(out, files, written)
             rows += pairs
     elif s.layout == "baked":
-        repaint = _repaint(s, job.device)
+        repaint = _repaint(job)
         shard = TarShard(out / shard_name(job.number), 0, fsync=True) if s.format == "webdataset" else None
         try:
             for i, k in job.units:
@@ -114,7 +118,7 @@ def render_part(job: PartJob) -> dict[str, Any]:
             if shard is not None:
                 shard.abort()
     else:
-        repaint = _repaint(s, job.device)
+        repaint = _repaint(job)
         for n in job.units:
             recipe = draw_scene(n, objects, backgrounds, s)
             frame = frame_side(s, backgrounds.by_id().get(recipe["background"]["id"]) or backgrounds.refs[0])

@@ -215,33 +215,16 @@ def _part_files_exist(out: Path, settings: CompositeSettings, rec: dict[str, Any
 
 
 def _execute(jobs: list[PartJob], options: CompositeOptions) -> Iterator[dict[str, Any]]:
-    """Run the parts: here (one worker) or as Ray tasks; yields records as parts finish."""
+    """Run the parts: here (one worker) or on Ray (:mod:`factory.composite.fanout`); yields records."""
     if not jobs:
         return
     if options.workers <= 1 and options.address is None:
         for job in jobs:
             yield render_part(job)
         return
-    import ray
+    from factory.composite.fanout import run_parts_on_ray
 
-    from factory.ray_session import start_ray
-
-    import tempfile
-
-    # Ray's session files go to the temp dir, not into the dataset folder
-    session = start_ray(Path(tempfile.gettempdir()) / "factory-composite", options.address, None, None, options.workers)
-    try:
-        gpu = 1 if jobs[0].settings.generative and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        task = ray.remote(num_cpus=1, num_gpus=gpu, max_retries=2)(render_part)
-        pending = []
-        queue = list(jobs)
-        while queue or pending:
-            while queue and len(pending) < options.workers:
-                pending.append(task.remote(queue.pop(0)))
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
-    finally:
-        session.shutdown()
+    yield from run_parts_on_ray(jobs, max(1, options.workers), options.address)
 
 
 def _fold(
