@@ -130,6 +130,15 @@ class Feedback:
         return time.perf_counter() - self._start
 
 
+def human_bytes(n: float) -> str:
+    """``1.2 GB``, ``3.4 MB``, ``56 kB``: a unit that shows a non-zero figure."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def plural(n: float, noun: str, many: str | None = None) -> str:
     """``1 sample``, ``2 samples``; ``many`` for another plural (``1 process``, ``2 processes``).
     A float count is shown as ``%g`` (``1 GPU``, ``0.5 GPUs``)."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow as pa
 
 from factory.errors import InputError, Interrupted, work_finished
-from factory.feedback import Feedback, plural
+from factory.feedback import Feedback, human_bytes, plural
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
 from factory.sample import PROMPT_TOKEN_LIMIT, STATUS_DONE, SampleResult
@@ -432,8 +432,8 @@ def check_disk_space(out: Path, manifest: Manifest, todo: int) -> None:
     need = per * todo
     if need > free:
         raise InputError(
-            f"--n: the {todo} samples to make need about {need / 1e9:,.1f} GB ({per / 1e3:,.0f} kB each at "
-            f"{manifest.sampler.width}x{manifest.sampler.height}), but {where} has {free / 1e9:,.1f} GB free; "
+            f"--n: the {plural(todo, 'sample')} to make need about {human_bytes(need)} ({human_bytes(per)} each at "
+            f"{manifest.sampler.width}x{manifest.sampler.height}), but {where} has {human_bytes(free)} free; "
             "free space, lower --n or choose another --out"
         )
 

@@ -60,3 +60,20 @@ def test_summary_lines_with_counts_of_one(tmp_path: Path) -> None:
     assert "near-duplicate distance 1 bit;" in describe(FilterSettings(dedup_distance=1))
     for text in (caption, toy, comp, export):
         _no_one_plural("\n".join(text))
+
+
+def test_ray_notes_with_counts_of_one_and_small_byte_counts() -> None:
+    from factory.distribute.executor import ExecutorStats, RayExecutor
+    from factory.distribute.sizing import plan_workers
+
+    plan = plan_workers({"CPU": 1.0}, None, None)
+    assert "(1 CPU, 0 GPUs)" in plan.describe()
+    executor = object.__new__(RayExecutor)  # its summary only: no Ray started
+    executor.notes, executor.plan = [], plan
+    executor.stats = ExecutorStats(
+        restarts=1, resubmitted=1, sampler_busy_s=5.0, first_ready_at=0.0, ended_at=10.0, bytes_received=30_000, samples_received=10
+    )
+    notes = executor.summary_notes()
+    assert "faults: 1 sampler worker restart, 1 batch re-submitted, 0 batches given up" in notes
+    assert "driver received 30.0 kB of encoded samples (3.0 kB/s, 3.0 kB per sample)" in notes, notes
+    _no_one_plural("\n".join(notes))

@@ -374,7 +374,7 @@ def test_an_n_beyond_the_free_disk_space_is_refused_up_front(cli, fake_executor,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))  # 1 MB free
     res = cli(gen_args(small_manifest, tmp_path / "run", n=1000))
     assert res.code == 2 and res.err.count("\n") == 1, res.err
-    assert "the 1000 samples to make need about" in res.err and "GB free" in res.err
+    assert "the 1000 samples to make need about" in res.err and "has 1.0 MB free" in res.err  # a unit that shows the figure
     assert not (tmp_path / "run").exists()
     assert cli(gen_args(small_manifest, tmp_path / "run", n=4)).code == 0  # what fits is not refused
 

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from factory.errors import FactoryError
+from factory.feedback import plural
 from factory.plan import PlanRow
 from factory.worker import iter_finished, load_work_sampler, set_sampler_threads
 
@@ -73,7 +74,7 @@ class SamplerWorker:
         try:
             generated = self.sampler.sample(list(rows))
             if len(generated) != len(rows):
-                raise RuntimeError(f"sampler returned {len(generated)} samples for {len(rows)} rows")
+                raise RuntimeError(f"sampler returned {plural(len(generated), 'sample')} for {plural(len(rows), 'row')}")
         except Exception as exc:  # noqa: BLE001 - the batch's rows are recorded failed with it
             status = {"error": f"sampling failed: {type(exc).__name__}: {exc}", "seconds": time.perf_counter() - start}
             return {**status, "worker": self.name}, None

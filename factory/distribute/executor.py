@@ -57,6 +57,7 @@ from factory.distribute.actors import SamplerActor, finish_task, warm_up_task
 from factory.distribute.sizing import WorkerPlan, plan_workers
 from factory.ray_session import RaySession, start_ray
 from factory.errors import InputError, RunError, Terminated
+from factory.feedback import human_bytes, plural
 from factory.finish import failed_result
 from factory.plan import PlanRow
 from factory.sample import SampleResult
@@ -454,8 +455,9 @@ class RayExecutor:
         notes = list(self.notes)
         if self.stats.restarts or self.stats.resubmitted:
             notes.append(
-                f"faults: {self.stats.restarts} sampler worker restarts, {self.stats.resubmitted} batches re-submitted, "
-                f"{self.stats.failed_batches} batches given up"
+                f"faults: {plural(self.stats.restarts, 'sampler worker restart')}, "
+                f"{plural(self.stats.resubmitted, 'batch', 'batches')} re-submitted, "
+                f"{plural(self.stats.failed_batches, 'batch', 'batches')} given up"
             )
         if self.stats.first_ready_at is not None and self.stats.ended_at is not None and self.plan.workers:
             wall = (self.stats.ended_at - self.stats.first_ready_at) * self.plan.workers
@@ -463,10 +465,10 @@ class RayExecutor:
                 notes.append(f"sampler workers busy {100 * min(1.0, self.stats.sampler_busy_s / wall):.0f}% of the time after start-up")
             seconds = self.stats.ended_at - self.stats.first_ready_at
             if self.stats.samples_received and seconds > 0:
-                mb = self.stats.bytes_received / 1e6
+                got = self.stats.bytes_received
                 notes.append(
-                    f"driver received {mb:.1f} MB of encoded samples ({mb / seconds:.2f} MB/s, "
-                    f"{self.stats.bytes_received / self.stats.samples_received / 1e3:.0f} kB per sample)"
+                    f"driver received {human_bytes(got)} of encoded samples ({human_bytes(got / seconds)}/s, "
+                    f"{human_bytes(got / self.stats.samples_received)} per sample)"
                 )
         return notes
 

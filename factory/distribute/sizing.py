@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from factory.errors import InputError, RunError
+from factory.feedback import plural
 from factory.worker import CPU_SAMPLER_THREADS
 
 #: Default number of CPU sampler actors on a machine without GPU.
@@ -39,7 +40,7 @@ class WorkerPlan:
         return (
             f"{self.workers} {kind} sampler worker{'s' if self.workers != 1 else ''}{share}, "
             f"{self.finish_slots} finishing slot{'s' if self.finish_slots != 1 else ''} "
-            f"({self.total_cpus:g} CPUs, {self.total_gpus:g} GPUs)"
+            f"({plural(self.total_cpus, 'CPU')}, {plural(self.total_gpus, 'GPU')})"
         )
 
 
@@ -48,9 +49,9 @@ def plan_workers(resources: dict[str, float], gpus: int | None, workers: int | N
     total_cpus = float(resources.get("CPU", 0.0))
     total_gpus = float(resources.get("GPU", 0.0))
     if total_cpus < 1:
-        raise RunError(f"the Ray cluster has {total_cpus:g} CPUs; factory needs at least one for finishing samples")
+        raise RunError(f"the Ray cluster has {plural(total_cpus, 'CPU')}; factory needs at least one for finishing samples")
     if gpus is not None and gpus > total_gpus:
-        raise InputError(f"--gpus {gpus}: the Ray cluster has {total_gpus:g} GPUs")
+        raise InputError(f"--gpus {gpus}: the Ray cluster has {plural(total_gpus, 'GPU')}")
     use_gpus = total_gpus if gpus is None else float(gpus)
     if use_gpus >= 1:
         n = workers or int(use_gpus)

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from factory import __version__
 from factory.export.header import dataset_license, front_matter
 from factory.export.schema import hf_features, public_model
+from factory.feedback import human_bytes, plural
 from factory.imageio import decode_alpha, decode_rgb
 from factory.manifest import Manifest
 from factory.fsutil import atomic_write_bytes, atomic_write_text
@@ -180,15 +181,6 @@ def pick_sheet_rows(records: list[dict[str, Any]], count: int = 8) -> list[dict[
     return chosen
 
 
-def human_bytes(n: int) -> str:
-    """``1.2 GB``, ``3.4 MB``, ``56 kB``: a unit that shows a non-zero figure."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.1f} {unit}"
-    return f"{n} B"
-
-
 _mb = human_bytes
 
 
@@ -250,7 +242,7 @@ def write_card(info: CardInfo) -> Path:
               + (f": {manifest.description}" if manifest.description else ""))
     md.append(f"- model: `{public_model(run.get('model'))}`")
     s = manifest.sampler
-    md.append(f"- sampler: {s.scheduler}, {s.steps} steps, guidance {s.guidance}; canvas colour {tuple(manifest.canvas.color)}")
+    md.append(f"- sampler: {s.scheduler}, {plural(s.steps, 'step')}, guidance {s.guidance}; canvas colour {tuple(manifest.canvas.color)}")
     if info.image_sizes:
         md.append(f"- image size: {_sizes(info.image_sizes)}")
     license_id, license_why = _license(info)
@@ -270,7 +262,7 @@ def write_card(info: CardInfo) -> Path:
     md.append(f"- export: image {st['image_format']}, alpha {st['alpha_bits']}-bit, split "
               + (", ".join(f"{k}={v}" for k, v in st["split"].items()) or "none")
               + f" by class, shuffle seed {st['shuffle_seed']}"
-              + (f", at most {st['maxcount']} samples / {_mb(st['maxsize'])} per shard" if info.format == "webdataset" else ""))
+              + (f", at most {plural(st['maxcount'], 'sample')} / {_mb(st['maxsize'])} per shard" if info.format == "webdataset" else ""))
     if info.problems:
         md.append(f"- skipped {plural(len(info.problems), 'damaged sample')} (listed in stats.json)")
     md.append("")
@@ -337,9 +329,6 @@ ds = load_dataset("THIS_FOLDER")  # typed as this card's header declares: image,
 """
 
 
-def plural(n: int, noun: str) -> str:
-    """``1 damaged sample``, ``2 damaged samples``."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def confidence_lines(values: np.ndarray) -> list[str]:

@@ -35,6 +35,7 @@ from factory.export.prepare import Prepared
 from factory.export.schema import attributes_of, phash_hex, public_model
 from factory.export.records import Records, SplitResult, WriteResult, split_rows
 from factory.errors import InputError
+from factory.feedback import plural
 from factory.fsutil import TMP_PREFIX, AtomicFile, atomic_write_bytes
 from factory.integrity import FileReader
 from factory.plan import KEY_PATTERN
@@ -126,7 +127,7 @@ def remove_split(path: Path) -> list[str]:
 
 def left_alone_line(left: list[str]) -> str:
     shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
-    return f"left alone: {len(left)} entries an export did not write (symlinks or foreign files): {shown}"
+    return f"left alone: {plural(len(left), 'entry', 'entries')} an export did not write (symlinks or foreign files): {shown}"
 
 
 def _real_folder(path: Path) -> Path:

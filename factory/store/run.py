@@ -23,6 +23,7 @@ import yaml
 
 from factory import __version__
 from factory.errors import InputError
+from factory.feedback import plural
 from factory.fsutil import (
     TMP_PREFIX,
     FileLock,
@@ -76,7 +77,7 @@ class ResumeState:
         if not self.left_alone:
             return None
         shown = ", ".join(self.left_alone[:3]) + (f" and {len(self.left_alone) - 3} more" if len(self.left_alone) > 3 else "")
-        return f"left alone: {len(self.left_alone)} entries the store did not write (symlinks or foreign files): {shown}"
+        return f"left alone: {plural(len(self.left_alone), 'entry', 'entries')} the store did not write (symlinks or foreign files): {shown}"
 
 
 # ------------------------------------------------------------------------------ the store
