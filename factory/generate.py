@@ -276,7 +276,7 @@ def _drive(
             executor = make_executor(spec, opts)
             workers = getattr(getattr(executor, "plan", None), "workers", 1)
             fb.status(f"loading the model on {plural(workers, 'worker')} and warming up (the first batch)")
-            bar = SampleBar(fb, len(rows), start)
+            bar = SampleBar(fb, len(rows))
             for results in run_executor(executor, rows, bar.finished):
                 store.save(results)
                 ok = sum(r.status == "done" for r in results)
@@ -312,15 +312,17 @@ def run_executor(executor: Executor, rows: Sequence[PlanRow], on_result: Callabl
 
 
 class SampleBar:
-    """The run's progress bar: one step per finished sample, with img/s and the ETA.
+    """The run's progress bar: one step per finished sample, with img/s (since the first sample,
+    so model loading and warm-up do not count) and the ETA.
 
     A sample moves the bar when the executor reports it finished (``finished``); a sample that
     reaches the store without that report (a batch failed as a whole, or collected after Ctrl-C)
     moves it when its batch is committed (``committed``), so each sample counts once."""
 
-    def __init__(self, fb: Feedback, total: int, start: float) -> None:
-        self.fb, self.total, self.start = fb, total, start
+    def __init__(self, fb: Feedback, total: int) -> None:
+        self.fb, self.total = fb, total
         self.task: Any = None
+        self.first: tuple[float, int] | None = None  # when the first samples came, and how many were done
         self.done = 0
         self.failed = 0
         self.unsaved: set[str] = set()  # keys shown on the bar whose batch is not committed yet
@@ -341,8 +343,11 @@ class SampleBar:
         ok = sum(r.status == STATUS_DONE for r in results)
         self.done += ok
         self.failed += len(results) - ok
-        elapsed = time.perf_counter() - self.start
-        rate = f"{self.done / elapsed:.2f} img/s" if elapsed > 0 else ""
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.done)
+        since, before = self.first
+        rate = f"{(self.done - before) / (now - since):.2f} img/s" if self.done > before and now > since else ""
         self.fb.advance(self.task, len(results), extra=f"{self.failed} failed  {rate}" if self.failed else rate)
 
 
