@@ -277,7 +277,9 @@ def ray_local():
 
 
 @pytest.mark.slow
-def test_generative_ring_changes_only_the_background_and_ray_writes_the_same_bytes(tmp_path: Path, capsys, ray_local) -> None:
+def test_generative_ring_changes_only_the_background_and_ray_writes_the_same_bytes(
+    tmp_path: Path, capsys, ray_local, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = make_run(tmp_path, 2).root  # two objects: even the tiny model is slow on a busy CPU
     common = ["composite", "--run", run, "-b", "procedural", "--size", 64, "--layers", "--per-object", 1,
               "--shadow", 0.4, "--scale", "0.4,0.5", "--maxcount", 1]
@@ -299,12 +301,24 @@ def test_generative_ring_changes_only_the_background_and_ray_writes_the_same_byt
     assert changed > 0
     # The Ray fan-out (two parts at once as CPU tasks; rings repainted by painter actors that hold
     # the model) writes the same bytes as this process, plain and generative.
+    from factory.composite import fanout
+
+    painters: list = []  # the painter actors, kept alive after the run to ask what they did
+    real_start = fanout.start_painters
+    monkeypatch.setattr(fanout, "start_painters", lambda *a: painters.extend(real_start(*a)) or list(painters))
+    monkeypatch.setattr(fanout.ray, "kill", lambda actor: None)
     for name, extra in [("plain", []), ("gen", generative)]:
         code, _, err = cli(capsys, *common, *extra, "--workers", 2, "-o", tmp_path / f"{name}-ray")
         assert code == 0, err
         here, there = _data_files(tmp_path / name), _data_files(tmp_path / f"{name}-ray")
         assert len([n for n in here if n.startswith("composite-")]) == 2
         assert here == there
+    # one CPU painter per sampler slot (two here, no GPU), each used by one part, one ring each
+    infos = ray_local.get([p.info.remote() for p in painters])
+    assert [(i["device"], i["error"], i["repaints"]) for i in infos] == [("cpu", None, 1), ("cpu", None, 1)]
+    monkeypatch.undo()
+    for p in painters:
+        ray_local.kill(p)
 
 
 @pytest.mark.parametrize(

@@ -42,16 +42,19 @@ class Painter:
         self.error: str | None = None
         self.device = "cuda" if ray.get_gpu_ids() else (device if device and not device.startswith("cuda") else "cpu")
         self.repaint: Any = None
+        self.repaints = 0
         try:
             self.repaint = make_repaint(load_pipeline(model, self.device))
         except Exception as exc:  # noqa: BLE001 - reported by info(); the driver stops the run
             self.error = str(exc) if isinstance(exc, FactoryError) else f"{type(exc).__name__}: {exc}"
 
     def info(self) -> dict[str, Any]:
-        """Ready check: the device and process, or the error that stopped the model loading."""
-        return {"device": self.device, "pid": os.getpid(), "error": self.error}
+        """Ready check: the device and process, or the error that stopped the model loading; and
+        how many rings this actor has repainted."""
+        return {"device": self.device, "pid": os.getpid(), "error": self.error, "repaints": self.repaints}
 
     def paint(self, image: np.ndarray, mask: np.ndarray, gen: dict[str, Any]) -> np.ndarray:
+        self.repaints += 1
         return self.repaint(image, mask, gen)
 
 
