@@ -273,6 +273,7 @@ def methods() -> dict[str, Method]:
     default = GreenPostSettings()
     return {
         "greenpost": _greenpost(default, False),
+        "greenpost+adaptive-clip": _greenpost(replace(default, adaptive_clip=True), False),
         "greenpost+laplacian": _greenpost(replace(default, laplacian_weight=0.3), False),
         "greenpost+coarse": _greenpost(default, True),
         "colordiff": _keyed(color_difference_key),

@@ -84,6 +84,7 @@ class GreenPostSettings:
     refit_min_alpha: float | None = 0.6  # refit the band's colour from pixels with alpha >= this (None: off)
     clip_black: float = 0.03  # alpha at or below -> 0
     clip_white: float = 0.96  # alpha at or above -> 1
+    adaptive_clip: bool = True  # clip black from the board's measured noise (at most clip_black)
     laplacian_weight: float = 0.0  # > 0: closed-form Laplacian regularisation with this data weight
     foreground: str = "unmix"  # "unmix" (with the plate) or "ml" (pymatting multi-level)
     despill_width: float = 6.0  # px into the solid object over which despill fades out
@@ -266,7 +267,7 @@ def greenpost(
         alpha = _band_alpha(img, plate, fg_guess, key, tri.unknown, s)
         clock.lap("second_pass")
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
-    alpha = clip_levels(alpha, s.clip_black, s.clip_white)
+    alpha = clip_levels(alpha, _clip_black(img, plate, board, key_color, s), s.clip_white)
     if s.laplacian_weight > 0:
         alpha = laplacian_refine(img, alpha, s.laplacian_weight)
         clock.lap("laplacian")
@@ -294,6 +295,23 @@ def greenpost(
         fg_guess=fg_guess,
         band=tri.unknown,
     )
+
+
+def _clip_black(
+    img: np.ndarray, plate: np.ndarray, board: np.ndarray, key_color: tuple[int, int, int], s: GreenPostSettings
+) -> float:
+    """Clip black: ``s.clip_black``, or with ``adaptive_clip`` three times the board's noise in alpha
+    units (the median distance of board pixels from the plate over the board's key signal), at
+    least 0.004 and at most ``s.clip_black``: a clean image keeps its faint strands, a noisy one is
+    still cleaned."""
+    if not s.adaptive_clip or not board.any():
+        return s.clip_black
+    step = max(1, int(board.sum()) // 20000)
+    ys, xs = np.nonzero(board)
+    ys, xs = ys[::step], xs[::step]
+    spread = float(np.median(np.abs(img[ys, xs].astype(np.float32) - plate[ys, xs]).max(axis=-1)))
+    signal = float(np.median(key_excess(plate[ys, xs], key_color)))
+    return float(np.clip(3.0 * spread / max(signal, 1.0), 0.004, s.clip_black))
 
 
 def _board_found(key_color: tuple[int, int, int], board: np.ndarray, s: GreenPostSettings) -> bool:
