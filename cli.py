@@ -87,17 +87,16 @@ def plan_cmd(
     """
     from factory.fsutil import check_output_file
     from factory.manifest import load_manifest
-    from factory.plan import build_plan, check_n, summarize, write_plan
+    from factory.plan import check_n, summarize_manifest, write_plan_file
 
     check_n(n)
     m = load_manifest(manifest)
     if seed is not None:
         m = m.model_copy(update={"seed": seed})
-    table = build_plan(m, n)
     if out is not None:
         check_output_file(out)
-        write_plan(table, out)
-    for line in summarize(table, m).lines():
+    summary = write_plan_file(m, n, out) if out is not None else summarize_manifest(m, n)
+    for line in summary.lines():
         _echo(line)
     if out is not None:
         _echo(f"plan written to {out}")

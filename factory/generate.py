@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
-from factory.errors import InputError, Interrupted, work_finished
+from factory.errors import InputError, Interrupted, RunError, work_finished
 from factory.feedback import Feedback, human_bytes, plural
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
@@ -202,21 +202,10 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
         opts = dataclasses.replace(opts, out=out)  # executors put their temporary files under the run
         done = 0 if opts.restart else check_resize(out, opts.n, opts.shrink)
         check_disk_space(out, manifest, opts.n - done)
+        # Nothing here costs N: plan rows are a pure function of the manifest and their index, and
+        # plan.parquet is written in the background once the run has resumed (RunStore.start_plan_writer).
         fb.status(f"planning {plural(opts.n, 'sample')}")
-        plan_bar: list[Any] = []
-
-        def on_plan_rows(rows: int) -> None:
-            if not plan_bar and opts.n > PLAN_BAR_ROWS:  # a large plan gets a bar of its own
-                plan_bar.append(fb.bar(opts.n, "generate: writing the plan"))
-            if plan_bar:
-                fb.advance(plan_bar[0], rows)
-
-        try:
-            store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart, on_plan_rows=on_plan_rows)
-        except KeyboardInterrupt as exc:
-            raise Interrupted(f"interrupted while writing the plan of {out}; no sample was made yet: re-run the same command") from exc
-        if plan_bar:
-            fb.remove(plan_bar[0])
+        store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart, write_plan=False)
         try:
             remember_latest_run(store.root)
             summary = _drive(store, manifest, identity, opts, executor_factory, fb)
@@ -226,9 +215,6 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
             store.release_lock()
 
 
-#: Plans of more rows than this show a progress bar while they are written.
-PLAN_BAR_ROWS = 50_000
-
 
 def _drive(
     store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any, fb: Feedback
@@ -236,12 +222,14 @@ def _drive(
     lean_allocator()
     fb.status(f"checking the run ({plural(opts.n, 'planned sample')})")
     state = store.resume()
+    store.start_plan_writer()  # plan.parquet beside the run: rows are made from the manifest meanwhile
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
     if state.left_alone_line():
         summary.notes.append(state.left_alone_line())
     rows = state.pending  # plan rows made on demand from plan.parquet
     if not rows:
         summary.notes.append("nothing to do: every planned sample is done")
+        store.finish_plan_writer()
         store.fold()
         return summary
     fb.status("loading the sampling code (torch, diffusers, the matting stack)")
@@ -291,6 +279,7 @@ def _drive(
                 summary.notes.extend(executor_notes(executor))
     except KeyboardInterrupt as exc:
         summary.seconds = time.perf_counter() - start
+        store.finish_plan_writer(wait=False)
         store.fold()
         raise Interrupted(
             f"interrupted; {plural(summary.skipped + summary.done, 'sample')} committed in {store.root}; "
@@ -298,6 +287,7 @@ def _drive(
         ) from exc
     summary.seconds = time.perf_counter() - start
     summary.notes.extend(tokens.notes())
+    store.finish_plan_writer()
     store.fold()
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
     return summary
@@ -397,8 +387,9 @@ def check_resize(out: Path, n: int, shrink: bool) -> int:
     store = RunStore.open(out)
     try:
         old_n = int(store.info.get("n") or 0)
-        index = store.index(columns=["index", "status"])
-    except (InputError, OSError, ValueError, pa.ArrowException):
+        parts = list(store.committed(["index", "status"]))  # committed rows only: costs what is done, not N
+        index = pa.concat_tables(parts) if parts else pa.table({"index": pa.array([], pa.int64()), "status": pa.array([], pa.string())})
+    except (InputError, RunError, OSError, ValueError, pa.ArrowException):
         return 0  # the store reports its own problems when the run is prepared
     done = (index["status"].to_numpy(zero_copy_only=False) == STATUS_DONE)
     if n < old_n and not shrink:

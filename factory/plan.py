@@ -21,7 +21,7 @@ import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.errors import InputError
-from factory.fsutil import atomic_write_parquet
+from factory.fsutil import atomic_parquet_writer, atomic_write_parquet
 from factory.manifest import Manifest
 
 PLAN_SCHEMA = pa.schema(
@@ -166,55 +166,88 @@ def check_n(n: int) -> int:
 def build_rows(manifest: Manifest, n: int, start: int = 0) -> list[PlanRow]:
     """Rows ``start .. n-1`` of the manifest's plan."""
     check_n(n)
-    cells = _Cells(manifest)
-    prompts = manifest.prompts
-    seed = manifest.seed
-    grid = prompts.grid
-    images = manifest.model.controlnet.images if manifest.model.controlnet else None
-    rows: list[PlanRow] = []
-    for i in range(start, n):
+    return RowMaker(manifest).rows(range(start, n))
+
+
+class RowMaker:
+    """Plan rows as a pure function of the manifest and the row index.
+
+    Everything that depends only on the class or grid cell (its hashed offsets for the template,
+    the slots and the extra axes) is computed once here, so a row costs one hash (its seed) and
+    its string formatting: any row can be made without the rows before it.
+    """
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.cells = _Cells(manifest)
+        prompts = manifest.prompts
+        seed = manifest.seed
+        self._images = manifest.model.controlnet.images if manifest.model.controlnet else None
+        self._template_offset = [_hash_int(seed, label, "template") for label in self.cells.labels]
+        self._slugs = [slugify(label) for label in self.cells.labels]
+        grid = prompts.grid
+        #: per cell: (axis or slot, its values, its offset, "extra" | "axis" | "slot")
+        self._choices: list[list[tuple[str, list[str], int, str]]] = []
+        for cell, label in enumerate(self.cells.labels):
+            item = self.cells.items[cell]
+            choices: list[tuple[str, list[str], int, str]] = []
+            known = set(item)
+            if grid is not None:
+                for axis in grid.extra:
+                    choices.append((axis, grid.axes[axis], _hash_int(seed, label, axis), "extra"))
+                    known.add(axis)
+                for axis, axis_values in grid.axes.items():  # axes used by a template but in neither list
+                    if axis not in known:
+                        choices.append((axis, axis_values, _hash_int(seed, label, axis), "axis"))
+                        known.add(axis)
+                known.update({"class_name", "category", "phrase"})
+            for slot, slot_values in prompts.slots.items():
+                if slot not in known:
+                    choices.append((slot, slot_values, _hash_int(seed, label, slot), "slot"))
+            self._choices.append(choices)
+
+    def row(self, i: int) -> PlanRow:
+        manifest = self.manifest
+        prompts = manifest.prompts
+        cells = self.cells
         cell, visit = i % len(cells), i // len(cells)
         item = cells.items[cell]
         label = cells.labels[cell]
-        template_id = (visit + _hash_int(seed, label, "template")) % len(prompts.templates)
-        template = prompts.templates[template_id]
-        values: dict[str, str] = {}
-        attributes: dict[str, str] = {}
+        template_id = (visit + self._template_offset[cell]) % len(prompts.templates)
+        values: dict[str, str] = dict(item)
         if prompts.classes is not None:
-            values.update(item)
-            attributes.update({"class_name": item["class_name"], "category": item["category"]})
+            attributes = {"class_name": item["class_name"], "category": item["category"]}
             class_name, category = item["class_name"], item["category"]
         else:
-            assert grid is not None
-            values.update(item)
-            attributes.update(item)
-            for axis in grid.extra:
-                attributes[axis] = values[axis] = _rotate(grid.axes[axis], visit, seed, label, axis)
-            for axis, axis_values in grid.axes.items():  # axes used by a template but in neither list
-                values.setdefault(axis, _rotate(axis_values, visit, seed, label, axis))
+            attributes = dict(item)
             class_name, category = label, "portrait"
+        for name, options, offset, kind in self._choices[cell]:
+            value = options[(visit + offset) % len(options)]
+            if kind == "axis":
+                values.setdefault(name, value)
+            else:
+                values[name] = value
+                attributes[name] = value
+        if prompts.classes is None:
             values.update({"class_name": label, "category": category, "phrase": label})
-        for slot, slot_values in prompts.slots.items():
-            if slot not in values:
-                values[slot] = _rotate(slot_values, visit, seed, label, slot)
-                attributes[slot] = values[slot]
         values["a"] = "\x00"
-        prompt = " ".join(_fill_articles(template.format(**values)).split())
+        prompt = " ".join(_fill_articles(prompts.templates[template_id].format(**values)).split())
         attributes["template"] = str(template_id)
-        rows.append(
-            PlanRow(
-                index=i,
-                key=row_key(manifest.name, i, label),
-                class_name=class_name,
-                category=category,
-                prompt=prompt,
-                negative_prompt=manifest.negative_prompt,
-                seed=_hash_int(seed, i, "seed"),
-                attributes=attributes,
-                control_image=images[i % len(images)] if images else None,
-            )
+        images = self._images
+        return PlanRow(
+            index=i,
+            key=f"{manifest.name}-{i:0{KEY_INDEX_WIDTH}d}-{self._slugs[cell]}",  # row_key, the slug made once
+            class_name=class_name,
+            category=category,
+            prompt=prompt,
+            negative_prompt=manifest.negative_prompt,
+            seed=_hash_int(manifest.seed, i, "seed"),
+            attributes=attributes,
+            control_image=images[i % len(images)] if images else None,
         )
-    return rows
+
+    def rows(self, indices: Iterable[int]) -> list[PlanRow]:
+        return [self.row(int(i)) for i in indices]
 
 
 def rows_to_table(rows: list[PlanRow]) -> pa.Table:
@@ -239,10 +272,60 @@ def build_plan(manifest: Manifest, n: int) -> pa.Table:
     return rows_to_table(build_rows(manifest, n))
 
 
-def plan_chunks(manifest: Manifest, n: int, size: int = PLAN_ROW_GROUP) -> Iterator[pa.Table]:
-    """The plan of ``n`` rows as tables of ``size`` rows: a large plan is never whole in memory."""
-    for start in range(0, n, size):
-        yield rows_to_table(build_rows(manifest, min(n, start + size), start))
+def plan_chunks(manifest: Manifest, n: int, size: int = PLAN_ROW_GROUP, start: int = 0) -> Iterator[pa.Table]:
+    """Plan rows ``start .. n-1`` as tables of ``size`` rows: a large plan is never whole in memory."""
+    maker = RowMaker(manifest)
+    for lo in range(start, n, size):
+        yield rows_to_table(maker.rows(range(lo, min(n, lo + size))))
+
+
+def write_plan_file(manifest: Manifest, n: int, path: str | Path, stop: Any = None) -> PlanSummary:
+    """Write the plan of ``n`` rows to ``path`` a row group at a time (memory flat in N), atomically,
+    and return its summary. ``stop`` (a ``threading.Event``) abandons the write when set."""
+    check_n(n)
+    counts: Counter[str] = Counter()
+    with atomic_parquet_writer(Path(path), PLAN_SCHEMA) as writer:
+        for chunk in plan_chunks(manifest, n):
+            if stop is not None and stop.is_set():
+                raise PlanAbandoned(str(path))
+            writer.write_table(chunk, row_group_size=PLAN_ROW_GROUP)
+            counts.update(chunk["class_name"].to_pylist())
+    return _summary(counts, n, manifest)
+
+
+def summarize_manifest(manifest: Manifest, n: int) -> PlanSummary:
+    """The summary of the plan of ``n`` rows without building it: the class of row ``i`` is cell
+    ``i mod cells``, so the counts follow from N alone."""
+    check_n(n)
+    cells = _Cells(manifest)
+    k = len(cells)
+    counts = Counter({cells.labels[c]: n // k + (1 if c < n % k else 0) for c in range(min(k, n))})
+    return _summary(counts, n, manifest)
+
+
+class PlanAbandoned(Exception):
+    """A plan file's write was stopped before the end (the file was not written)."""
+
+
+class ManifestPlan:
+    """The plan of ``n`` rows made from the manifest on demand: the same rows as its plan file
+    (row ``i`` is a pure function of the manifest and ``i``), without reading or writing one."""
+
+    def __init__(self, manifest: Manifest, n: int) -> None:
+        self.maker = RowMaker(manifest)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, indices: np.ndarray | Sequence[int]) -> pa.Table:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"plan index out of range 0..{self.n - 1}")
+        return rows_to_table(self.maker.rows(idx.tolist())) if idx.size else PLAN_SCHEMA.empty_table()
+
+    def rows(self, indices: np.ndarray | Sequence[int]) -> list[PlanRow]:
+        return self.maker.rows(np.asarray(indices, dtype=np.int64).tolist())
 
 
 def table_rows(table: pa.Table) -> list[PlanRow]:
@@ -308,7 +391,7 @@ class PlanReader:
 class PlanRows(Sequence[PlanRow]):
     """Plan rows at the given plan indices, made on demand: N rows cost N integers, not N objects."""
 
-    def __init__(self, reader: PlanReader, indices: np.ndarray | Sequence[int]) -> None:
+    def __init__(self, reader: PlanReader | ManifestPlan, indices: np.ndarray | Sequence[int]) -> None:
         self.reader = reader
         self.indices = np.asarray(indices, dtype=np.int64)
 
@@ -364,10 +447,13 @@ class PlanSummary:
 
 
 def summarize(table: pa.Table, manifest: Manifest) -> PlanSummary:
-    counts = Counter(table.column("class_name").to_pylist())
+    return _summary(Counter(table.column("class_name").to_pylist()), table.num_rows, manifest)
+
+
+def _summary(counts: Counter[str], rows: int, manifest: Manifest) -> PlanSummary:
     total = len(manifest.prompts.classes) if manifest.prompts.classes is not None else manifest.prompts.grid.n_cells  # type: ignore[union-attr]
     return PlanSummary(
-        rows=table.num_rows,
+        rows=rows,
         groups=len(counts),
         kind=manifest.kind,
         min_per_group=min(counts.values()) if counts else 0,

@@ -160,18 +160,15 @@ def test_a_prompt_cut_at_77_tokens_is_recorded_and_warned_on_the_console(small_m
     assert any("3 samples" in note and "cut at 77 CLIP tokens" in note for note in summary.notes)
 
 
-def test_a_large_plan_is_written_under_a_progress_bar(small_manifest: Path, tmp_path: Path, terminal, monkeypatch) -> None:
-    import factory.generate as generate
+def test_the_plan_is_written_beside_the_run_not_before_it(small_manifest: Path, tmp_path: Path, terminal) -> None:
+    """Nothing before the first sample costs N (issue 20): no plan-writing phase; plan.parquet is
+    written in the background and complete at the end."""
+    from factory.manifest import load_manifest
+    from factory.plan import build_plan
 
-    monkeypatch.setattr(generate, "PLAN_BAR_ROWS", 5)  # "large" for the test: a bar from 6 rows on
-    seen: dict[str, str] = {}
-
-    def make(spec, opts):
-        seen["model_loading"] = terminal.getvalue()
-        return FakeExecutor(spec, opts)
-
-    run_generate(GenerateOptions(manifest=small_manifest, n=6, out=tmp_path / "run", model="tiny"), executor_factory=make)
-    assert "generate: writing the plan" in seen["model_loading"] and "6/6" in seen["model_loading"]
+    run_generate(GenerateOptions(manifest=small_manifest, n=6, out=tmp_path / "run", model="tiny"), executor_factory=FakeExecutor)
+    assert "writing the plan" not in terminal.getvalue()
+    assert RunStore.open(tmp_path / "run").plan().equals(build_plan(load_manifest(small_manifest), 6))
 
 
 def test_version_and_a_clean_help(cli) -> None:

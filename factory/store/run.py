@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from factory import __version__
-from factory.errors import InputError
+from factory.errors import InputError, RunError
 from factory.feedback import plural
 from factory.fsutil import (
     TMP_PREFIX,
@@ -35,9 +36,9 @@ from factory.fsutil import (
     fsync_path,
 )
 from factory.manifest import Manifest, manifest_from_dict
-from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, PlanReader, PlanRows, plan_chunks
+from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, ManifestPlan, PlanAbandoned, PlanReader, PlanRows, plan_chunks, write_plan_file
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED, SampleResult, key_of
-from factory.store import layout
+from factory.store import layout, segments
 from factory.store.layout import (
     INDEX_FILE,
     INDEX_SCHEMA,
@@ -52,13 +53,9 @@ from factory.store.layout import (
     bucket_name,
 )
 from factory.store.tables import (
-    SortedRows,
-    conform,
     damaged_rows,
     index_row,
-    latest_per_index,
     planned_rows,
-    readable_columns,
 )
 
 
@@ -92,7 +89,9 @@ class RunStore:
         self._seq: int | None = None
         self._chunks_since_fold = 0
         self._left_alone: list[str] = []
-        self.fold_every = 64  # journal chunks between rewrites of index.parquet
+        self.fold_every = 64  # journal chunks between folds of the journal into a segment
+        self._plan_thread: threading.Thread | None = None
+        self._plan_stop: threading.Event | None = None
 
     # -------------------------------------------------------------- opening
 
@@ -113,11 +112,14 @@ class RunStore:
         model_identity: str,
         restart: bool = False,
         on_plan_rows: Callable[[int], None] | None = None,
+        write_plan: bool = True,
     ) -> RunStore:
         """Create the run directory, or check that it was made by this manifest and model.
 
         Writes run.json, manifest.yaml and the plan of ``n`` rows. Nothing is written when the
-        checks fail. ``restart`` deletes an existing run's samples and index first.
+        checks fail. ``restart`` deletes an existing run's samples and index first. Without
+        ``write_plan`` the plan file is left to :meth:`start_plan_writer` (``generate`` starts on
+        the first rows while it is written; until then readers make plan rows from the manifest).
         ``on_plan_rows(k)`` is called as each group of k plan rows is written (a progress bar).
         """
         root = Path(root)
@@ -136,8 +138,11 @@ class RunStore:
         try:
             if existing is not None and restart:
                 store._wipe()
-            if existing is None or restart or existing.get("n") != n or store._plan_rows() != n:
+            if write_plan and (existing is None or restart or existing.get("n") != n or store._plan_rows() != n):
                 store._write_plan(manifest, n, on_plan_rows)
+            elif store._plan_rows() not in (None, n):  # a plan of another N: not this run's
+                with contextlib.suppress(FileNotFoundError):
+                    (root / PLAN_FILE).unlink()
             (root / SAMPLES_DIR).mkdir(exist_ok=True)
             (root / JOURNAL_DIR).mkdir(exist_ok=True)
             info = {
@@ -165,6 +170,33 @@ class RunStore:
                 writer.write_table(chunk, row_group_size=PLAN_ROW_GROUP)
                 if on_rows is not None:
                     on_rows(chunk.num_rows)
+
+    def start_plan_writer(self) -> None:
+        """Write plan.parquet in a background thread if it is not complete (a cache of rows that
+        are a pure function of the manifest: nothing waits for it). Call after :meth:`resume`,
+        which deletes temporary files; :meth:`finish_plan_writer` waits for it or abandons it."""
+        n = self.plan_size()
+        if self._plan_rows() == n or self._plan_thread is not None:
+            return
+        manifest = self.manifest()
+        stop = threading.Event()
+
+        def write() -> None:
+            with contextlib.suppress(PlanAbandoned, OSError, InputError):
+                write_plan_file(manifest, n, self.root / PLAN_FILE, stop=stop)
+
+        self._plan_stop = stop
+        self._plan_thread = threading.Thread(target=write, name="factory-plan", daemon=True)
+        self._plan_thread.start()
+
+    def finish_plan_writer(self, wait: bool = True) -> None:
+        """Wait for the plan's background write (``wait``) or stop it (its temporary file goes)."""
+        if self._plan_thread is None:
+            return
+        if not wait and self._plan_stop is not None:
+            self._plan_stop.set()
+        self._plan_thread.join()
+        self._plan_thread = None
 
     def _plan_rows(self) -> int | None:
         """Rows in plan.parquet, or None when there is no readable plan."""
@@ -201,6 +233,7 @@ class RunStore:
         self._lock = FileLock(self.root / LOCK_FILE, f"{self.root}: another factory process is writing this run")
 
     def release_lock(self) -> None:
+        self.finish_plan_writer(wait=False)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -244,101 +277,98 @@ class RunStore:
     def sample_path(self, index: int, key: str, suffix: str) -> Path:
         return self.sample_dir(index) / f"{key}{suffix}"
 
-    def _journal(self) -> list[tuple[int, Path]]:
-        folder = self.root / JOURNAL_DIR
-        if not folder.is_dir():
-            return []
-        chunks = []
-        for p in folder.glob("chunk-*.parquet"):
-            with contextlib.suppress(ValueError):
-                chunks.append((int(p.stem.split("-")[1]), p))
-        return sorted(chunks)
-
     def plan_size(self) -> int:
-        """N: the number of planned samples (read from the plan file's metadata)."""
+        """N: the number of planned samples (run.json's ``n``, else the plan file's rows)."""
+        n = self._read_run_json().get("n") if (self.root / RUN_FILE).is_file() else None
+        if isinstance(n, int) and n > 0:
+            return n
         rows = self._plan_rows()
         if rows is None:
             raise InputError(f"{self.root / PLAN_FILE}: missing or unreadable plan")
         return rows
 
-    def plan_reader(self) -> PlanReader:
-        return PlanReader(self.root / PLAN_FILE)
+    def plan_reader(self) -> PlanReader | ManifestPlan:
+        """The plan's rows by index: plan.parquet when it is complete, else made from the manifest
+        (a plan row is a pure function of the manifest and its index; the file is a cache that
+        ``generate`` writes beside the run)."""
+        n = self.plan_size()
+        if self._plan_rows() == n:
+            return PlanReader(self.root / PLAN_FILE)
+        return ManifestPlan(self.manifest(), n)
 
-    def _covers(self) -> int:
-        """The last journal chunk folded into index.parquet (0: none, or no index.parquet)."""
-        path = self.root / INDEX_FILE
-        if not path.is_file():
-            return 0
-        return int((pq.read_schema(path).metadata or {}).get(b"covers", b"0"))
+    def _index_sources(self, schema: pa.Schema) -> tuple[list[segments.IndexFile], pa.Table]:
+        """The live base and segment files, oldest first, and the journal's rows not in them."""
+        live = segments.live_files(segments.all_files(self.root))
+        top = segments.top_of(live)
+        chunks = [(seq, path) for seq, path in segments.journal_chunks(self.root) if seq > top]
+        return live, segments.read_chunks(chunks, schema)
 
-    def _journal_rows(self, schema: pa.Schema) -> pa.Table:
-        """The latest row per plan index among journal chunks not yet folded, sorted by index.
-
-        The journal is short (it is folded every ``fold_every`` chunks and at the end of a run).
-        """
-        covers = self._covers()
-        parts = []
-        for seq, path in self._journal():
-            if seq > covers:
-                parts.append(conform(pq.read_table(path, columns=readable_columns(path, schema)), schema))
-        if not parts:
-            return schema.empty_table()
-        latest = latest_per_index(pa.concat_tables(parts))
-        return latest.sort_by("index")
+    def committed(self, columns: Sequence[str] | None = None, only_plan: bool = False) -> Iterator[pa.Table]:
+        """The committed rows (latest per plan index, ``planned`` rows that undo older ones
+        included), a step of plan indices at a time in index order. Costs what is committed,
+        whatever the plan's size."""
+        names = list(INDEX_SCHEMA.names if columns is None else dict.fromkeys(["index", "status", *columns]))
+        schema = pa.schema([INDEX_SCHEMA.field(c) for c in names])
+        files, journal = self._index_sources(schema)
+        stop = self.plan_size() if only_plan else None
+        for lo, parts in segments.committed_steps(files, journal, schema, stop=stop):
+            table = segments.pick_latest(lo, parts, keep_planned=True)
+            if stop is not None and table.num_rows and table["index"][table.num_rows - 1].as_py() >= stop:
+                table = table.filter(pc.less(table["index"], stop))
+            if table.num_rows:
+                yield table if columns is None else table.select(list(columns))
 
     def _merged(self, columns: Sequence[str] | None = None, only_plan: bool = False) -> Iterator[pa.Table]:
         """The index, ``STEP_ROWS`` plan indices at a time, in plan-index order.
 
-        For every plan index: its latest journal row, else its row in index.parquet, else a
-        ``planned`` row made from the plan; then the committed rows of indices beyond the plan (a
-        run whose N was lowered), unless ``only_plan``. Three sorted streams merged a step at a
-        time (index.parquet is written sorted by index), so memory does not grow with N.
+        For every plan index: its latest committed row, else a ``planned`` row made from the plan;
+        then the committed rows of indices beyond the plan (a run whose N was lowered), unless
+        ``only_plan``. Memory does not grow with N: sorted streams merged a step at a time.
         Parts hold ``columns`` (all columns by default; ``index`` and ``status`` are always read).
         """
         names = list(INDEX_SCHEMA.names if columns is None else dict.fromkeys(["index", "status", *columns]))
         schema = pa.schema([INDEX_SCHEMA.field(c) for c in names])
         n = self.plan_size()
-        reader: PlanReader | None = None
-        journal = self._journal_rows(schema)
-        j_index = journal["index"].to_numpy()
-        j_at = 0
-        folded = SortedRows(self.root / INDEX_FILE, schema)
-        lo = 0
-        while True:
-            upcoming = [i for i in (folded.next_index(), int(j_index[j_at]) if j_at < j_index.size else None) if i is not None]
-            if lo >= n:  # past the plan: jump to the next committed row, if any
-                if only_plan or not upcoming:
-                    return
-                lo = max(lo, min(upcoming) // layout.STEP_ROWS * layout.STEP_ROWS)
-            hi = lo + layout.STEP_ROWS
-            j_stop = int(np.searchsorted(j_index, hi))
-            parts = [folded.take_below(hi), journal.slice(j_at, j_stop - j_at)]
-            j_at = j_stop
-            pick = np.full(layout.STEP_ROWS, -1, dtype=np.int64)
-            offset = 0
-            for part in parts:  # later parts win: the journal over index.parquet
-                idx = part["index"].to_numpy() - lo
-                in_plan = idx + lo < n
-                keep = in_plan if only_plan else in_plan | pc.not_equal(part["status"], STATUS_PLANNED).to_numpy(zero_copy_only=False)
-                pick[idx[keep]] = offset + np.flatnonzero(keep)
-                offset += part.num_rows
-            missing = np.flatnonzero(pick[: max(0, min(hi, n) - lo)] < 0)
-            if missing.size:
-                reader = reader or self.plan_reader()
-                parts.append(planned_rows(reader.take(missing + lo), schema))
-                pick[missing] = offset + np.arange(missing.size)
-            lo = hi
-            chosen = pick[pick >= 0]
-            if chosen.size == parts[0].num_rows and np.array_equal(chosen, np.arange(chosen.size)):
-                table = parts[0]  # the common case, a folded run: index.parquet's rows as they are
-            else:
-                table = pa.concat_tables(parts).take(pa.array(chosen))
-            if table.num_rows:
-                yield table if columns is None else table.select(list(columns))
+        step = layout.STEP_ROWS
+        reader: PlanReader | ManifestPlan | None = None
+
+        def planned(lo: int, hi: int, have: np.ndarray) -> pa.Table:
+            nonlocal reader
+            hi = min(hi, n)
+            missing = np.setdiff1d(np.arange(lo, hi, dtype=np.int64), have, assume_unique=True)
+            if missing.size == 0:
+                return schema.empty_table()
+            reader = reader or self.plan_reader()
+            return planned_rows(reader.take(missing), schema)
+
+        def out(table: pa.Table) -> pa.Table:
+            return table if columns is None else table.select(list(columns))
+
+        at = 0  # the first plan index not yet yielded
+        files, journal = self._index_sources(schema)
+        for lo, parts in segments.committed_steps(files, journal, schema, stop=n if only_plan else None):
+            while at < min(lo, n):
+                yield out(planned(at, at + step, np.zeros(0, np.int64)))
+                at += step
+            rows = segments.pick_latest(lo, parts, keep_planned=True)
+            if rows.num_rows and pc.any(pc.equal(rows["status"], STATUS_PLANNED)).as_py():
+                rows = rows.filter(pc.not_equal(rows["status"], STATUS_PLANNED))  # made again from the plan below
+            if only_plan and rows.num_rows:
+                rows = rows.filter(pc.less(rows["index"], n))
+            if lo < n:
+                fill = planned(lo, lo + step, rows["index"].to_numpy())
+                if fill.num_rows:
+                    rows = pa.concat_tables([rows, fill]).sort_by("index")
+                at = lo + step
+            if rows.num_rows:
+                yield out(rows)
+        while at < n:
+            yield out(planned(at, at + step, np.zeros(0, np.int64)))
+            at += step
 
     def records(self) -> pa.Table:
         """The latest index row of every key that has one (planned rows excluded)."""
-        parts = [t.filter(pc.not_equal(t["status"], STATUS_PLANNED)) for t in self._merged()]
+        parts = [t.filter(pc.not_equal(t["status"], STATUS_PLANNED)) for t in self.committed()]
         return pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
 
     def index(
@@ -365,74 +395,93 @@ class RunStore:
     def _folded_index(self, columns: list[str], encoded: list[str]) -> pa.Table | None:
         """index.parquet's columns read in one call, when it *is* the index; else None.
 
-        :meth:`_merged` merges index.parquet, the journal and the plan a step at a time (0.15 s for
-        the filter's columns of a million rows here, 0.6 s for all). When no journal chunk is newer
-        than what index.parquet covers and index.parquet holds exactly the plan's rows (plan index
-        0..N-1, in order, as :meth:`fold` writes it), one read is enough (0.04 s). Anything else (a
-        run being written, N changed since the fold) returns None and takes the merging path.
+        When index.parquet is the only live index file, no journal chunk is newer, and it holds
+        exactly the plan's rows (plan index 0..N-1, in order: a finished, compacted run), one read
+        is enough (0.04 s for a million rows here, against 0.15-0.6 s merging). Anything else
+        returns None and takes the merging path, which also reports damaged files.
         """
         path = self.root / INDEX_FILE
         try:
             if not path.is_file():
                 return None
+            live = segments.live_files(segments.all_files(self.root))
+            if len(live) != 1 or not live[0].is_base:
+                return None
             file = pq.ParquetFile(path, read_dictionary=encoded or None)
-            covers = int((file.schema_arrow.metadata or {}).get(b"covers", b"0"))
-            if any(seq > covers for seq, _ in self._journal()):
+            if any(seq > live[0].hi for seq, _ in segments.journal_chunks(self.root)):
                 return None
             n_plan = self.plan_size()
             if file.metadata.num_rows != n_plan or not set(columns) <= set(file.schema_arrow.names):
                 return None
-            table = file.read(columns=list(dict.fromkeys(["index", *columns])))
+            table = file.read(columns=list(dict.fromkeys(["index", "status", *columns])))
             if not np.array_equal(table["index"].to_numpy(zero_copy_only=False), np.arange(n_plan)):
                 return None
+            if pc.any(pc.equal(table["status"], STATUS_PLANNED)).as_py():
+                return None
             return table.select(columns)
-        except (OSError, ValueError, pa.ArrowException):
+        except (OSError, ValueError, pa.ArrowException, RunError):
             return None  # the merging reader reports real problems
 
     # -------------------------------------------------------------- resuming
 
-    def resume(self, verify_files: bool = True) -> ResumeState:
-        """Clean temporary and orphan files and work out what is left to do.
+    def resume(self, verify: str = "recent") -> ResumeState:
+        """Clean temporary and uncommitted files and work out what is left to do.
 
-        One streaming pass over the index, a bucket folder at a time: a done sample counts only
-        if its four files are present with the recorded sizes (``verify_files``); files of
-        samples that are not done (or not done intact) are deleted. Memory: one step of index
-        rows, one folder listing, and the pending plan indices (8 bytes per sample to do).
+        The committed index is trusted for presence: files are written and synced before their
+        row is committed. One pass over the committed rows (its cost follows what is done, not N)
+        finds the done samples; the sample folders that can hold uncommitted files (those not all
+        done) and those of the rows still in the journal (the last, uncertain commits) are listed,
+        their done samples' files checked for presence and size, and files of samples not done
+        deleted. ``verify="all"`` lists every folder with done samples (the old full check; the
+        thorough one, PNG CRCs and JSON, is ``factory check``).
         """
         n = self.plan_size()
         self._left_alone = []
-        pending: list[np.ndarray] = []
-        failed = damaged = 0
-        seen_buckets: set[int] = set()
         columns = ["index", "key", "status", *SIZE_COLUMNS.values()]
-        for part in self._merged(columns):
-            index = part["index"].to_numpy()
-            status = part["status"]
-            good = pc.equal(status, STATUS_DONE).to_numpy(zero_copy_only=False).copy()
-            in_plan = index < n
-            failed += int(np.count_nonzero(pc.equal(status, STATUS_FAILED).to_numpy(zero_copy_only=False) & in_plan))
-            buckets = index // layout.BUCKET_SIZE
-            for bucket in np.unique(buckets).tolist():
-                rows = np.flatnonzero(buckets == bucket)
-                listing = self._listing(bucket)
-                if verify_files:
-                    bad = damaged_rows(part.take(pa.array(rows[good[rows]])), listing)
-                    bad_rows = rows[good[rows]][bad]
-                    good[bad_rows] = False
-                    damaged += int(np.count_nonzero(in_plan[bad_rows]))
-                done_keys = set(part["key"].take(pa.array(rows[good[rows]])).to_pylist())
-                self._clean_bucket(bucket, listing, done_keys)
-                seen_buckets.add(bucket)
-            pending.append(index[in_plan & ~good])
-        for bucket in self._bucket_numbers() - seen_buckets:  # folders with no index row at all
-            self._clean_bucket(bucket, self._listing(bucket), set())
+        schema = pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+        files, journal = self._index_sources(schema)
+        recent = set((journal["index"].to_numpy() // layout.BUCKET_SIZE).tolist())
+        done_parts: list[pa.Table] = []
+        failed = 0
+        for lo, parts in segments.committed_steps(files, journal, schema):
+            rows = segments.pick_latest(lo, parts, keep_planned=True)
+            status = rows["status"]
+            in_plan = pc.less(rows["index"], n)
+            failed += int(pc.sum(pc.and_(pc.equal(status, STATUS_FAILED), in_plan)).as_py() or 0)
+            done_parts.append(rows.filter(pc.equal(status, STATUS_DONE)))
+        done = pa.concat_tables(done_parts) if done_parts else schema.empty_table()
+        done_index = done["index"].to_numpy()
+        buckets = done_index // layout.BUCKET_SIZE
+        per_bucket = np.bincount(buckets, minlength=1) if buckets.size else np.zeros(1, np.int64)
+        existing = self._bucket_numbers()
+        to_list = {b for b in existing if b >= per_bucket.size or per_bucket[b] < layout.BUCKET_SIZE}
+        to_list |= recent & existing
+        if verify == "all":
+            to_list |= set(np.unique(buckets).tolist()) & existing
+        bad_index: list[int] = []
+        order = np.argsort(buckets, kind="stable")
+        starts = np.searchsorted(buckets[order], sorted(to_list))
+        stops = np.searchsorted(buckets[order], sorted(to_list), side="right")
+        for bucket, lo, hi in zip(sorted(to_list), starts.tolist(), stops.tolist()):
+            listing = self._listing(bucket)
+            rows = done.take(pa.array(order[lo:hi]))
+            bad = damaged_rows(rows, listing)
+            bad_index.extend(rows["index"].to_numpy()[bad].tolist())
+            good_keys = set(rows.filter(pa.array(~bad))["key"].to_pylist())
+            self._clean_bucket(bucket, listing, good_keys)
+        gone = np.isin(buckets, np.fromiter(existing, np.int64, len(existing)), invert=True)
+        bad_index.extend(done_index[gone].tolist())  # whole folders gone: their samples are redone
         self._clean_temporary()
-        todo = np.concatenate(pending) if pending else np.zeros(0, np.int64)
+        bad = np.asarray(bad_index, dtype=np.int64)
+        todo_mask = np.ones(n, dtype=bool)
+        todo_mask[done_index[done_index < n]] = False
+        todo_mask[bad[bad < n]] = True
+        todo = np.flatnonzero(todo_mask)
         return ResumeState(
             pending=PlanRows(self.plan_reader(), todo),
             done=n - int(todo.size),
             failed_before=failed,
-            damaged=damaged,
+            damaged=int(np.count_nonzero(bad < n)),
             left_alone=list(self._left_alone),
         )
 
@@ -525,30 +574,22 @@ class RunStore:
         journal = self.root / JOURNAL_DIR
         journal.mkdir(exist_ok=True)
         if self._seq is None:
-            self._seq = max([self._covers(), *(s for s, _ in self._journal())])
+            self._seq = max([segments.top_of(segments.all_files(self.root)), *(s for s, _ in segments.journal_chunks(self.root))])
         self._seq += 1
         atomic_write_parquet(table, journal / f"chunk-{self._seq:09d}.parquet")
         fsync_path(journal)
         self._chunks_since_fold += 1
         if self._chunks_since_fold >= self.fold_every:
-            self.fold()
+            segments.compact(self.root)
+            self._chunks_since_fold = 0
 
     def fold(self) -> None:
-        """Rewrite index.parquet from itself, the journal and the plan, then delete folded chunks.
+        """Compact the whole index into index.parquet (committed rows, sorted by plan index): at
+        the end of a run, so readers find one file. Costs the rows committed, not the plan's size.
 
-        Written a step at a time (see :meth:`_merged`) to a temporary file that replaces the old
-        one; a crash before the rename leaves the old index and the journal, which is harmless.
+        A crash at any point leaves the old files or a complete new one that supersedes them.
         """
-        chunks = self._journal()
-        top = max([self._covers(), *(s for s, _ in chunks)])
-        with atomic_parquet_writer(self.root / INDEX_FILE, INDEX_SCHEMA, metadata={"covers": str(top)}) as writer:
-            for part in self._merged():
-                writer.write_table(part)
-        fsync_path(self.root)
-        for seq, path in chunks:
-            if seq <= top:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        segments.compact(self.root, full=True)
         self._chunks_since_fold = 0
 
     def mark_updated(self, **extra: Any) -> None:
