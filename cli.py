@@ -360,6 +360,28 @@ def eval_cmd(
 _RUN_HELP = "Run directory. Default: the latest run made by `factory generate` in this directory."
 
 
+@app.command("check")
+def check_cmd(
+    run: Annotated[Optional[Path], typer.Option("--run", help=_RUN_HELP)] = None,
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Mark damaged samples planned (the next generate redoes them); rebuild a damaged index."),
+    ] = False,
+) -> None:
+    """Check every done sample's files against the index: PNG structure and CRCs, sizes, JSON.
+
+    Prints each damaged sample's key and reason and exits 1 if there is any (0 with --repair,
+    once they are marked for the next `factory generate`).
+    """
+    from factory.check import run_check
+
+    summary = run_check(run, repair=repair)
+    for line in summary.lines():
+        _echo(line)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
+
+
 @app.command("filter")
 def filter_cmd(
     run: Annotated[Optional[Path], typer.Option("--run", help=_RUN_HELP)] = None,

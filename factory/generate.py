@@ -34,6 +34,7 @@ from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest
 from factory.plan import PlanRow, check_n
 from factory.sample import PROMPT_TOKEN_LIMIT, STATUS_DONE, SampleResult
 from factory.store import RUN_FILE, RunStore, remember_latest_run
+from factory.store.segments import DamagedIndex
 
 if TYPE_CHECKING:  # the worker side imports the matting stack (numba, seconds): not before it is needed
     from factory.worker import WorkSpec
@@ -221,16 +222,24 @@ def _drive(
 ) -> GenerateSummary:
     lean_allocator()
     fb.status(f"checking the run ({plural(opts.n, 'planned sample')})")
-    state = store.resume()
+    try:
+        state = store.resume()
+        rebuilt = None
+    except DamagedIndex:  # rebuilt from the plan, the readable index files and the samples' JSON
+        rebuilt = store.rebuild_index()
+        state = store.resume()
     store.start_plan_writer()  # plan.parquet beside the run: rows are made from the manifest meanwhile
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
     if state.left_alone_line():
         summary.notes.append(state.left_alone_line())
+    if rebuilt:
+        summary.notes.append(rebuilt)
+        fb.warn(rebuilt)
     rows = state.pending  # plan rows made on demand from plan.parquet
     if not rows:
         summary.notes.append("nothing to do: every planned sample is done")
         store.finish_plan_writer()
-        store.fold()
+        fold_or_rebuild(store, summary)
         return summary
     fb.status("loading the sampling code (torch, diffusers, the matting stack)")
     from factory.finish import FinishSettings
@@ -288,7 +297,7 @@ def _drive(
     summary.seconds = time.perf_counter() - start
     summary.notes.extend(tokens.notes())
     store.finish_plan_writer()
-    store.fold()
+    fold_or_rebuild(store, summary)
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
     return summary
 
@@ -442,6 +451,18 @@ def check_utf8_path(path: Path, option: str) -> None:
     except UnicodeEncodeError as exc:
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         raise InputError(f"{option} {shown}: the path is not valid UTF-8; choose a name in UTF-8") from exc
+
+
+def fold_or_rebuild(store: RunStore, summary: GenerateSummary) -> None:
+    """The end-of-run compaction, which reads every index file whole: a file damaged in a way the
+    resume's columns did not show is set aside and rebuilt here (one line in the summary)."""
+    try:
+        store.fold()
+    except DamagedIndex:
+        note = store.rebuild_index()
+        if note:
+            summary.notes.append(note)
+        store.fold()
 
 
 def lean_allocator() -> None:

@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ["factory.export"],
     ["factory.train"],
     ["factory.generate", "factory.distribute", "factory.matte_folder", "factory.evaluate", "factory.caption", "factory.toy.dataset",
-     "factory.composite", "factory.toy.recipe"],
+     "factory.composite", "factory.toy.recipe", "factory.check"],
 ]
 
 MAX_LINES = 700

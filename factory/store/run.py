@@ -38,7 +38,7 @@ from factory.fsutil import (
 from factory.manifest import Manifest, manifest_from_dict
 from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, ManifestPlan, PlanAbandoned, PlanReader, PlanRows, plan_chunks, write_plan_file
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED, SampleResult, key_of
-from factory.store import layout, segments
+from factory.store import layout, recover, segments
 from factory.store.layout import (
     INDEX_FILE,
     INDEX_SCHEMA,
@@ -485,6 +485,24 @@ class RunStore:
             left_alone=list(self._left_alone),
         )
 
+    def rebuild_index(self) -> str | None:
+        """Set aside every unreadable index file and give its done samples their rows back from
+        their JSON files (:mod:`factory.store.recover`). Returns the one line that says what was
+        done, or None when nothing was damaged. Needs the writer lock."""
+        bad = recover.unreadable_files(self.root)
+        if not bad:
+            return None
+        asides = [recover.set_aside(path) for path in bad]
+        known: set[int] = set()
+        for part in self.committed(["index"]):
+            known.update(part["index"].to_pylist())
+        rows = recover.recover_rows(self.root, self.plan_reader(), self.plan_size(), known)
+        self._seq = None
+        if rows:
+            self._commit(rows)
+        names = ", ".join(f"{p.relative_to(self.root)} (set aside as {a.name})" for p, a in zip(bad, asides))
+        return f"index rebuilt: damaged {names}; {len(rows)} done samples recovered from their JSON files"
+
     def _bucket_numbers(self) -> set[int]:
         base = self.root / SAMPLES_DIR
         if not base.is_dir():
@@ -570,7 +588,10 @@ class RunStore:
         self._commit(rows)
 
     def _commit(self, rows: list[dict[str, Any]]) -> None:
-        table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+        self.commit_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA))
+
+    def commit_table(self, table: pa.Table) -> None:
+        """Commit index rows (``INDEX_SCHEMA``) as one journal chunk: written, fsynced, renamed."""
         journal = self.root / JOURNAL_DIR
         journal.mkdir(exist_ok=True)
         if self._seq is None:

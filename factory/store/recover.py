@@ -1,0 +1,125 @@
+"""Rebuilding a damaged index from what is on disk: the plan, the readable index files, and every
+done sample's ``KEY.json`` (which records the plan row, the scores and the file sizes).
+
+A damaged file (truncated, bit-flipped: Parquet refuses it) is renamed ``NAME.damaged`` (never
+deleted: it is the user's evidence), the other index files are kept, and a sample whose four
+files are in its folder but which no readable file mentions gets its row back from its JSON,
+committed as a new journal chunk. Failed rows that were only in the damaged file are lost, so
+those samples are tried again, which is what a resume does with them anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory.plan import PLAN_SCHEMA
+from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE
+from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, SAMPLES_DIR
+
+#: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's).
+_SCORES = ("gsg", "gsg_distance", "bg_uniformity", "canvas_color", "alpha_coverage", "touches_border", "contains_key_color")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file to ``NAME.damaged`` (``.damaged-2`` ... when taken); returns the new path."""
+    target = path.with_name(path.name + ".damaged")
+    k = 1
+    while target.exists():
+        k += 1
+        target = path.with_name(f"{path.name}.damaged-{k}")
+    os.replace(path, target)
+    return target
+
+
+def unreadable_files(root: Path) -> list[Path]:
+    """The index files (base, segments, journal chunks) that do not read back whole."""
+    paths = [root / INDEX_FILE] if (root / INDEX_FILE).is_file() else []
+    folder = root / JOURNAL_DIR
+    if folder.is_dir():
+        paths += sorted(folder.glob("seg-*.parquet")) + sorted(folder.glob("chunk-*.parquet"))
+    bad = []
+    for path in paths:
+        try:  # every column of every row group: a bit flip anywhere makes Parquet refuse the file
+            file = pq.ParquetFile(path)
+            for g in range(file.metadata.num_row_groups):
+                file.read_row_group(g)
+        except (OSError, pa.ArrowException):
+            bad.append(path)
+    return bad
+
+
+def row_from_metadata(meta: dict[str, Any], plan_row: dict[str, Any], sizes: dict[str, int]) -> dict[str, Any] | None:
+    """An index row for a done sample from its JSON and its plan row; None when they disagree."""
+    if meta.get("key") != plan_row["key"] or meta.get("index") != plan_row["index"]:
+        return None
+    row: dict[str, Any] = {name: plan_row.get(name) for name in PLAN_SCHEMA.names}
+    scores = meta.get("scores") or {}
+    size = meta.get("size") or {}
+    row.update({name: scores.get(name) for name in _SCORES})
+    phash = scores.get("phash")
+    if isinstance(phash, str):
+        value = int(phash, 16)
+        row["phash"] = value - (1 << 64) if value >= (1 << 63) else value
+    row.update(
+        {
+            "status": STATUS_DONE,
+            "attempts": 1,
+            "model": meta.get("model"),
+            "alpha_source": meta.get("alpha_source"),
+            "width": size.get("width"),
+            "height": size.get("height"),
+            "alpha_bits": meta.get("alpha_bits"),
+            "worker": "rebuilt",
+            "updated_at": datetime.now(UTC),
+        }
+    )
+    row.update({SIZE_COLUMNS[suffix]: sizes[suffix] for suffix in SAMPLE_SUFFIXES})
+    return row
+
+
+def recover_rows(root: Path, plan: Any, n: int, known: set[int]) -> list[dict[str, Any]]:
+    """Rows for the samples on disk that no readable index file mentions (``known`` plan indices):
+    those with all four files and a JSON that matches their plan row."""
+    rows: list[dict[str, Any]] = []
+    base = root / SAMPLES_DIR
+    if not base.is_dir():
+        return rows
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit()):
+        with os.scandir(folder) as entries:
+            sizes = {e.name: e.stat().st_size for e in entries if e.is_file(follow_symlinks=False)}
+        wanted: list[tuple[int, str]] = []
+        for name in sizes:
+            if not name.endswith(".json"):
+                continue
+            key = name[: -len(".json")]
+            try:
+                index = int(key.split("-")[-2])
+            except (ValueError, IndexError):
+                continue
+            if index < n and index not in known and all(f"{key}{s}" in sizes for s in SAMPLE_SUFFIXES):
+                wanted.append((index, key))
+        if not wanted:
+            continue
+        plan_rows = plan.take([i for i, _ in wanted]).to_pylist()
+        for (index, key), plan_row in zip(wanted, plan_rows):
+            try:
+                meta = json.loads((folder / f"{key}.json").read_bytes())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(meta, dict):
+                continue
+            row = row_from_metadata(meta, plan_row, {s: sizes[f"{key}{s}"] for s in SAMPLE_SUFFIXES})
+            if row is not None:
+                rows.append(row)
+    return rows
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)

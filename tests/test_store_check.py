@@ -1,0 +1,213 @@
+"""`factory check` and the rebuilding of a damaged index (issue 15.3, 15.4); the index's costs
+follow what is done, not the plan's size (issue 20)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from factory.generate import GenerateOptions, run_generate
+from factory.manifest import ModelSpec, load_manifest
+from factory.plan import table_rows
+from factory.store import RunStore
+from tests.conftest import SMALL_MANIFEST, write_manifest
+from tests.fake_run import sample_result
+
+
+def tiny_identity() -> str:
+    from factory.sampler import model_identity
+
+    return model_identity(ModelSpec(source="tiny"))
+
+
+class FakeExecutor:
+    """Generate's executor seam: the fake run's samples (real PNGs and JSON), no model."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def run(self, rows):
+        for start in range(0, len(rows), 2):
+            batch = rows[start : start + 2]
+            self.rows.extend(r.index for r in batch)
+            yield [sample_result(r) for r in batch]
+
+    def close(self) -> None:
+        pass
+
+
+def make_tiny_run(folder: Path, n: int, done: int, fold: bool = True) -> tuple[RunStore, Path]:
+    """A run the `generate --model tiny` command accepts, its first ``done`` samples done."""
+    manifest = write_manifest(folder, SMALL_MANIFEST, "small.yaml")
+    store = RunStore.prepare(folder / "run", load_manifest(manifest), n, tiny_identity())
+    try:
+        rows = table_rows(store.plan())[:done]
+        for start in range(0, len(rows), 2):
+            store.save([sample_result(r) for r in rows[start : start + 2]])
+        if fold:
+            store.fold()
+    finally:
+        store.release_lock()
+    return store, manifest
+
+
+def generate(manifest: Path, n: int, run: Path) -> tuple[object, FakeExecutor]:
+    executor = FakeExecutor()
+    opts = GenerateOptions(manifest=manifest, n=n, out=run, model="tiny", use_ray=False, progress=False)
+    return run_generate(opts, executor_factory=lambda spec, o: executor), executor
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x04
+    path.write_bytes(bytes(data))
+
+
+def test_check_finds_same_size_bit_flips_and_repair_then_generate_redoes_them(cli, tmp_path: Path) -> None:
+    store, manifest = make_tiny_run(tmp_path, 6, 6)
+    rows = table_rows(store.plan())
+    alpha = store.sample_path(2, rows[2].key, ".alpha.png")
+    meta = store.sample_path(4, rows[4].key, ".json")
+    good_alpha, good_meta = alpha.read_bytes(), meta.read_bytes()
+    flip_bit(alpha, len(good_alpha) // 2)  # inside the IDAT data: same size, CRC mismatch
+    text = good_meta.decode()
+    at = text.index('"image": ') + len('"image": ')
+    meta.write_text(text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1 :])  # same size, wrong number
+    assert alpha.stat().st_size == len(good_alpha) and meta.stat().st_size == len(good_meta)
+    assert store.resume().done == 6  # sizes match: a resume does not see it
+
+    res = cli(["check", "--run", store.root])
+    assert res.code == 1, res.err
+    lines = res.out.splitlines()
+    assert any(line.startswith(f"{rows[2].key}: corrupt alpha") and "CRC" in line for line in lines)
+    assert any(line.startswith(f"{rows[4].key}: corrupt metadata") for line in lines)
+    assert "checked: 6 done samples, 2 damaged" in res.out
+
+    res = cli(["check", "--run", store.root, "--repair"])
+    assert res.code == 0 and "repaired: 2 samples marked planned" in res.out
+    status = store.index(columns=["status"])["status"].to_pylist()
+    assert status == ["done", "done", "planned", "done", "planned", "done"]
+
+    summary, executor = generate(manifest, 6, store.root)
+    assert sorted(executor.rows) == [2, 4] and summary.done == 2
+    assert alpha.read_bytes() == good_alpha and meta.read_bytes() == good_meta
+    assert cli(["check", "--run", store.root]).code == 0
+
+
+def test_truncated_index_filter_export_say_so_and_generate_rebuilds(cli, tmp_path: Path) -> None:
+    store, manifest = make_tiny_run(tmp_path, 8, 5)
+    index_file = store.root / "index.parquet"
+    data = index_file.read_bytes()
+    index_file.write_bytes(data[: len(data) // 2])
+    for args in (["filter", "--run", store.root], ["export", "--run", store.root, "--out", tmp_path / "ds"]):
+        res = cli(args)
+        assert res.code == 1 and res.err.count("\n") == 1, res.err
+        assert "index.parquet: damaged index file" in res.err and "factory generate" in res.err and "internal error" not in res.err
+
+    summary, executor = generate(manifest, 8, store.root)
+    note = next(line for line in summary.lines() if line.startswith("index rebuilt"))
+    assert "index.parquet (set aside as index.parquet.damaged)" in note and "5 done samples recovered" in note
+    assert (store.root / "index.parquet.damaged").read_bytes() == data[: len(data) // 2]
+    assert sorted(executor.rows) == [5, 6, 7]  # the 5 done before were not redone
+    index = store.index()
+    assert index["status"].to_pylist() == ["done"] * 8
+    assert index["gsg"].to_pylist()[:5] == pytest.approx([0.9] * 5)
+    assert cli(["check", "--run", store.root]).code == 0
+    assert cli(["filter", "--run", store.root, "--min-gsg", "0"]).code == 0
+
+
+def test_corrupt_journal_chunk_is_set_aside_and_the_run_finishes(cli, tmp_path: Path) -> None:
+    store, manifest = make_tiny_run(tmp_path, 6, 4, fold=False)
+    chunks = sorted((store.root / "index").glob("chunk-*.parquet"))
+    assert len(chunks) == 2
+    data = bytearray(chunks[0].read_bytes())
+    data[8:400] = b"\xff" * 392  # the first columns' compressed pages
+    chunks[0].write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        pq.read_table(chunks[0])
+    res = cli(["filter", "--run", store.root])
+    assert res.code == 1 and "chunk-000000001.parquet: damaged index file" in res.err
+
+    summary, executor = generate(manifest, 6, store.root)
+    assert any("chunk-000000001.parquet (set aside as chunk-000000001.parquet.damaged)" in line for line in summary.lines())
+    assert sorted(executor.rows) == [4, 5]
+    assert store.index()["status"].to_pylist() == ["done"] * 6
+
+
+def test_check_reports_a_damaged_index_and_repair_rebuilds_it(cli, tmp_path: Path) -> None:
+    store, _ = make_tiny_run(tmp_path, 4, 4)
+    index_file = store.root / "index.parquet"
+    index_file.write_bytes(index_file.read_bytes()[:100])
+    res = cli(["check", "--run", store.root])
+    assert res.code == 1 and "index.parquet: damaged index file" in res.out
+    res = cli(["check", "--run", store.root, "--repair"])
+    assert res.code == 0 and "index rebuilt" in res.out and "checked: 4 done samples, 0 damaged" in res.out
+    assert store.index()["status"].to_pylist() == ["done"] * 4
+
+
+def test_costs_follow_what_is_done_not_n(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """A run of N = 10 million: prepare, commits, folds and a resume never make or read a plan row
+    beyond those used; the index holds the committed rows only."""
+    import factory.plan as plan_mod
+
+    store = RunStore.prepare(tmp_path / "run", load_manifest(small_manifest), 10_000_000, "fake:1", write_plan=False)
+    made = []
+    real_row = plan_mod.RowMaker.row
+    monkeypatch.setattr(plan_mod.RowMaker, "row", lambda self, i: made.append(i) or real_row(self, i))
+    store.fold_every = 2
+    state = store.resume()
+    assert state.done == 0 and len(state.pending) == 10_000_000 and made == []
+    first = state.pending[:6]
+    assert [r.index for r in first] == list(range(6)) and made == list(range(6))
+    for start in (0, 2, 4):
+        store.save([sample_result(r) for r in first[start : start + 2]])
+    store.fold()
+    assert pq.read_metadata(store.root / "index.parquet").num_rows == 6
+    state = store.resume()
+    assert state.done == 6 and state.pending.indices[:2].tolist() == [6, 7]
+    assert made == list(range(6))
+    assert not (store.root / "plan.parquet").exists()
+    store.release_lock()
+
+
+def test_segments_merge_like_a_binary_counter_and_survive_a_crash(small_manifest: Path, tmp_path: Path) -> None:
+    from factory.store import segments
+
+    store = RunStore.prepare(tmp_path / "run", load_manifest(small_manifest), 40, "fake:1")
+    store.fold_every = 1
+    rows = table_rows(store.plan())
+    for r in rows[:8]:
+        store.save([sample_result(r)])
+    live = segments.live_files(segments.all_files(store.root))
+    assert [f.rows() for f in live] == [8]  # 1+1 -> 2, 2+1+1 -> 4, ... -> 8
+    store.save([sample_result(rows[8])])
+    store.save([sample_result(rows[0], {"gsg": 0.5})])  # a newer row for sample 0 wins
+    live = segments.live_files(segments.all_files(store.root))
+    assert [f.rows() for f in live] == [8, 2]
+    # a crash after writing a merged file, before deleting its inputs: the inputs are ignored
+    stale = live[-1].path.read_bytes()
+    store.save([sample_result(rows[9])])
+    store.save([sample_result(rows[10])])
+    (store.root / "index" / live[-1].path.name).write_bytes(stale)
+    index = store.index()
+    assert index["status"].to_pylist()[:11] == ["done"] * 11 and index["gsg"][0].as_py() == pytest.approx(0.5)
+    store.fold()
+    assert sorted(p.name for p in (store.root / "index").iterdir()) == []
+    assert store.index().drop_columns(["updated_at"]).equals(index.drop_columns(["updated_at"]))
+    store.release_lock()
+
+
+def test_plan_command_streams_with_the_same_rows(cli, small_manifest: Path, tmp_path: Path) -> None:
+    from factory.plan import build_plan, write_plan_file
+
+    out = tmp_path / "p.parquet"
+    summary = write_plan_file(load_manifest(small_manifest), 20000, out)
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3  # 8192-row groups: never whole in memory
+    assert pq.read_table(out).equals(build_plan(load_manifest(small_manifest), 20000))
+    assert summary.lines() == ["rows: 20000", "classes: 4 of 4", "per class: min 5000, max 5000"]
+    res = cli(["plan", "--manifest", small_manifest, "--n", 10])
+    assert res.code == 0 and "per class: min 2, max 3" in res.out
+    assert json.loads(json.dumps(summary.lines()))  # plain strings
