@@ -192,6 +192,14 @@ def generate_cmd(
     negative_prompt: Annotated[
         Optional[str], typer.Option("--negative-prompt", help="Negative prompt of every sample ('' for none).")
     ] = None,
+    writes: Annotated[
+        str,
+        typer.Option(
+            "--writes",
+            help="Who writes the sample files: workers (on the node that made them; the run directory must be "
+            "shared storage), driver, or auto (workers when every node sees the run directory; printed).",
+        ),
+    ] = "auto",
 ) -> None:
     """Plan, sample, matte, score and store N samples; re-running the same command resumes.
 
@@ -230,6 +238,7 @@ def generate_cmd(
             scheduler=scheduler,
             negative_prompt=negative_prompt,
             shrink=shrink,
+            writes=writes,
         )
     )
     for line in summary.lines():

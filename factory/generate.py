@@ -62,6 +62,7 @@ class GenerateOptions:
     compile: bool = False
     seed: int | None = None
     progress: bool = True
+    writes: str = "auto"  # who writes the sample files: auto, workers or driver (factory.distribute.writes)
     # sampler settings over the manifest's; recorded in the run's manifest and its fingerprint
     steps: int | None = None
     guidance: float | None = None
@@ -194,6 +195,8 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
     from factory.sampler import model_identity  # identities are cheap: no torch
 
     check_n(opts.n)  # before anything slow
+    if opts.writes not in ("auto", "workers", "driver"):
+        raise InputError(f"--writes {opts.writes}: choose one of auto, workers, driver")
     manifest = resolve_manifest(opts)
     with Feedback("generate", enabled=opts.progress) as fb:
         fb.status("checking the model")

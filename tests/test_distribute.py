@@ -130,8 +130,9 @@ def check_complete(run: Path, n: int) -> list[dict]:
 def reference(ray_session, manifest_path: Path, module_dir: Path) -> dict[str, dict[str, bytes]]:
     """A 1-worker run of the N samples: what every other run must reproduce byte for byte."""
     run = module_dir / "one-worker"
-    summary = run_generate(options(manifest_path, run, workers=1))
+    summary = run_generate(options(manifest_path, run, workers=1, writes="driver"))
     assert summary.done == N and summary.failed == 0
+    assert any(note.startswith("writes: driver") for note in summary.notes)
     recs = check_complete(run, N)
     assert len({r["worker"] for r in recs}) == 1
     return sample_files(run)
@@ -156,6 +157,20 @@ def test_plan_workers_sizes_gpu_and_cpu_clusters() -> None:
         plan_workers({"CPU": 8, "GPU": 2}, gpus=4, workers=None)
     with pytest.raises(RunError, match="at least one"):
         plan_workers({"CPU": 0, "GPU": 2}, gpus=None, workers=None)
+
+
+def test_finishing_capacity_is_reported_against_the_sampler_rate() -> None:
+    from factory.distribute.executor import ExecutorStats, finishing_notes
+
+    node = plan_workers({"CPU": 40, "GPU": 8}, gpus=None, workers=None)  # 32 finishing slots
+    # 8 GPUs at 8 images/s, 0.5 CPU-s a sample: 64/s wanted, 32 / 0.5 = 64/s... just enough
+    stats = ExecutorStats(samples_received=800, samples_sampled=800, sampler_busy_s=800 / 8, finish_cpu_s=400.0)
+    (line,) = finishing_notes(stats, node)
+    assert "32 slots at 0.50 CPU-s a sample finish 64.00 samples/s; the samplers make 64.00/s" in line and "warning" not in line
+    slow = ExecutorStats(samples_received=800, samples_sampled=800, sampler_busy_s=800 / 8, finish_cpu_s=600.0)
+    (line,) = finishing_notes(slow, node)
+    assert "warning: finishing is the limit; about 6.0 CPU cores per sampler worker" in line
+    assert finishing_notes(ExecutorStats(), node) == []
 
 
 def test_ray_temp_dir_goes_under_the_run_or_a_short_path(tmp_path: Path) -> None:
@@ -205,9 +220,10 @@ def test_two_workers_make_exactly_the_planned_samples_and_the_same_images(ray_se
     recs = check_complete(run, N)
     assert len({r["worker"] for r in recs}) == 2  # both actors sampled
     assert {r["attempts"] for r in recs} == {1}
-    assert sample_files(run) == reference  # every file, byte for byte, as from one worker
+    assert sample_files(run) == reference  # every file, byte for byte, as from one worker writing through the driver
     assert any("2 CPU sampler workers" in note for note in summary.notes)
-    assert any("driver received" in note for note in summary.notes)
+    assert any(note.startswith("writes: workers (one node)") for note in summary.notes)  # auto on one node
+    assert any("the driver received index rows only" in note for note in summary.notes)
 
 
 @pytest.mark.timeout(HANG_S)
@@ -492,6 +508,7 @@ def test_cluster_run_workers_on_another_node_and_the_driver_writes(reference, ma
     assert result["worker_node"] != result["head_node"]
     assert result["workers"] and all(w.endswith("@" + result["worker_node"]) for w in result["workers"])
     assert any("Ray cluster" in note for note in result["notes"])
+    assert any(note.startswith("writes: workers (all 2 nodes see the run directory)") for note in result["notes"])
     check_complete(run, 6)
     files = sample_files(run)
     assert files == {k: v for k, v in reference.items() if k in files}

@@ -81,14 +81,25 @@ class SamplerWorker:
         return {"error": None, "seconds": time.perf_counter() - start, "worker": self.name}, generated
 
 
-def finish_batch(rows: Sequence[PlanRow], generated: Any, finish: Any, worker: str) -> Iterator[Any]:
+def finish_batch(
+    rows: Sequence[PlanRow], generated: Any, finish: Any, worker: str, write_to: str | None = None
+) -> Iterator[Any]:
     """The CPU stage of one batch (matte, score, encode): a Ray task beside the sampler actors.
 
     ``generated`` arrives as the sampler actor's payload ObjectRef, resolved by Ray on this worker.
     A streaming generator task: each sample goes back to the driver as soon as it is finished (its
-    progress bar moves per sample; the driver still commits the batch as one).
+    progress bar moves per sample; the driver still commits the batch as one). With ``write_to``
+    (the run directory, ``--writes workers``) each sample's files are written here first (temp
+    name, fsync, rename) and only its index row goes back to the driver.
     """
-    yield from iter_finished(rows, generated, finish, worker)
+    for result in iter_finished(rows, generated, finish, worker):
+        if write_to is not None:
+            from pathlib import Path
+
+            from factory.store.samples import write_sample_files
+
+            (result,) = write_sample_files(Path(write_to), [result])
+        yield result
 
 
 def warm_up() -> int:

@@ -55,12 +55,13 @@ from ray import exceptions as rex
 
 from factory.distribute.actors import SamplerActor, finish_task, warm_up_task
 from factory.distribute.sizing import WorkerPlan, plan_workers
+from factory.distribute.writes import choose_writes
 from factory.ray_session import RaySession, start_ray
 from factory.errors import InputError, RunError, Terminated
 from factory.feedback import human_bytes, plural
 from factory.finish import failed_result
 from factory.plan import PlanRow
-from factory.sample import SampleResult
+from factory.sample import SIZE_COLUMNS, SampleResult
 
 QUEUE_DEPTH = 2
 MAX_ATTEMPTS = 3
@@ -163,7 +164,10 @@ class ExecutorStats:
     ended_at: float | None = None
     workers_seen: set[str] = field(default_factory=set)
     bytes_received: int = 0
+    bytes_written_by_workers: int = 0
     samples_received: int = 0
+    samples_sampled: int = 0  # images the sampler actors returned (batches without a batch-wide error)
+    finish_cpu_s: float = 0.0  # finishing time of the received samples (t_post_s)
 
 
 class RayExecutor:
@@ -197,6 +201,9 @@ class RayExecutor:
                 self._actor_options["runtime_env"] = self.session.runtime_env
                 self._finish_options["runtime_env"] = self.session.runtime_env
             self._finish_ref = ray.put(spec.finish)
+            write_root, note = choose_writes(getattr(opts, "writes", "auto"), run_dir, self.session.runtime_env)
+            self.write_to = str(write_root) if write_root is not None else None
+            self.notes.append(note)
             for i in range(self.plan.workers):
                 slot = _Slot(index=i)
                 self.slots.append(slot)
@@ -325,11 +332,15 @@ class RayExecutor:
             slot.failures_in_row = 0
         self.stats.batches += 1
         self.stats.sampler_busy_s += status["seconds"]
+        if not status["error"]:
+            self.stats.samples_sampled += len(batch.rows)
         self.stats.workers_seen.add(status["worker"])
         if status["error"]:
             self._fail_rows(batch, status["error"], status["worker"])
             return
-        finish = finish_task.options(**self._finish_options).remote(batch.rows, pend.payload, self._finish_ref, status["worker"])
+        finish = finish_task.options(**self._finish_options).remote(
+            batch.rows, pend.payload, self._finish_ref, status["worker"], self.write_to
+        )
         self._pending[finish] = _Pending("finish", slot, pend.generation, batch, worker=status["worker"])
 
     def _on_finish(self, pend: _Pending, stream: Any, queue: _RowQueue) -> None:
@@ -356,6 +367,9 @@ class RayExecutor:
             return
         result.fields["attempts"] = batch.attempt
         self.stats.bytes_received += sum(len(b) for b in result.files.values())
+        self.stats.finish_cpu_s += float(result.fields.get("t_post_s") or 0.0)
+        if not result.files:  # written by the worker (--writes workers): its sizes are in the row
+            self.stats.bytes_written_by_workers += sum(int(result.fields.get(c) or 0) for c in SIZE_COLUMNS.values())
         self.stats.samples_received += 1
         pend.received.append(result)
         self._pending[stream] = pend  # wait for its next sample
@@ -464,12 +478,19 @@ class RayExecutor:
             if wall > 0:
                 notes.append(f"sampler workers busy {100 * min(1.0, self.stats.sampler_busy_s / wall):.0f}% of the time after start-up")
             seconds = self.stats.ended_at - self.stats.first_ready_at
-            if self.stats.samples_received and seconds > 0:
+            if self.stats.samples_received and seconds > 0 and self.stats.bytes_received:
                 got = self.stats.bytes_received
                 notes.append(
                     f"driver received {human_bytes(got)} of encoded samples ({human_bytes(got / seconds)}/s, "
                     f"{human_bytes(got / self.stats.samples_received)} per sample)"
                 )
+            elif self.stats.samples_received and seconds > 0:
+                wrote = self.stats.bytes_written_by_workers
+                notes.append(
+                    f"workers wrote {human_bytes(wrote)} of encoded samples ({human_bytes(wrote / seconds)}/s); "
+                    "the driver received index rows only"
+                )
+        notes.extend(finishing_notes(self.stats, self.plan))
         return notes
 
     def close(self) -> None:
@@ -484,6 +505,27 @@ class RayExecutor:
             self._kill_actors()
             if self.session is not None:
                 self.session.shutdown()
+
+
+def finishing_notes(stats: ExecutorStats, plan: WorkerPlan) -> list[str]:
+    """The finishing capacity against the samplers' measured rate, and a warning when finishing
+    (GreenPost, GSG, PNG encoding on CPUs) is what limits the run rather than the GPUs."""
+    if not stats.samples_received or not stats.samples_sampled or stats.sampler_busy_s <= 0 or stats.finish_cpu_s <= 0:
+        return []
+    per_sample = stats.finish_cpu_s / stats.samples_received  # CPU seconds per sample
+    capacity = plan.finish_slots / per_sample  # samples/s the finishing slots can take
+    sampler_rate = plan.workers * stats.samples_sampled / stats.sampler_busy_s  # samples/s the samplers make when busy
+    line = (
+        f"finishing: {plan.finish_slots} slots at {per_sample:.2f} CPU-s a sample finish {capacity:.2f} samples/s; "
+        f"the samplers make {sampler_rate:.2f}/s"
+    )
+    if capacity < sampler_rate:
+        cores = sampler_rate / max(plan.workers, 1) * per_sample
+        line += (
+            f" (warning: finishing is the limit; about {cores:.1f} CPU cores per sampler worker would keep up: "
+            "add CPU nodes to the cluster, finishing tasks run on any node)"
+        )
+    return [line]
 
 
 @contextlib.contextmanager

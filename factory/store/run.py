@@ -4,6 +4,7 @@ lost, duplicated or redone. The layout and the rules are in :mod:`factory.store`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -561,30 +562,16 @@ class RunStore:
     # -------------------------------------------------------------- writing
 
     def save(self, results: Sequence[SampleResult]) -> None:
-        """Write the samples' files, then commit their index rows as one journal chunk.
-
-        Files are written (and fsynced) by a small thread pool: fsync waits on the disk, not the
-        CPU, so parallel writes keep one driver ahead of many GPUs.
-        """
+        """Write the samples' files (unless a worker already did), then commit their index rows as
+        one journal chunk: the commit point. See :func:`write_sample_files`."""
         if not results:
             return
-        writes: list[tuple[Path, bytes]] = []
+        results = write_sample_files(self.root, results)
         rows = []
         for res in results:
-            fields = dict(res.fields)
-            if res.status == STATUS_DONE:
-                folder = self.sample_dir(res.index)
-                folder.mkdir(parents=True, exist_ok=True)
-                for suffix, data in res.files.items():
-                    if suffix not in SAMPLE_SUFFIXES:
-                        raise ValueError(f"unknown sample file suffix {suffix!r}")
-                    writes.append((folder / f"{res.key}{suffix}", data))
-                    fields[SIZE_COLUMNS[suffix]] = len(data)
-            rows.append(index_row(res, fields))
-        if len(writes) > 1:
-            list(_writer_pool().map(lambda w: atomic_write_bytes(*w), writes))
-        elif writes:
-            atomic_write_bytes(*writes[0])
+            if res.status == STATUS_DONE and any(res.fields.get(c) is None for c in SIZE_COLUMNS.values()):
+                raise ValueError(f"{res.key}: a done sample with neither files nor their sizes")
+            rows.append(index_row(res, res.fields))
         self._commit(rows)
 
     def _commit(self, rows: list[dict[str, Any]]) -> None:
@@ -657,6 +644,44 @@ def _unstarted(root: Path) -> bool:
         elif not (p.is_file() and (p.name in (LOCK_FILE, PLAN_FILE, MANIFEST_FILE) or p.name.startswith(TMP_PREFIX))):
             return False
     return True
+
+
+def write_sample_files(root: Path, results: Sequence[SampleResult]) -> list[SampleResult]:
+    """Write the done samples' files into the run's ``samples/`` folders and return the results
+    without their bytes, their sizes recorded in the fields: what is left is the index row.
+
+    Each file goes to a temporary name, is fsynced and renamed into place, and each folder is
+    fsynced once after, so the files are durable before the row that commits them. Called by the
+    driver (``--writes driver``) or by the finishing task on the node that made the sample
+    (``--writes workers``: the run directory is storage every node sees); either way nothing
+    exists until the driver commits the row, and a resume deletes files of uncommitted samples.
+    A small thread pool does the writes: fsync waits on the disk, not the CPU.
+    """
+    writes: list[tuple[Path, bytes]] = []
+    folders: set[Path] = set()
+    out = []
+    for res in results:
+        if res.status != STATUS_DONE or not res.files:
+            out.append(res)
+            continue
+        folder = Path(root) / SAMPLES_DIR / bucket_name(res.index)
+        if folder not in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            folders.add(folder)
+        fields = dict(res.fields)
+        for suffix, data in res.files.items():
+            if suffix not in SAMPLE_SUFFIXES:
+                raise ValueError(f"unknown sample file suffix {suffix!r}")
+            writes.append((folder / f"{res.key}{suffix}", data))
+            fields[SIZE_COLUMNS[suffix]] = len(data)
+        out.append(dataclasses.replace(res, files={}, fields=fields))
+    if len(writes) > 1:
+        list(_writer_pool().map(lambda w: atomic_write_bytes(*w), writes))
+    elif writes:
+        atomic_write_bytes(*writes[0])
+    for folder in folders:
+        fsync_path(folder)
+    return out
 
 
 def _mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str) -> str | None:
