@@ -487,28 +487,47 @@ finally:
 
 
 @pytest.mark.timeout(HANG_S)
-def test_cluster_run_workers_on_another_node_and_the_driver_writes(reference, manifest_path: Path, tmp_path: Path) -> None:
+def test_cluster_two_nodes_write_one_shared_run_killed_and_resumed(reference, manifest_path: Path, tmp_path: Path) -> None:
+    """Two Ray nodes on this machine: the workers (all on the second node) write the sample files
+    into the one run directory both see (``--writes auto`` picks workers); the driver is killed
+    (SIGKILL) once it has committed, its cluster with it, and a new cluster resumes the run."""
     run = tmp_path / "cluster"
     ray_tmp = tempfile.mkdtemp(prefix="fc-", dir="/tmp")
     # Neither PYTHONPATH nor the working directory gives the workers the package: they run the
     # copy the driver ships (runtime_env py_modules), as on a real cluster.
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "RAY_TMPDIR": ray_tmp}
+    cmd = [sys.executable, "-c", CLUSTER_SCRIPT, str(manifest_path), str(run), str(REPO)]
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", CLUSTER_SCRIPT, str(manifest_path), str(run), str(REPO)],
-            cwd=tmp_path,
-            env=env, capture_output=True, text=True, timeout=HANG_S,
-        )  # fmt: skip
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + HANG_S
+        while first.poll() is None and time.monotonic() < deadline and not list((run / "index").glob("chunk-*.parquet")):
+            time.sleep(0.05)
+        killed = first.poll() is None
+        first.kill()
+        first.communicate()
+        for pid in _ray_processes(ray_tmp):  # the cluster's processes outlive a killed script
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not _wait_gone(ray_tmp)
+        before = sum(r["status"] == "done" for r in RunStore.open(run).index().to_pylist())
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
     finally:
+        for pid in _ray_processes(ray_tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (result["done"], result["failed"]) == (6, 0)
+    assert killed and 0 < before < 6 and (result["done"], result["failed"]) == (6 - before, 0)
     assert result["worker_node"] != result["head_node"]
     assert result["workers"] and all(w.endswith("@" + result["worker_node"]) for w in result["workers"])
     assert any("Ray cluster" in note for note in result["notes"])
     assert any(note.startswith("writes: workers (all 2 nodes see the run directory)") for note in result["notes"])
-    check_complete(run, 6)
+    check_complete(run, 6)  # no orphan or temporary file left by the killed run's workers
     files = sample_files(run)
-    assert files == {k: v for k, v in reference.items() if k in files}
+    assert files == reference_subset(reference, files) and len(files) == 6
+
+
+def reference_subset(reference: dict, files: dict) -> dict:
+    return {k: v for k, v in reference.items() if k in files}

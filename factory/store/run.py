@@ -278,6 +278,10 @@ class RunStore:
     def sample_path(self, index: int, key: str, suffix: str) -> Path:
         return self.sample_dir(index) / f"{key}{suffix}"
 
+    def _journal(self) -> list[tuple[int, Path]]:
+        """The journal chunks on disk, (sequence number, path), oldest first."""
+        return segments.journal_chunks(self.root)
+
     def plan_size(self) -> int:
         """N: the number of planned samples (run.json's ``n``, else the plan file's rows)."""
         n = self._read_run_json().get("n") if (self.root / RUN_FILE).is_file() else None
