@@ -372,7 +372,11 @@ def _generate_cmd(manifest: Path, run: Path, ray_tmp: Path, n: int = N) -> list[
 
 
 def _done_files(run: Path) -> int:
-    return sum(1 for p in (run / "samples").rglob("*.json")) if (run / "samples").is_dir() else 0
+    """Committed done samples (files alone do not count: with --writes workers they precede the commit)."""
+    try:
+        return sum(s == "done" for s in RunStore.open(run).records()["status"].to_pylist())
+    except Exception:  # noqa: BLE001 - no run yet, or a chunk being renamed: nothing committed to count
+        return 0
 
 
 def _ray_processes(marker: str) -> list[int]:
