@@ -38,7 +38,7 @@ from factory.manifest import load_manifest  # noqa: E402
 from factory.plan import ManifestPlan  # noqa: E402
 from factory.sample import SIZE_COLUMNS, SampleResult  # noqa: E402
 from factory.store import RunStore  # noqa: E402
-from factory.store.run import write_sample_files  # noqa: E402
+from factory.store.samples import write_sample_files  # noqa: E402
 from tests.conftest import SMALL_MANIFEST  # noqa: E402
 
 SIZES = {".png": 360_000, ".alpha.png": 60_000, ".fg.png": 300_000, ".json": 2_000}

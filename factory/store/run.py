@@ -4,14 +4,12 @@ lost, duplicated or redone. The layout and the rules are in :mod:`factory.store`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +28,6 @@ from factory.fsutil import (
     TMP_PREFIX,
     FileLock,
     atomic_parquet_writer,
-    atomic_write_bytes,
     atomic_write_parquet,
     atomic_write_text,
     check_writable_dir,
@@ -40,6 +37,7 @@ from factory.manifest import Manifest, manifest_from_dict
 from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, ManifestPlan, PlanAbandoned, PlanReader, PlanRows, plan_chunks, write_plan_file
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED, SampleResult, key_of
 from factory.store import layout, recover, segments
+from factory.store.samples import write_sample_files
 from factory.store.layout import (
     INDEX_FILE,
     INDEX_SCHEMA,
@@ -196,7 +194,9 @@ class RunStore:
             return
         if not wait and self._plan_stop is not None:
             self._plan_stop.set()
-        self._plan_thread.join()
+        # Stopped, the writer ends at its next row group; a stuck one (a hung file system) is a
+        # daemon thread that goes with the process.
+        self._plan_thread.join(timeout=None if wait else 10.0)
         self._plan_thread = None
 
     def _plan_rows(self) -> int | None:
@@ -459,6 +459,11 @@ class RunStore:
         buckets = done_index // layout.BUCKET_SIZE
         per_bucket = np.bincount(buckets, minlength=1) if buckets.size else np.zeros(1, np.int64)
         existing = self._bucket_numbers()
+        used = set(np.unique(buckets).tolist())
+        for entry in self._left_alone:  # a bucket folder this run uses that is a symlink: refused in one line
+            name = entry.split("/")[1].split(" ")[0]
+            if entry.endswith("(symlink)") and name.isdigit() and (int(name) * layout.BUCKET_SIZE < n or int(name) in used):
+                self._listing(int(name))
         to_list = {b for b in existing if b >= per_bucket.size or per_bucket[b] < layout.BUCKET_SIZE}
         to_list |= recent & existing
         if verify == "all":
@@ -650,44 +655,6 @@ def _unstarted(root: Path) -> bool:
     return True
 
 
-def write_sample_files(root: Path, results: Sequence[SampleResult]) -> list[SampleResult]:
-    """Write the done samples' files into the run's ``samples/`` folders and return the results
-    without their bytes, their sizes recorded in the fields: what is left is the index row.
-
-    Each file goes to a temporary name, is fsynced and renamed into place, and each folder is
-    fsynced once after, so the files are durable before the row that commits them. Called by the
-    driver (``--writes driver``) or by the finishing task on the node that made the sample
-    (``--writes workers``: the run directory is storage every node sees); either way nothing
-    exists until the driver commits the row, and a resume deletes files of uncommitted samples.
-    A small thread pool does the writes: fsync waits on the disk, not the CPU.
-    """
-    writes: list[tuple[Path, bytes]] = []
-    folders: set[Path] = set()
-    out = []
-    for res in results:
-        if res.status != STATUS_DONE or not res.files:
-            out.append(res)
-            continue
-        folder = Path(root) / SAMPLES_DIR / bucket_name(res.index)
-        if folder not in folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            folders.add(folder)
-        fields = dict(res.fields)
-        for suffix, data in res.files.items():
-            if suffix not in SAMPLE_SUFFIXES:
-                raise ValueError(f"unknown sample file suffix {suffix!r}")
-            writes.append((folder / f"{res.key}{suffix}", data))
-            fields[SIZE_COLUMNS[suffix]] = len(data)
-        out.append(dataclasses.replace(res, files={}, fields=fields))
-    if len(writes) > 1:
-        list(_writer_pool().map(lambda w: atomic_write_bytes(*w), writes))
-    elif writes:
-        atomic_write_bytes(*writes[0])
-    for folder in folders:
-        fsync_path(folder)
-    return out
-
-
 def _mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str) -> str | None:
     if existing.get("format") != STORE_FORMAT:
         return f"made by an incompatible store format {existing.get('format')}"
@@ -699,16 +666,6 @@ def _mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str)
     if existing.get("model") != model_identity:
         return f"made with a different model ({existing.get('model')}, now {model_identity})"
     return None
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _writer_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="factory-store")
-    return _POOL
 
 
 def _now_iso() -> str:
