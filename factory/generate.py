@@ -241,7 +241,7 @@ def _drive(
     rows = state.pending  # plan rows made on demand from plan.parquet
     if not rows:
         summary.notes.append("nothing to do: every planned sample is done")
-        store.finish_plan_writer()
+        wait_for_plan(store)
         fold_or_rebuild(store, summary)
         return summary
     fb.status("loading the sampling code (torch, diffusers, the matting stack)")
@@ -299,7 +299,7 @@ def _drive(
         ) from exc
     summary.seconds = time.perf_counter() - start
     summary.notes.extend(tokens.notes())
-    store.finish_plan_writer()
+    wait_for_plan(store)
     fold_or_rebuild(store, summary)
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})
     return summary
@@ -454,6 +454,17 @@ def check_utf8_path(path: Path, option: str) -> None:
     except UnicodeEncodeError as exc:
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         raise InputError(f"{option} {shown}: the path is not valid UTF-8; choose a name in UTF-8") from exc
+
+
+def wait_for_plan(store: RunStore) -> None:
+    """Wait for plan.parquet's background write at the end of a run (the run's rows were made
+    from the manifest meanwhile); a signal here stops it with its own line."""
+    try:
+        store.finish_plan_writer()
+    except KeyboardInterrupt as exc:
+        raise Interrupted(
+            f"interrupted while writing the plan of {store.root}; the samples made are committed: re-run the same command"
+        ) from exc
 
 
 def fold_or_rebuild(store: RunStore, summary: GenerateSummary) -> None:

@@ -201,7 +201,8 @@ def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, 
     else:
         assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
         assert err.count("\n") == 1 and err.startswith({signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated (SIGTERM)"}[sig]), err
-        assert "while writing the plan" in err and "re-run the same command" in err
+        # The plan is written in the background while the run works (issue 20): the signal lands
+        # wherever the run is; a run that only waits for the plan says "while writing the plan".
     res = cli(gen_args(small_manifest, run))  # the same command, in this process
     assert res.code == 0, res.err
     assert "4 planned, 4 done" in res.out  # the plan is written beside the run (issue 20): samples may be done
