@@ -21,7 +21,7 @@ import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
@@ -279,18 +279,29 @@ def plan_chunks(manifest: Manifest, n: int, size: int = PLAN_ROW_GROUP, start: i
         yield rows_to_table(maker.rows(range(lo, min(n, lo + size))))
 
 
-def write_plan_file(manifest: Manifest, n: int, path: str | Path, stop: Any = None) -> PlanSummary:
-    """Write the plan of ``n`` rows to ``path`` a row group at a time (memory flat in N), atomically,
-    and return its summary. ``stop`` (a ``threading.Event``) abandons the write when set."""
+def write_plan_file(
+    manifest: Manifest,
+    n: int,
+    path: str | Path,
+    stop: Any = None,
+    start: int = 0,
+    on_rows: Callable[[int], None] | None = None,
+    group: int = PLAN_ROW_GROUP,
+) -> PlanSummary:
+    """Write plan rows ``start .. n-1`` to ``path`` a row group at a time (memory flat in N),
+    atomically, and return their summary. ``stop`` (a ``threading.Event``) abandons the write when
+    set; ``on_rows(k)`` is called as each group of k rows is written."""
     check_n(n)
     counts: Counter[str] = Counter()
     with atomic_parquet_writer(Path(path), PLAN_SCHEMA) as writer:
-        for chunk in plan_chunks(manifest, n):
+        for chunk in plan_chunks(manifest, n, group, start=start):
             if stop is not None and stop.is_set():
                 raise PlanAbandoned(str(path))
-            writer.write_table(chunk, row_group_size=PLAN_ROW_GROUP)
+            writer.write_table(chunk, row_group_size=group)
             counts.update(chunk["class_name"].to_pylist())
-    return _summary(counts, n, manifest)
+            if on_rows is not None:
+                on_rows(chunk.num_rows)
+    return _summary(counts, n - start, manifest)
 
 
 def summarize_manifest(manifest: Manifest, n: int) -> PlanSummary:
@@ -345,14 +356,21 @@ class PlanReader:
     group (a few MB), not the plan; the last group read is kept for the next request.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        try:
-            self._file = pq.ParquetFile(self.path)
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise InputError(f"{path}: not a readable plan ({exc})") from exc
-        meta = self._file.metadata
-        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    def __init__(self, paths: str | Path | Sequence[str | Path]) -> None:
+        self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        self.path = self.paths[0]
+        self._files: list[pq.ParquetFile] = []
+        self._where: list[tuple[int, int]] = []  # row group -> (file, its row group in the file)
+        sizes: list[int] = []
+        for path in self.paths:  # files read in order as one plan (a run's plan and its extensions)
+            try:
+                file = pq.ParquetFile(path)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise InputError(f"{path}: not a readable plan ({exc})") from exc
+            meta = file.metadata
+            sizes.extend(meta.row_group(g).num_rows for g in range(meta.num_row_groups))
+            self._where.extend((len(self._files), g) for g in range(meta.num_row_groups))
+            self._files.append(file)
         self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
         self._cached: tuple[int, pa.Table] | None = None
 
@@ -361,7 +379,8 @@ class PlanReader:
 
     def _group(self, g: int) -> pa.Table:
         if self._cached is None or self._cached[0] != g:
-            table = self._file.read_row_group(g).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+            f, local = self._where[g]
+            table = self._files[f].read_row_group(local).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
             self._cached = (g, table)
         return self._cached[1]
 

@@ -238,8 +238,64 @@ def test_plan_is_written_in_row_groups_and_kept_on_reopen(small_manifest: Path, 
     before = plan_file.stat().st_ino
     RunStore.prepare(s.root, manifest, 10, "fake:1").release_lock()  # same N: the plan is not rebuilt
     assert plan_file.stat().st_ino == before
-    RunStore.prepare(s.root, manifest, 12, "fake:1").release_lock()  # N grows: a new plan, same prefix
+    RunStore.prepare(s.root, manifest, 12, "fake:1").release_lock()  # N grows: an extension, the plan kept
+    assert plan_file.stat().st_ino == before
     assert RunStore.open(s.root).plan().equals(build_plan(manifest, 12))
+
+
+def test_extending_n_writes_only_the_new_rows(small_manifest: Path, tmp_path: Path) -> None:
+    """The same run extended from N to 2N (generate's path: the plan written in the background)
+    writes one file of the N new rows, leaves plan.parquet as it was, and reads like a fresh run
+    of 2N: plan, index, resume and filter; N lowered back drops the extension, not the plan."""
+    from factory.filter import run_filter
+    from factory.plan import build_plan
+    from factory.selection import load_selection
+
+    manifest, n = load_manifest(small_manifest), 6
+    ext = RunStore.prepare(tmp_path / "ext", manifest, n, "fake:1")
+    fresh = RunStore.prepare(tmp_path / "fresh", manifest, 2 * n, "fake:1")
+    rows = table_rows(fresh.plan())
+    def result(row, status="done"):
+        res = fake_result(row, status)
+        res.fields.update(alpha_coverage=0.3, touches_border=False, contains_key_color=False, phash=(row.index + 1) * 0x0F0F0F0F0F0F0F)
+        return res
+
+    first = [result(r, "failed" if r.index == 1 else "done") for r in rows[:n]]
+    ext.save(first)
+    ext.release_lock()
+    plan_file = ext.root / "plan.parquet"
+    stat, data = plan_file.stat(), plan_file.read_bytes()
+    names = {p.name for p in ext.root.iterdir()}
+    (ext.root / f".tmp-plan-from-{n:012d}.parquet.1.x").write_bytes(b"PAR1 half an extension")  # a killed one
+
+    ext = RunStore.prepare(ext.root, manifest, 2 * n, "fake:1", write_plan=False)
+    state = ext.resume()
+    ext.start_plan_writer()
+    ext.finish_plan_writer(wait=True)
+    new = sorted({p.name for p in ext.root.iterdir()} - names)
+    assert new == [f"plan-from-{n:012d}.parquet"]
+    assert pq.read_metadata(ext.root / new[0]).num_rows == n  # the new rows only
+    after = plan_file.stat()
+    assert (after.st_ino, after.st_mtime_ns, plan_file.read_bytes()) == (stat.st_ino, stat.st_mtime_ns, data)
+    assert ext.plan().equals(build_plan(manifest, 2 * n)) and ext.plan_reader().take(range(2 * n)).equals(ext.plan())
+    assert [r.index for r in state.pending] == [1, *range(n, 2 * n)] and ext.resume().pending.table().equals(state.pending.table())
+    later = [result(r) for r in rows[n : n + 3]]
+    ext.save(later)
+    fresh.save(first)
+    fresh.save(later)
+    for s in (ext, fresh):
+        s.fold()
+        s.release_lock()
+    drop = ["updated_at"]
+    assert ext.index().drop_columns(drop).equals(fresh.index().drop_columns(drop))
+    kept = [run_filter(s.root, name="x", min_gsg=0.5) for s in (ext, fresh)]
+    assert kept[0].kept == kept[1].kept > 0
+    tables = [load_selection(s.root, "x").table for s in (ext, fresh)]
+    assert tables[0].num_rows == kept[0].kept and tables[0].equals(tables[1])
+
+    RunStore.prepare(ext.root, manifest, n, "fake:1").release_lock()  # lowered back to N
+    assert not (ext.root / new[0]).exists() and plan_file.stat().st_ino == stat.st_ino
+    assert RunStore.open(ext.root).plan().equals(build_plan(manifest, n))
 
 
 def test_one_writer(store: RunStore) -> None:

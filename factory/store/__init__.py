@@ -6,6 +6,8 @@ only read the same)::
     run.json               identity: manifest name and fingerprint, model identity, N, versions
     manifest.yaml          the manifest as run, with its prompt sources inlined
     plan.parquet           the plan (factory.plan), N rows: a cache, written beside the run
+    plan-from-LO.parquet   the plan's rows from LO when N grew (only the new rows are written;
+                           readers take the files in order: :mod:`~factory.store.planfiles`)
     samples/00000/KEY.png        image on green       (bucket = plan index // 1000)
                  KEY.alpha.png  alpha matte (8- or 16-bit, one channel)
                  KEY.fg.png     decontaminated foreground
@@ -51,7 +53,8 @@ Rules (the "store's rules" other stages rely on):
 
 Modules: :mod:`~factory.store.layout` (names, schema), :mod:`~factory.store.tables` (Arrow helpers
 of the index), :mod:`~factory.store.segments` (the index's files), :mod:`~factory.store.recover`
-(rebuilding a damaged index), :mod:`~factory.store.run` (:class:`RunStore`),
+(rebuilding a damaged index), :mod:`~factory.store.planfiles` (the plan's files),
+:mod:`~factory.store.run` (:class:`RunStore`),
 :mod:`~factory.store.latest` (which run a command defaults to).
 """
 

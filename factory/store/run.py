@@ -27,16 +27,15 @@ from factory.feedback import plural
 from factory.fsutil import (
     TMP_PREFIX,
     FileLock,
-    atomic_parquet_writer,
     atomic_write_parquet,
     atomic_write_text,
     check_writable_dir,
     fsync_path,
 )
 from factory.manifest import Manifest, manifest_from_dict
-from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, ManifestPlan, PlanAbandoned, PlanReader, PlanRows, plan_chunks, write_plan_file
+from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, ManifestPlan, PlanAbandoned, PlanReader, PlanRows
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED, SampleResult, key_of
-from factory.store import layout, recover, segments
+from factory.store import layout, planfiles, recover, segments
 from factory.store.samples import write_sample_files
 from factory.store.layout import (
     INDEX_FILE,
@@ -139,9 +138,8 @@ class RunStore:
                 store._wipe()
             if write_plan and (existing is None or restart or existing.get("n") != n or store._plan_rows() != n):
                 store._write_plan(manifest, n, on_plan_rows)
-            elif store._plan_rows() not in (None, n):  # a plan of another N: not this run's
-                with contextlib.suppress(FileNotFoundError):
-                    (root / PLAN_FILE).unlink()
+            else:  # a longer plan is cut to N or goes; a shorter one is extended by start_plan_writer
+                planfiles.trim(root, n)
             (root / SAMPLES_DIR).mkdir(exist_ok=True)
             (root / JOURNAL_DIR).mkdir(exist_ok=True)
             info = {
@@ -163,15 +161,12 @@ class RunStore:
         return store
 
     def _write_plan(self, manifest: Manifest, n: int, on_rows: Callable[[int], None] | None = None) -> None:
-        """Write plan.parquet in row groups, built a group at a time (the plan is never whole)."""
-        with atomic_parquet_writer(self.root / PLAN_FILE, PLAN_SCHEMA) as writer:
-            for chunk in plan_chunks(manifest, n, PLAN_ROW_GROUP):
-                writer.write_table(chunk, row_group_size=PLAN_ROW_GROUP)
-                if on_rows is not None:
-                    on_rows(chunk.num_rows)
+        """Write the plan's files in row groups, built a group at a time (the plan is never whole):
+        only the new rows when N grew (:mod:`factory.store.planfiles`)."""
+        planfiles.write(manifest, n, self.root, on_rows=on_rows, group=PLAN_ROW_GROUP)
 
     def start_plan_writer(self) -> None:
-        """Write plan.parquet in a background thread if it is not complete (a cache of rows that
+        """Write the plan's files in a background thread if they are not complete (a cache of rows that
         are a pure function of the manifest: nothing waits for it). Call after :meth:`resume`,
         which deletes temporary files; :meth:`finish_plan_writer` waits for it or abandons it."""
         n = self.plan_size()
@@ -182,7 +177,7 @@ class RunStore:
 
         def write() -> None:
             with contextlib.suppress(PlanAbandoned, OSError, InputError):
-                write_plan_file(manifest, n, self.root / PLAN_FILE, stop=stop)
+                planfiles.write(manifest, n, self.root, stop=stop, group=PLAN_ROW_GROUP)
 
         self._plan_stop = stop
         self._plan_thread = threading.Thread(target=write, name="factory-plan", daemon=True)
@@ -200,11 +195,9 @@ class RunStore:
         self._plan_thread = None
 
     def _plan_rows(self) -> int | None:
-        """Rows in plan.parquet, or None when there is no readable plan."""
-        try:
-            return pq.read_metadata(self.root / PLAN_FILE).num_rows
-        except (OSError, pa.ArrowException):
-            return None
+        """Rows in the plan's files (plan.parquet and its extensions), or None when there is no
+        readable plan."""
+        return planfiles.chain_rows(self.root)
 
     def _has_commits(self) -> bool:
         """Whether any sample was committed (done or failed): a journal chunk, or a row of
@@ -222,7 +215,8 @@ class RunStore:
     def _wipe(self) -> None:
         for name in (SAMPLES_DIR, JOURNAL_DIR, SELECTIONS_DIR):
             shutil.rmtree(self.root / name, ignore_errors=True)
-        for name in (INDEX_FILE, PLAN_FILE, RUN_FILE, MANIFEST_FILE):
+        planfiles.remove_all(self.root)
+        for name in (INDEX_FILE, RUN_FILE, MANIFEST_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (self.root / name).unlink()
 
@@ -270,7 +264,8 @@ class RunStore:
         return manifest_from_dict(data, str(path))
 
     def plan(self) -> pa.Table:
-        return pq.read_table(self.root / PLAN_FILE).cast(PLAN_SCHEMA)
+        files = planfiles.chain(self.root) or [self.root / PLAN_FILE]
+        return pa.concat_tables([pq.read_table(p).cast(PLAN_SCHEMA) for p in files])
 
     def sample_dir(self, index: int) -> Path:
         return self.root / SAMPLES_DIR / bucket_name(index)
@@ -298,7 +293,7 @@ class RunStore:
         ``generate`` writes beside the run)."""
         n = self.plan_size()
         if self._plan_rows() == n:
-            return PlanReader(self.root / PLAN_FILE)
+            return PlanReader(planfiles.chain(self.root))
         return ManifestPlan(self.manifest(), n)
 
     def _index_sources(self, schema: pa.Schema) -> tuple[list[segments.IndexFile], pa.Table]:
@@ -650,7 +645,7 @@ def _unstarted(root: Path) -> bool:
         if p.name in (SAMPLES_DIR, JOURNAL_DIR):
             if not p.is_dir() or any(p.iterdir()):
                 return False
-        elif not (p.is_file() and (p.name in (LOCK_FILE, PLAN_FILE, MANIFEST_FILE) or p.name.startswith(TMP_PREFIX))):
+        elif not (p.is_file() and (p.name in (LOCK_FILE, MANIFEST_FILE) or planfiles.is_plan_file(p.name) or p.name.startswith(TMP_PREFIX))):
             return False
     return True
 
