@@ -85,21 +85,48 @@ def was_terminated() -> bool:
     return _signals["terminated"]
 
 
-def restore_sigterm_handler():  # noqa: ANN201 - a context manager
-    """A block after which SIGTERM's handler is what it was before (``ray.init`` installs its own,
-    which exits with code 15 from wherever the signal lands)."""
+HELD_SIGNALS = (2, 15)  # SIGINT, SIGTERM
+
+
+def hold_signals():  # noqa: ANN201 - a context manager
+    """A block (``ray.init``) that Ctrl-C and SIGTERM do not interrupt: they wait, blocked, until
+    the block ends, and then reach factory's handlers, which were put back first.
+
+    ``ray.init`` installs three SIGTERM handlers in turn (one exiting 15, one exiting 1, and the
+    native failure handler of Ray's core worker, which kills the process by the signal itself);
+    a signal that met one of them ended the command without its one line. Blocked in the main
+    thread (the threads Ray starts inherit the block; factory's own threads block them for good,
+    see :func:`ignore_signals_in_this_thread`), it stays pending until factory's handler is back.
+    """
     import contextlib
     import signal
     import threading
 
     @contextlib.contextmanager
     def block():  # noqa: ANN202
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.getsignal(signal.SIGTERM) if main else None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        held = {signal.Signals(s) for s in HELD_SIGNALS}
+        previous = {s: signal.getsignal(s) for s in held}
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             yield
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                if handler is not None:
+                    signal.signal(sig, handler)  # also takes the OS-level handler back from Ray's native one
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a held signal is delivered here
 
     return block()
+
+
+def ignore_signals_in_this_thread() -> None:
+    """Block Ctrl-C and SIGTERM in the calling (non-main) thread, so that the kernel delivers them
+    to the main thread, where factory's handlers run, and never to a thread whose OS-level handler
+    could be another library's while :func:`hold_signals` holds them in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.Signals(s) for s in HELD_SIGNALS})

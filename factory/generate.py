@@ -220,6 +220,29 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
 
 
 
+def _work_spec(manifest: Manifest, identity: str, opts: GenerateOptions) -> Any:
+    """What every worker needs to make samples (imports the worker side: torch, the matting stack)."""
+    from factory.finish import FinishSettings
+    from factory.worker import WorkSpec
+
+    sampler = manifest.sampler
+    if opts.batch_size:  # the sampler's own chunking follows --batch-size (it never changes an image)
+        sampler = sampler.model_copy(update={"batch_size": opts.batch_size})
+    return WorkSpec(
+        model=manifest.model,
+        sampler=sampler,
+        canvas=manifest.canvas,
+        finish=FinishSettings(
+            model=identity,
+            canvas_color=tuple(manifest.canvas.color),
+            alpha_bits=manifest.export.alpha_bits,
+            sampler={"steps": manifest.sampler.steps, "guidance": manifest.sampler.guidance, "scheduler": manifest.sampler.scheduler},
+        ),
+        device=opts.device,
+        compile=opts.compile,
+    )
+
+
 def _drive(
     store: RunStore, manifest: Manifest, identity: str, opts: GenerateOptions, executor_factory: Any, fb: Feedback
 ) -> GenerateSummary:
@@ -244,34 +267,17 @@ def _drive(
         wait_for_plan(store)
         fold_or_rebuild(store, summary)
         return summary
-    fb.status("loading the sampling code (torch, diffusers, the matting stack)")
-    from factory.finish import FinishSettings
-    from factory.worker import WorkSpec
-
-    sampler = manifest.sampler
-    if opts.batch_size:  # the sampler's own chunking follows --batch-size (it never changes an image)
-        sampler = sampler.model_copy(update={"batch_size": opts.batch_size})
-    spec = WorkSpec(
-        model=manifest.model,
-        sampler=sampler,
-        canvas=manifest.canvas,
-        finish=FinishSettings(
-            model=identity,
-            canvas_color=tuple(manifest.canvas.color),
-            alpha_bits=manifest.export.alpha_bits,
-            sampler={"steps": manifest.sampler.steps, "guidance": manifest.sampler.guidance, "scheduler": manifest.sampler.scheduler},
-        ),
-        device=opts.device,
-        compile=opts.compile,
-    )
     make_executor = executor_factory or _default_executor
     start = time.perf_counter()
     tokens = PromptTokens()
     executor = None
     try:
-        # Ctrl-C anywhere from here (starting the workers, the loop, shutting them down) ends
-        # as Interrupted with what is committed; executors defer it while they shut down.
+        # Ctrl-C anywhere from here (loading the sampling code, starting the workers, the loop,
+        # shutting them down) ends as Interrupted with what is committed; executors defer it
+        # while they shut down.
         try:
+            fb.status("loading the sampling code (torch, diffusers, the matting stack)")
+            spec = _work_spec(manifest, identity, opts)
             fb.status("starting Ray" if opts.use_ray else "loading the model")
             executor = make_executor(spec, opts)
             workers = getattr(getattr(executor, "plan", None), "workers", 1)

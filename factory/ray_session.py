@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.errors import InputError, RunError, restore_sigterm_handler, terminated
+from factory.errors import InputError, RunError, hold_signals, terminated
 
 #: Ray's Unix sockets live at ``<tmp>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store``;
 #: AF_UNIX paths are limited to 107 bytes, which leaves this much for ``<tmp>`` itself.
@@ -124,7 +124,7 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
         if ray_tmp is not None:
             notes.append("ray: --ray-tmp is ignored with --address (the cluster keeps its own temporary files)")
         try:
-            with restore_sigterm_handler():
+            with hold_signals():
                 ray.init(
                     address=address,
                     runtime_env=runtime_env,
@@ -153,7 +153,7 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
         num_gpus = min(gpus, detect_gpus())
     cpus = os.cpu_count() or 1
     try:
-        with restore_sigterm_handler():
+        with hold_signals():  # Ctrl-C or SIGTERM now waits until Ray has started and its watchdog too
             ray.init(
                 address="local",  # never join a cluster named by RAY_ADDRESS without --address
                 num_cpus=cpus,
@@ -164,13 +164,13 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
                 log_to_driver=False,
                 logging_level=logging.WARNING,
             )
+            start_watchdog()
     except SystemExit as exc:  # SIGTERM while ray.init ran: Ray's own handler exits with 15
         if exc.code == signal.SIGTERM:
             raise terminated() from exc
         raise
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line for the user
         raise RunError(f"cannot start a local Ray instance in {temp_dir}: {' '.join(str(exc).split())[:300]}") from exc
-    start_watchdog()
     return RaySession(owned=True, mode="local", temp_dir=temp_dir, runtime_env={}, notes=notes)
 
 

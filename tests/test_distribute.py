@@ -537,3 +537,43 @@ def test_cluster_two_nodes_write_one_shared_run_killed_and_resumed(reference, ma
 
 def reference_subset(reference: dict, files: dict) -> dict:
     return {k: v for k, v in reference.items() if k in files}
+
+
+# ------------------------------------------------------------------------------ a signal while Ray starts
+
+#: The driver, with a SIGTERM sent to itself as ``ray.init`` returns: the OS-level handler is then
+#: the native failure handler of Ray's core worker, which dumped a stack trace on stderr before
+#: passing the signal on (and could end the process by the signal itself).
+SIGNAL_IN_INIT = r"""
+import os, signal
+import ray
+
+init = ray.init
+def patched(*args, **kwargs):
+    result = init(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return result
+ray.init = patched
+from cli import main
+main()
+"""
+
+
+@pytest.mark.timeout(HANG_S)
+def test_sigterm_while_ray_starts_exits_143_with_one_line(manifest_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-c", SIGNAL_IN_INIT, *_generate_cmd(manifest_path, run, ray_tmp, n=2)[3:]]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
+        lines = [line for line in proc.stderr.splitlines() if "WARNING" not in line]  # Ray's own notices
+        assert proc.returncode == 143, proc.stderr[-3000:]
+        assert len(lines) == 1 and lines[0].startswith("error: terminated (SIGTERM)"), proc.stderr[-3000:]
+        assert not _wait_gone(str(ray_tmp)), "Ray processes outlived their driver"
+        assert RunStore.open(run).index() is not None
+    finally:
+        for pid in _ray_processes(str(ray_tmp)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -464,3 +464,25 @@ def test_a_sigterm_once_the_run_has_finished_leaves_exit_0(small_manifest: Path,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "4 planned, 4 done (4 now, 0 before)" in out and "error" not in err
+
+
+# ------------------------------------------------------------------------------ 15.10 signals in start-up
+
+
+class _InterruptedImport:
+    """A module whose names cannot be read: as if Ctrl-C came while the worker side was imported."""
+
+    def __getattr__(self, name: str):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_the_worker_side_is_imported_says_what_to_run(cli, fake_executor, small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "factory.finish", _InterruptedImport())
+    result = cli(gen_args(small_manifest, run))
+    assert result.code == 130, result.err
+    assert result.err.count("\n") == 1 and result.err.startswith("error: interrupted;"), result.err
+    assert "re-run the same command to resume" in result.err
+    monkeypatch.undo()
+    result = cli(gen_args(small_manifest, run))
+    assert result.code == 0, result.err

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from factory import __version__
-from factory.errors import InputError, RunError
+from factory.errors import InputError, RunError, ignore_signals_in_this_thread
 from factory.feedback import plural
 from factory.fsutil import (
     TMP_PREFIX,
@@ -176,6 +176,7 @@ class RunStore:
         stop = threading.Event()
 
         def write() -> None:
+            ignore_signals_in_this_thread()  # Ctrl-C and SIGTERM go to the main thread
             with contextlib.suppress(PlanAbandoned, OSError, InputError):
                 planfiles.write(manifest, n, self.root, stop=stop, group=PLAN_ROW_GROUP)
 
