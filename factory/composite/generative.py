@@ -48,24 +48,13 @@ def build_tiny_inpaint_pipeline(seed: int = 0) -> Any:
     import torch
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
-    from factory.sampler.tiny import TINY_SAMPLE_SIZE, build_tiny_components, tiny_scheduler_config
+    from factory.sampler.tiny import build_tiny_components, tiny_scheduler_config, tiny_unet_config
 
     parts = build_tiny_components(seed)
     parts.pop("head")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        parts["unet"] = UNet2DConditionModel(
-            sample_size=TINY_SAMPLE_SIZE // 2,
-            in_channels=9,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=2,
-            norm_num_groups=32,
-        ).eval()
+        parts["unet"] = UNet2DConditionModel(**tiny_unet_config(in_channels=9)).eval()
     parts["scheduler"] = DDIMScheduler(**tiny_scheduler_config())
     return StableDiffusionInpaintPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 

@@ -134,14 +134,7 @@ FOLDER_COLUMNS: list[tuple[str, str]] = [
     ("width", "int64"),
     ("height", "int64"),
     ("alpha_bits", "int64"),
-    ("gsg", "float64"),
-    ("gsg_distance", "float64"),
-    ("bg_uniformity", "float64"),
-    ("canvas_color", "string"),
-    ("alpha_coverage", "float64"),
-    ("touches_border", "bool"),
-    ("contains_key_color", "bool"),
-    ("phash", "string"),
+    *SCORES_FIELDS,
 ]
 
 

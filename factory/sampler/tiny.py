@@ -119,6 +119,23 @@ def tiny_scheduler_config() -> dict[str, Any]:
     }
 
 
+def tiny_unet_config(in_channels: int = 4) -> dict[str, Any]:
+    """The tiny UNet's shape: 4 latent input channels for generation, 9 for inpainting
+    (latents, mask and masked-image latents)."""
+    return {
+        "sample_size": TINY_SAMPLE_SIZE // 2,
+        "in_channels": in_channels,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 2,
+        "norm_num_groups": 32,
+    }
+
+
 def build_tiny_components(seed: int = 0) -> dict[str, Any]:
     """The tiny model's parts: ``unet, vae, text_encoder, tokenizer, scheduler, head``.
 
@@ -133,18 +150,7 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_SAMPLE_SIZE // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=2,
-            norm_num_groups=32,
-        )
+        unet = UNet2DConditionModel(**tiny_unet_config(in_channels=4))
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
