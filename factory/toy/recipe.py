@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from factory.fsutil import atomic_write_text
 from factory.toy import MODEL_DIR
 
 WORLD_SEED = 0
@@ -244,7 +245,18 @@ def package(run: Path, dest: Path = MODEL_DIR) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     save_checkpoint(dest, comps, head=True, training=info, base_identity="toy recipe base")
+    drop_source_paths(dest)
     return dest
+
+
+def drop_source_paths(folder: Path) -> None:
+    """Remove ``_name_or_path`` (the folder each part was loaded from: a path of the machine that
+    packaged it) from the configs diffusers wrote, so the shipped model names no machine path."""
+    for config in sorted(folder.glob("*/config.json")):
+        lines = config.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not line.lstrip().startswith('"_name_or_path"')]
+        if kept != lines:
+            atomic_write_text(config, "".join(kept))
 
 
 def main(argv: list[str] | None = None) -> None:
