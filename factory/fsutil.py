@@ -308,3 +308,59 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------ owned output folders
+
+#: The lock file of an output folder a command owns (export, composite).
+OWNED_LOCK = ".lock"
+
+
+def _is_debris(path: Path) -> bool:
+    """The lock or a temporary file a killed command leaves (regular files only, never a link)."""
+    return (path.name == OWNED_LOCK or path.name.startswith(TMP_PREFIX)) and path.is_file() and not path.is_symlink()
+
+
+def open_owned_folder(root: Path, state_file: str, kind: str, what: str) -> tuple[FileLock, dict[str, Any] | None]:
+    """Create or check an output folder a command owns, take its lock, return its previous state.
+
+    The folder is the command's when it holds ``state_file`` whose ``"kind"`` is ``kind`` (an
+    unreadable one counts as the command's, with no plan, so it is redone), or when it holds
+    nothing but the lock and temporary files: what a run killed before its first state write
+    leaves. Anything else is somebody's folder and is refused with a one-line
+    :class:`~factory.errors.InputError` (``what`` names the command: "factory export").
+    """
+    import json
+
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: exists and is not a directory; choose another --out")
+    previous: dict[str, Any] | None = None
+    if (root / state_file).is_file():
+        try:
+            loaded = json.loads((root / state_file).read_text())
+            previous = loaded if isinstance(loaded, dict) else {"kind": None}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            previous = {"kind": kind, "plan": None}
+        if previous.get("kind") != kind:
+            raise InputError(f"{root}: {state_file} is not a {what}'s; choose another --out")
+    elif root.is_dir() and not all(_is_debris(p) for p in root.iterdir()):
+        raise InputError(f"{root}: exists, is not empty and is not a {what}; choose another --out")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(root / OWNED_LOCK, f"{root}: another {what} is writing here")
+    except OSError as exc:
+        raise InputError(f"{root}: cannot create the output folder ({exc.strerror or exc})") from exc
+    return lock, previous
+
+
+def remove_temporaries(root: Path) -> int:
+    """Delete the temporary files under ``root`` (call it holding the folder's lock, so none is
+    live); symlinks and folders are left alone. Returns how many were removed."""
+    removed = 0
+    for path in root.rglob(f"{TMP_PREFIX}*"):  # rglob does not enter symlinked folders
+        if path.is_symlink() or not path.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed

@@ -258,6 +258,24 @@ def test_resume_after_kill_9_gives_the_same_bytes(run_dir: Path, tmp_path: Path,
     assert _data_files(tmp_path / "a") == _data_files(tmp_path / "b")
 
 
+def test_a_start_killed_before_its_first_state_write_is_taken_over(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_bytes(b"")  # what a composite killed before composite.json leaves
+    (out / ".tmp-composite.json.123.abc").write_text("{")
+    args = ["composite", "--run", run_dir, "-b", "procedural", "--size", 48, "--per-object", 1, "-o", out]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    assert (out / "composite.json").is_file() and not list(out.rglob(".tmp-*"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".lock").symlink_to(tmp_path / "elsewhere")  # a link is never debris
+    (other / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, *args[:-1], other)
+    assert code == 2 and "is not a factory composite" in err and len(err.strip().splitlines()) == 1
+    assert (other / "notes.txt").read_text() == "mine"
+
+
 @pytest.fixture
 def ray_local():
     """A small local Ray instance for one test; ``factory composite --workers`` uses it as it is."""

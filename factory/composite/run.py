@@ -32,7 +32,7 @@ from factory.composite.options import CompositeOptions, resolve_settings
 from factory.composite.part import PARTS_DIR, PartJob, read_record, render_part, shard_name
 from factory.errors import InputError, Interrupted
 from factory.feedback import plural
-from factory.fsutil import TMP_PREFIX, FileLock, atomic_write_parquet, atomic_write_text
+from factory.fsutil import atomic_write_parquet, atomic_write_text, open_owned_folder, remove_temporaries
 from factory.manifest import CompositeSettings
 
 STATE_FILE = "composite.json"
@@ -41,7 +41,6 @@ SAMPLES_FILE = "samples.parquet"
 PAIRS_FILE = "pairs.csv"
 COCO_FILE = "annotations.json"
 WIDS_FILE = "composites.wids.json"
-LOCK_FILE = ".lock"
 #: Names the command writes at the top of its folder (a restart deletes only these).
 OWN_DIRS = ("fg", "alpha", "bg", "im", "gt", "trimap", "recipe", "fg_original", "shadow", "images", "masks", "recipes", PARTS_DIR)
 OWN_FILES = (STATE_FILE, SAMPLES_FILE, PAIRS_FILE, COCO_FILE, WIDS_FILE, "README.md", "contact_sheet.png")
@@ -129,27 +128,6 @@ def prepare(options: CompositeOptions) -> tuple[CompositeSettings, ObjectSource,
     return settings, objects, backgrounds, out
 
 
-def _open_out(out: Path) -> tuple[FileLock, dict[str, Any] | None]:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory; choose another --out")
-    previous = None
-    if (out / STATE_FILE).is_file():
-        try:
-            previous = json.loads((out / STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = {"kind": STATE_KIND, "plan": None}
-        if previous.get("kind") != STATE_KIND:
-            raise InputError(f"{out}: {STATE_FILE} is not a factory composite's; choose another --out")
-    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
-        raise InputError(f"{out}: exists, is not empty and is not a factory composite; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(out / LOCK_FILE, f"{out}: another factory composite is writing here")
-    except OSError as exc:
-        raise InputError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from exc
-    return lock, previous
-
-
 def clean(out: Path) -> None:
     """Delete what an earlier composite wrote in ``out`` (its own names only)."""
     import shutil
@@ -167,15 +145,13 @@ def run_composite(options: CompositeOptions) -> CompositeSummary:
     settings, objects, backgrounds, out = prepare(options)
     units = plan_units(settings, len(objects.refs))
     plan = fingerprint(settings, objects, backgrounds)
-    lock, previous = _open_out(out)
+    lock, previous = open_owned_folder(out, STATE_FILE, STATE_KIND, "factory composite")
     try:
         restarted = None
         if previous is not None and (options.restart or previous.get("plan") != plan):
             restarted = "--restart given" if options.restart else "the folder held a composite of another plan"
             clean(out)
-        for path in out.rglob(f"{TMP_PREFIX}*"):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        remove_temporaries(out)
         state = {"kind": STATE_KIND, "version": 1, "state": "writing", "plan": plan, "layout": settings.layout,
                  "settings": settings.model_dump(mode="json"), "objects": objects.description,
                  "backgrounds": backgrounds.description, "units": len(units), "factory_version": __version__}

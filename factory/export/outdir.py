@@ -3,21 +3,18 @@ whether it is complete, so a re-run resumes a matching export or restarts a stal
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from factory import __version__
-from factory.errors import InputError
 from factory.export.prepare import Prepared
 from factory.export.schema import public_model
-from factory.fsutil import TMP_PREFIX, FileLock, atomic_write_text
+from factory.fsutil import FileLock, atomic_write_text, open_owned_folder, remove_temporaries
 
 EXPORT_FILE = "export.json"
 EXPORT_KIND = "factory-export"
-LOCK_FILE = ".lock"
 
 
 @dataclass
@@ -29,26 +26,7 @@ class OutDir:
 
     def open(self) -> dict[str, Any] | None:
         """Create or check the folder, take its lock, return the previous export.json (if any)."""
-        root = self.root
-        if root.exists() and not root.is_dir():
-            raise InputError(f"{root}: exists and is not a directory; choose another --out")
-        previous = None
-        if (root / EXPORT_FILE).is_file():
-            try:
-                previous = json.loads((root / EXPORT_FILE).read_text())
-            except (OSError, json.JSONDecodeError):
-                previous = {"kind": EXPORT_KIND, "plan": None}
-            if previous.get("kind") != EXPORT_KIND:
-                raise InputError(f"{root}: {EXPORT_FILE} is not a factory export's; choose another --out")
-        elif root.is_dir() and not all(_debris(p) for p in root.iterdir()):
-            # Only a lock and temporary files: an export killed before it wrote export.json
-            # (they are removed once the lock is taken). Anything else is not ours.
-            raise InputError(f"{root}: exists, is not empty and is not a factory export; choose another --out")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            self._lock = FileLock(root / LOCK_FILE, f"{root}: another factory export is writing here")
-        except OSError as exc:
-            raise InputError(f"{root}: cannot create the output folder ({exc.strerror or exc})") from exc
+        self._lock, previous = open_owned_folder(self.root, EXPORT_FILE, EXPORT_KIND, "factory export")
         return previous
 
     def close(self) -> None:
@@ -58,22 +36,10 @@ class OutDir:
 
     def remove_temporaries(self) -> int:
         """Delete temporary files left by a killed export (we hold the lock, so none is live)."""
-        removed = 0
-        for path in self.root.rglob(f"{TMP_PREFIX}*"):  # rglob does not enter symlinked folders
-            if path.is_symlink() or not path.is_file():
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
-        return removed
+        return remove_temporaries(self.root)
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_text(self.root / EXPORT_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-
-
-def _debris(path: Path) -> bool:
-    """The lock or a temporary file an export leaves when killed (regular files only)."""
-    return (path.name == LOCK_FILE or path.name.startswith(TMP_PREFIX)) and path.is_file() and not path.is_symlink()
 
 
 def export_state(p: Prepared, state: str, **extra: Any) -> dict[str, Any]:
