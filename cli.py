@@ -704,6 +704,10 @@ def train_cmd(
                                      "in backward (less memory). Default: on.", show_default=False)
     ] = None,
     data_workers: Annotated[Optional[int], typer.Option("--dataloader_num_workers", min=0, help="Data loader processes. Default: 2.")] = None,
+    empty_prompts: Annotated[
+        Optional[float], typer.Option("--proportion_empty_prompts", min=0.0, max=1.0, help="Share of samples trained with the "
+                                      "empty prompt (classifier-free guidance's unconditional branch; ~0.1 from scratch). Default: 0.")
+    ] = None,
     captions: Annotated[
         Optional[Path], typer.Option("--captions", help="Captions file: .jsonl ({\"key\", \"caption\"}), .json (key -> caption) "
                                      "or .tsv (KEY<TAB>caption), e.g. from `factory caption`. Wins over the samples' metadata.")
@@ -753,6 +757,7 @@ def train_cmd(
         "gradient_checkpointing": gradient_checkpointing,
         "data_workers": data_workers,
         "captions": str(captions) if captions is not None else None,
+        "proportion_empty_prompts": empty_prompts,
         "seed": seed,
         "device": device,
     }

@@ -1,15 +1,18 @@
 """Benchmark of the toy model, measured as the DiffuMatting paper measures (CPU figures).
 
-    python bench/toy.py --n 256 --work WORK [--with-lg CKPT --no-lg CKPT] [--yield-n 64] [--sheet docs/toy-contact-sheet.png]
+    python bench/toy.py --n 256 --work WORK [--reference CKPT --ablation "without L_g=CKPT" ...] [--yield-n 64] [--sheet docs/toy-contact-sheet.png]
 
 1. **Generated samples** of each model with the README's manifest (``manifests/gom.yaml``: its
    prompts, negative prompt, DPM-Solver++ 30 steps, guidance 7.5, rendered at the toy's 64 px):
    GSG median and the share above the manifest's ``min_gsg`` (0.8); the matting head's coarse alpha
    against GreenPost's alpha on the same image (mean absolute difference); boundary detail as the
-   share of fractional GreenPost alpha (0.02 < a < 0.98) among the object's pixels (a > 0.02).
+   share of fractional GreenPost alpha (0.02 < a < 0.98) among the object's pixels (a > 0.02) and
+   as the edge energy: the mean Sobel magnitude of the grey image over the object's boundary band
+   (GreenPost alpha fractional, dilated by 2 px), in grey levels per pixel.
    Models: the shipped ``toy``; with ``--work`` (the recipe's work folder), the **untrained** model
-   (the recipe's base: trained VAE, random UNet and head); with ``--no-lg``, a checkpoint of the
-   same recipe run with ``lambda_green: 0`` (the green-control ablation), against ``--with-lg``,
+   (the recipe's base: trained VAE, random UNet and head); each ``--ablation LABEL=CKPT``, a
+   checkpoint of the same recipe run with one loss switched off (``lambda_green: 0`` is the
+   paper's green-control ablation, ``lambda_detail: 0`` the detail one), against ``--reference``,
    the shipped run's checkpoint at the same step. Every model renders at 64 px.
 2. **Head on held-out renders**: world seed 1 (the model trained on seed 0), composites on
    studio greens, encoded by the VAE and decoded with the head: SAD (/1000) and MSE of the coarse
@@ -71,7 +74,7 @@ def generated(model: str, n: int, batch: int = 8, keep: int = 0) -> tuple[dict[s
     settings = manifest.sampler.model_copy(update={"width": 64, "height": 64})  # the toy's size, for every model compared
     sampler = load_sampler(ModelSpec(source=model), settings, manifest.canvas, device="cpu")
     reference = tuple(manifest.canvas.color)
-    scores, head_gap, fractional, shown = [], [], [], []
+    scores, head_gap, fractional, energy, shown = [], [], [], [], []
     t0 = time.perf_counter()
     for i in range(0, n, batch):
         for g in sampler.sample(rows[i : i + batch]):
@@ -81,6 +84,7 @@ def generated(model: str, n: int, batch: int = 8, keep: int = 0) -> tuple[dict[s
             gp = greenpost(g.image, g.coarse_alpha).alpha
             obj = gp > 0.02
             fractional.append(float(((gp > 0.02) & (gp < 0.98)).sum() / max(obj.sum(), 1)))
+            energy.append(edge_energy(g.image, gp))
             if g.coarse_alpha is not None:
                 head_gap.append(float(np.abs(g.coarse_alpha - gp).mean()))
             if len(shown) < keep:
@@ -94,8 +98,22 @@ def generated(model: str, n: int, batch: int = 8, keep: int = 0) -> tuple[dict[s
         f"share_gsg_above_{min_gsg}": round(float(np.mean(np.array(scores) > min_gsg)), 4),
         "head_vs_greenpost_mad": round(statistics.fmean(head_gap), 4) if head_gap else None,
         "fractional_alpha_share": round(statistics.fmean(fractional), 4),
+        "edge_energy": round(statistics.fmean(e for e in energy if e is not None), 3) if any(e is not None for e in energy) else None,
         "seconds_per_image": round(seconds / max(len(scores), 1), 3),
     }, shown
+
+
+def edge_energy(image: np.ndarray, alpha: np.ndarray) -> float | None:
+    """Mean Sobel gradient magnitude (grey levels per pixel) of ``image`` over the boundary band:
+    pixels of fractional ``alpha`` dilated by 2 px. None when the image has no boundary."""
+    from scipy import ndimage
+
+    band = ndimage.binary_dilation((alpha > 0.02) & (alpha < 0.98), iterations=2)
+    if not band.any():
+        return None
+    grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    magnitude = np.hypot(ndimage.sobel(grey, axis=0), ndimage.sobel(grey, axis=1)) / 8.0
+    return float(magnitude[band].mean())
 
 
 def heldout_head(model: str, n: int) -> dict[str, Any]:
@@ -170,8 +188,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=256, help="generated samples per model")
     ap.add_argument("--work", type=Path, default=None, help="the recipe's work folder (for the untrained model)")
-    ap.add_argument("--no-lg", type=Path, default=None, help="a checkpoint of the recipe run with lambda_green 0")
-    ap.add_argument("--with-lg", type=Path, default=None, help="the shipped recipe's checkpoint at the same step as --no-lg")
+    ap.add_argument("--ablation", action="append", default=[], metavar="LABEL=CKPT",
+                    help="a checkpoint of the recipe run with a loss switched off (repeatable)")
+    ap.add_argument("--reference", type=Path, default=None, help="the shipped recipe's checkpoint at the ablations' step")
     ap.add_argument("--heldout", type=int, default=128, help="held-out world renders for the head (0: skip)")
     ap.add_argument("--yield-n", type=int, default=64, help="samples for the filter yield (0: skip)")
     ap.add_argument("--sheet", type=Path, default=None, help="write a contact sheet of the toy model's samples")
@@ -195,10 +214,11 @@ def main() -> None:
         print(json.dumps({"toy": stats}), flush=True)
         if args.sheet:
             contact_sheet(shown, args.sheet)
-    for label, path in (("recipe, same step as the ablation", args.with_lg), ("recipe without L_g", args.no_lg)):
-        if path is not None:
-            out["models"][label] = generated(str(path), args.n)[0]
-            print(json.dumps({label: out["models"][label]}), flush=True)
+    compared = [("recipe, at the ablations' step", args.reference)] if args.reference else []
+    compared += [(label, Path(path)) for label, _, path in (a.partition("=") for a in args.ablation)]
+    for label, path in compared:
+        out["models"][label] = generated(str(path), args.n)[0]
+        print(json.dumps({label: out["models"][label]}), flush=True)
     if args.work is not None:
         with tempfile.TemporaryDirectory() as tmp:
             model = untrained_model(args.work, Path(tmp) / "untrained")

@@ -140,6 +140,21 @@ def test_dataset_items_are_seeded_by_position_and_estimate_missing_foregrounds(t
     assert (obj[0] > 0.6).all() and (obj[1] < 0.3).all()
 
 
+def test_empty_prompts_are_drawn_per_position_and_leave_the_images_alone(tmp_path: Path) -> None:
+    recs = scan_sources([str(make_toy_folder(tmp_path / "set", n=2))])
+    _prompts(recs)
+    plain = MattingDataset(recs, CFG)
+    dropping = MattingDataset(recs, CFG.model_copy(update={"proportion_empty_prompts": 0.3}))
+    items = [dropping[(p % 2, p)] for p in range(200)]
+    empty = [i for i in items if i["prompt"] == ""]
+    assert 35 <= len(empty) <= 85 and all(i["object_words"] == [] for i in empty)
+    assert all(i["prompt"] == recs[i["position"] % 2].prompt for i in items if i["prompt"])
+    assert [i["prompt"] for i in items] == [dropping[(p % 2, p)]["prompt"] for p in range(200)]  # seeded
+    for p in (0, 1, 7):  # same augmentation and canvas whatever the proportion
+        assert torch.equal(plain[(p % 2, p)]["pixel_values"], dropping[(p % 2, p)]["pixel_values"])
+    assert all(plain[(p % 2, p)]["prompt"] for p in range(50))
+
+
 def test_step_batches_partition_the_stream_and_resume_exactly() -> None:
     one = StepBatches(7, seed=1, start_step=0, end_step=6, batch=2, accum=2, world=1)
     full = [item for micro in one for item in micro]

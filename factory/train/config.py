@@ -55,6 +55,10 @@ class TrainConfig(BaseModel):
     """Applied to captions that do not already contain ``canvas_token`` as a word."""
     canvas_token: str = "green"
     """The prompt word whose cross-attention L_g ties to the background (1 - M)."""
+    proportion_empty_prompts: float = Field(0.0, ge=0.0, le=1.0)
+    """Share of samples trained with the empty prompt (diffusers' name), drawn per sample from
+    the seed: it teaches the unconditional prediction that classifier-free guidance subtracts.
+    SD1.5 already has one (0 when fine-tuning it); a model trained from scratch needs ~0.1."""
 
     # ---------------------------------------------------------------- augmentation / canvas
     resolution: int | None = Field(None, ge=16, le=2048)

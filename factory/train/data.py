@@ -462,6 +462,7 @@ class MattingDataset:
         self.flip = float(cfg.flip)
         self.hsv = (tuple(cfg.green_hue), tuple(cfg.green_saturation), tuple(cfg.green_value))
         self.seed = int(cfg.seed)
+        self.empty_prompts = float(cfg.proportion_empty_prompts)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -499,11 +500,13 @@ class MattingDataset:
         fg_f = fg.astype(np.float32) / 255.0 if fg is not None else estimate_foreground(image, alpha)  # type: ignore[arg-type]
         color = random_green(rng, *self.hsv)
         x = composite(fg_f, alpha, color)
+        # its own stream, so that the augmentation and canvas do not depend on the proportion
+        empty = self.empty_prompts > 0 and np.random.default_rng([self.seed, int(position), 0xE417]).random() < self.empty_prompts
         return {
             "pixel_values": torch.from_numpy(x.transpose(2, 0, 1) * 2.0 - 1.0),
             "alpha": torch.from_numpy(alpha[None]),
-            "prompt": rec.prompt,
-            "object_words": list(rec.object_words),
+            "prompt": "" if empty else rec.prompt,
+            "object_words": [] if empty else list(rec.object_words),
             "key": rec.key,
             "position": int(position),
         }
