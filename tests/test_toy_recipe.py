@@ -44,3 +44,22 @@ def test_recipe_trains_both_stages_on_a_few_world_images_and_packages(tmp_path: 
     s = load_sampler(ModelSpec(source=str(model)), SamplerSettings(steps=2, width=128, height=128, batch_size=1), CanvasSettings(), device="cpu")
     assert (s.width, s.height) == (64, 64)
     assert np.isfinite(s.sample([row(0, "a red star")])[0].image).all()
+
+
+def test_template_captions_put_each_world_caption_in_a_gom_template(tmp_path: Path) -> None:
+    from factory.toy import recipe
+    from factory.toy.dataset import write_toy_set
+
+    write_toy_set(tmp_path / "data", n=12, seed=0, size=32)
+    first = recipe.template_captions(tmp_path / "data", tmp_path / "a.jsonl").read_bytes()
+    assert recipe.template_captions(tmp_path / "data", tmp_path / "b.jsonl").read_bytes() == first  # seeded
+    rows = [json.loads(line) for line in first.decode().splitlines()]
+    metas = {m["key"]: m for m in (json.loads(p.read_text()) for p in sorted((tmp_path / "data").glob("toy-*.json")) if p.name != "toy.json")}
+    assert [r["key"] for r in rows] == sorted(metas)
+    openings = set()
+    for r in rows:
+        phrase = metas[r["key"]]["caption"].split(" ", 1)[1]
+        assert phrase in r["caption"] and "green" in r["caption"].split() and "{" not in r["caption"]
+        assert r["class_name"] == metas[r["key"]]["class_name"]
+        openings.add(r["caption"].split(phrase)[0])
+    assert len(openings) > 1  # more than one template used

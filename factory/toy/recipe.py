@@ -7,9 +7,13 @@
    a small KL VAE with 4 latent channels and factor 4, a small UNet with cross-attention) whose
    VAE alone is then trained on the world's images (reconstruction + a small KL term) and frozen,
    written as a diffusers folder ``WORK/base``;
-3. **train**: ``factory train`` itself on ``WORK/data`` from ``WORK/base`` with :data:`TRAIN`
+3. **captions**: each world caption ("a red fur tuft") put into one of the project's GOM prompt
+   templates (``prompts/templates/objects.yaml``: view, lighting, "isolated on a pure green
+   background, ..."), seeded per sample, in ``WORK/captions.jsonl``: the README's manifest then
+   speaks the model's language except for its object names;
+4. **train**: ``factory train`` itself on ``WORK/data`` from ``WORK/base`` with :data:`TRAIN`
    (generator stage, then generator + matting head), into ``WORK/run``;
-4. **package** (``--package``): the run's last checkpoint re-saved with its base embedded and the
+5. **package** (``--package``): the run's last checkpoint re-saved with its base embedded and the
    machine paths left out, into the package's ``factory/toy/model`` (what ``--model toy`` loads).
 
 Every step is seeded and skipped when its output is already complete, so an interrupted recipe
@@ -27,6 +31,9 @@ from typing import Any
 
 from factory.fsutil import atomic_write_text
 from factory.toy import MODEL_DIR
+
+#: The prompt templates of the README's manifest (the recipe runs from a checkout of the repository).
+TEMPLATES = Path(__file__).resolve().parents[2] / "prompts" / "templates" / "objects.yaml"
 
 WORLD_SEED = 0
 N_TRAIN = 2000
@@ -98,7 +105,12 @@ TRAIN: dict[str, Any] = {
     "lambda_latent": 1.0,
     "checkpoint_every": 500,
     "keep_checkpoints": 20,  # all of them: the ablations compare at equal steps
-    "validation_prompts": ["a red fur tuft", "a blue glass sphere", "a yellow star", "a white seed head"],
+    "validation_prompts": [
+        "a red fur tuft, front view, isolated on a pure green background, soft studio lighting, highly detailed fine edges, sharp focus",
+        "product photo of a blue glass sphere, side view, centered on a plain uniform green backdrop, rim lighting, crisp fine details, sharp focus",
+        "macro photograph of a yellow star, top-down view, isolated on an evenly lit pure green background, softbox key light, fine texture, sharp focus",
+        "photo of a white seed head in the center of the frame, eye-level view, simple pure green background, high-key lighting, detailed outline, sharp focus, 8k",
+    ],
     "validation_steps": 20,
     "validation_guidance": 3.0,
     "seed": SEED,
@@ -222,8 +234,33 @@ def make_base(work: Path, log: Any = print, vae_steps: int = VAE_STEPS, object_s
     return stats
 
 
+def template_captions(data: Path, out: Path, templates: Path = TEMPLATES, seed: int = SEED) -> Path:
+    """``out`` (JSON lines ``{"key", "caption", "class_name"}``): every world sample's caption as
+    the object of one of ``templates``' prompts, with its slots (view, lighting), drawn per sample
+    from (seed, key). Written atomically; the same inputs give the same bytes."""
+    import hashlib
+
+    import yaml
+
+    spec = yaml.safe_load(templates.read_text())
+    lines = []
+    for meta_path in sorted(data.glob("toy-*.json")):
+        meta = json.loads(meta_path.read_text())
+        key, caption = meta["key"], meta["caption"]
+        phrase = caption.split(" ", 1)[1] if caption.split(" ", 1)[0] in ("a", "an") else caption
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+        template = spec["templates"][h % len(spec["templates"])]
+        values = {"phrase": phrase}
+        for n, (slot, options) in enumerate(sorted(spec.get("slots", {}).items())):
+            values[slot] = options[(h >> (8 * (n + 1))) % len(options)]
+        text = template.replace("{a} {phrase}", f"{'an' if phrase[:1] in 'aeiou' else 'a'} {{phrase}}").format(**values)
+        lines.append(json.dumps({"key": key, "caption": " ".join(text.split()), "class_name": meta["class_name"]}))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
 def train_settings(work: Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {**TRAIN, "model": str(work / "base"), "data": [str(work / "data")], **(overrides or {})}
+    return {**TRAIN, "model": str(work / "base"), "data": [str(work / "data")], "captions": str(work / "captions.jsonl"), **(overrides or {})}
 
 
 def package(run: Path, dest: Path = MODEL_DIR) -> Path:
@@ -299,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     record["vae"] = make_base(work, log, *args.vae_steps)
     record["base_seconds"] = round(time.perf_counter() - t, 1)
     log(f"base: vae {record['vae']}")
+    template_captions(work / "data", work / "captions.jsonl")
     overrides: dict[str, Any] = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.steps:
         overrides["steps"] = args.steps
