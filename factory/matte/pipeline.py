@@ -46,6 +46,7 @@ from factory.matte.foreground import (
 from factory.matte.key import key_colored_pixels, local_difference_key, object_hue_key, object_hue_weight
 from factory.matte.refine import clip_levels, laplacian_refine, projected_alpha
 from factory.matte.shadow import hidden_shadow
+from factory.matte.spill import spill_field, spilled_colour
 from factory.matte.trimap import Trimap, board_mix_ratio, make_trimap
 
 
@@ -82,6 +83,10 @@ class GreenPostSettings:
     min_contrast: float = 50.0  # |F - B| (RGB) at which un-mixing gets half weight
     shading_mix: float = 0.5  # share of the brightness-invariant estimate in un-mixing (0: projection only)
     refit_min_alpha: float | None = 0.6  # refit the band's colour from pixels with alpha >= this (None: off)
+    spill_block: int | None = 4  # tile (px) over which rim spill is pooled; None: spill read as transparency
+    spill_min_coverage: float = 0.3  # band pixels with at least this coverage measure the spill
+    spill_min_sin2: float = 0.1  # sin^2(F - B, B) below which spill and coverage cannot be told apart
+    spill_max: float = 0.8  # most board light (share of B) taken for spill
     clip_black: float = 0.03  # alpha at or below -> 0
     clip_white: float = 0.96  # alpha at or above -> 1
     adaptive_clip: bool = True  # clip black from the board's measured noise (at most clip_black)
@@ -108,6 +113,8 @@ class GreenPostSettings:
             raise InputError(f"need 0 <= clip_black < clip_white <= 1, got {self.clip_black}, {self.clip_white}")
         if not 0.0 <= self.key_lo < self.key_hi <= 1.0:
             raise InputError(f"need 0 <= key_lo < key_hi <= 1, got {self.key_lo}, {self.key_hi}")
+        if self.spill_block is not None and self.spill_block < 2:
+            raise InputError(f"spill_block must be at least 2 or None, got {self.spill_block}")
         if self.plate_block < 2 or self.kmeans_clusters < 1:
             raise InputError("plate_block must be at least 2 and kmeans_clusters at least 1")
         if self.refit_min_alpha is not None and not 0.0 < self.refit_min_alpha <= 1.0:
@@ -140,6 +147,8 @@ class MatteResult:
     plate: np.ndarray | None = None  # float32 (H, W, 3): the board's colour behind every pixel
     fg_guess: np.ndarray | None = None  # float32 (H, W, 3): the object's colour from its core
     band: np.ndarray | None = None  # bool (H, W): the trimap's unknown band
+    spill: np.ndarray | None = None  # float32 (H, W): rim spill s (board light F + s B) found in the band
+    spill_ambiguous: np.ndarray | None = None  # bool (H, W): band pixels where spill and coverage are one
 
 
 def _check_inputs(image: np.ndarray, coarse_alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -263,8 +272,17 @@ def greenpost(
         plate = plate * shade[..., None]
     if new_plate:
         key = local_difference_key(img, plate, key_color)
-    if new_plate or s.refit_min_alpha is not None:
-        alpha = _band_alpha(img, plate, fg_guess, key, tri.unknown, s)
+    spill = np.zeros(img.shape[:2], dtype=np.float32)
+    ambiguous = np.zeros(img.shape[:2], dtype=bool)
+    fg_seen = fg_guess  # the object's colour as the camera saw it: with the rim's spill
+    if s.spill_block is not None:
+        field = spill_field(
+            img, plate, fg_guess, tri.unknown, s.spill_block, s.spill_min_coverage, s.spill_min_sin2, s.spill_max
+        )
+        spill, ambiguous = field.strength, field.ambiguous
+        fg_seen = spilled_colour(fg_guess, plate, spill)
+    if new_plate or s.refit_min_alpha is not None or s.spill_block is not None:
+        alpha = _band_alpha(img, plate, fg_seen, key, tri.unknown, s)
         clock.lap("second_pass")
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, _clip_black(img, plate, board, key_color, s), s.clip_white)
@@ -274,7 +292,8 @@ def greenpost(
     if s.foreground == "ml":
         fg = ml_foreground(img, alpha)
     else:
-        fg = unmix_foreground(img, plate, alpha, fg_guess)
+        fg = unmix_foreground(img, plate, alpha, fg_seen)
+    fg = np.clip(fg - spill[..., None] * plate, 0.0, 255.0)
     fg = despill(fg, alpha, key_color, s.despill_width)
     clock.lap("foreground")
     flagged = key_colored_pixels(img, alpha, tri.bg, key, tri.coarse_core, plate=plate, fg_guess=fg_guess, core=tri.core)
@@ -294,6 +313,8 @@ def greenpost(
         plate=plate,
         fg_guess=fg_guess,
         band=tri.unknown,
+        spill=spill,
+        spill_ambiguous=ambiguous,
     )
 
 

@@ -1,0 +1,105 @@
+"""Spill versus coverage: green light on the object's rim told apart from transparency.
+
+Board light reflected by the object's edge adds the board's colour to the foreground: near the board
+the object's colour is ``F + s B`` rather than ``F``, with ``s >= 0`` strongest next to the board and
+fading into the object. At a single pixel that looks exactly like lower coverage (both move the
+colour towards the board), so un-mixing with the core's colour ``F`` reads spill as transparency:
+alpha too low on rims and strands that are truly opaque or nearly so.
+
+Two things tell them apart when seen over a region. With ``F`` known, the compositing equation with
+spill, ``I - B = a (F - B) + a s B``, is linear in ``a`` and ``a s``; least squares over R, G, B
+(:func:`factory.matte.refine.two_colour_fit`, ``I = u F + v B``, read as ``u = a`` and
+``v = 1 - a + a s``) gives the spill ``s = (u + v - 1) / u`` wherever ``F - B`` and ``B`` point
+different ways. And spill is smooth along the rim: the per-pixel estimates are pooled per tile,
+weighted by how well they are determined, filled and smoothed, so one strand lit more brightly than
+the core (which the fit reads the same way) does not make its own spill. The band is then un-mixed
+against the spilled colour ``F + s B`` (the compositing equation with the foreground the camera
+saw), and the written foreground is that colour without the spill.
+
+Where ``F - B`` is nearly parallel to ``B`` (a green-ish object on green), spill and coverage cannot
+be told apart; those pixels are counted (``ambiguous``), and the matte confidence reports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from factory.matte.canvas import dot3
+from factory.matte.fill import push_pull, tile_sums, tiles_to_pixels
+
+
+@dataclass
+class SpillField:
+    strength: np.ndarray  # float32 (H, W): the spill s >= 0, the share of board light in the object's colour
+    ambiguous: np.ndarray  # bool (H, W): band pixels where spill and coverage cannot be told apart
+
+
+def spill_fit(
+    image: np.ndarray, fg_guess: np.ndarray, plate: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares ``I - B = p (F - B) + q B`` per pixel: (p, q, conditioning), float32.
+
+    ``p`` is the coverage ``a`` and ``q`` is ``a s``. The conditioning is ``sin^2`` of the angle
+    between ``F - B`` and ``B``: near 0 (an object of the board's hue, lighter or darker) the two
+    directions cannot be told apart."""
+    x = np.asarray(image, dtype=np.float32)
+    b = np.asarray(plate, dtype=np.float32)
+    d = np.asarray(fg_guess, dtype=np.float32) - b
+    y = x - b
+    dd, bb, db = dot3(d, d), dot3(b, b), dot3(d, b)
+    dy, by = dot3(d, y), dot3(b, y)
+    det = dd * bb - db * db
+    safe = np.maximum(det, 1e-3)
+    p = (bb * dy - db * by) / safe
+    q = (dd * by - db * dy) / safe
+    return p, q, det / np.maximum(dd * bb, 1e-6)
+
+
+def spill_field(
+    image: np.ndarray,
+    plate: np.ndarray,
+    fg_guess: np.ndarray,
+    band: np.ndarray,
+    block: int = 8,
+    min_coverage: float = 0.3,
+    min_sin2: float = 0.1,
+    max_spill: float = 0.8,
+    min_share: float = 0.1,
+    smooth: float = 1.0,
+    min_offset: float = 10.0,
+) -> SpillField:
+    """The spill ``s`` behind every pixel (0 away from the band), from the band's pixels.
+
+    A band pixel gives an estimate ``q / p`` where it is covered enough for it to be measured
+    (``p >= min_coverage``: ``s`` is ``q`` over the coverage, noise over a small one) and the fit
+    is conditioned (``sin^2 >= min_sin2``); estimates are clipped to ``[0, max_spill]`` (spill adds
+    light: a negative one is a darker strand, not spill) and pooled per ``block`` tile with weight
+    ``p^2 sin^2``. Tiles with pooled weight below ``min_share`` of their pixels are filled by
+    push-pull from those around, then smoothed by ``smooth`` tiles. Band pixels at least
+    ``min_offset`` (RGB) off the board where the fit is not conditioned are ``ambiguous``."""
+    p, q, sin2 = spill_fit(image, fg_guess, plate)
+    covered = band & (p >= min_coverage)
+    usable = covered & (sin2 >= min_sin2)
+    s_hat = np.clip(q / np.maximum(p, 1e-3), 0.0, max_spill)
+    weight = np.where(usable, p * p * np.minimum(sin2 / 0.5, 1.0), 0.0).astype(np.float32)
+    strength = np.zeros(band.shape, dtype=np.float32)
+    if weight.sum() > 0:
+        num, den = tile_sums(s_hat[..., None], weight, block)
+        grid = num / np.maximum(den, 1e-6)[..., None]
+        grid = push_pull(grid, np.clip(den / (block * block * min_share), 0.0, 1.0), min_weight=1.0)
+        if smooth > 0:
+            grid = ndimage.gaussian_filter(grid, (smooth, smooth, 0.0), mode="nearest")
+        strength = np.clip(tiles_to_pixels(grid, block, band.shape)[..., 0], 0.0, max_spill)
+        strength = np.where(band, strength, 0.0).astype(np.float32)
+    # Where the fit is ill-conditioned its coverage is noise too: any pixel off the board counts.
+    off_board = dot3(image.astype(np.float32) - plate, image.astype(np.float32) - plate) >= min_offset**2
+    return SpillField(strength=strength, ambiguous=band & off_board & (sin2 < min_sin2))
+
+
+def spilled_colour(fg_guess: np.ndarray, plate: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """The object's colour as the camera saw it near the board: ``F + s B`` (float32, 0..255)."""
+    out = np.asarray(fg_guess, dtype=np.float32) + strength[..., None] * np.asarray(plate, dtype=np.float32)
+    return np.clip(out, 0.0, 255.0)
