@@ -21,7 +21,8 @@ synthetic "pure green background" of the kind a diffusion model draws:
   the foreground colour, strongest next to the board, reaching opaque pixels (drawn from a second
   generator, so the other draws are those of earlier runs);
 - camera: Gaussian blur sigma 0-0.7 px, Gaussian noise sigma 1-3 levels, JPEG quality 80-95 with
-  4:4:4 or 4:2:0 chroma (even odds). ``--clean`` leaves out noise and JPEG, as ``generate`` does.
+  4:4:4 or 4:2:0 chroma (even odds). ``--clean`` leaves out noise and JPEG, as ``generate`` does;
+  ``--no-rim-spill`` leaves out the rim spill (the protocol before it was added).
 
 ``--key-objects`` recolours a disc inside each opaque object to a green near the board's and
 reports how often GreenPost flags the key colour (without it, the same line is the false-flag
@@ -184,6 +185,7 @@ def composite(
     clean: bool = False,
     extra: np.random.Generator | None = None,
     key_colored: bool = False,
+    rim: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic green-screen image of the case (uint8 RGB), following the protocol above, and
     the board behind it (float32, for the oracle). ``clean``: no noise, no JPEG (what ``generate``
@@ -198,7 +200,9 @@ def composite(
     # transparency, which no matting method can or should tell apart from alpha.)
     near_edge = np.clip(2.0 * ndimage.gaussian_filter(1.0 - alpha, rng.uniform(2, 6)), 0.0, 1.0) * (alpha > 0)
     spill = rng.uniform(0.1, 0.4) * near_edge[..., None] * (fg / 255.0) * key
-    f = rim_spill(extra, np.minimum(fg + spill, 255.0), alpha, board)
+    f = np.minimum(fg + spill, 255.0)
+    if rim:  # --no-rim-spill: the protocol of the runs before rim spill was added
+        f = rim_spill(extra, f, alpha, board)
     a = alpha[..., None]
     img = a * f + (1 - a) * board
     sigma = rng.uniform(0.0, 0.7)
@@ -307,6 +311,7 @@ def run(
     clean: bool = False,
     key_objects: bool = False,
     baseline: str | None = None,
+    rim: bool = True,
 ) -> list[dict]:
     rows: list[dict] = []
     table = methods()
@@ -330,7 +335,7 @@ def run(
         for seed, var in [(seed, var) for seed in seeds for var in range(variants)]:
             rng = np.random.default_rng([seed, idx, var])
             extra = np.random.default_rng([seed, idx, var, 1])
-            image, board = composite(rng, fg, case.alpha, clean=clean, extra=extra, key_colored=key_objects)
+            image, board = composite(rng, fg, case.alpha, clean=clean, extra=extra, key_colored=key_objects, rim=rim)
             for method, fn in table.items():
                 t0 = time.perf_counter()
                 pred, pred_fg, flagged = fn(image, coarse)
@@ -437,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write per-image rows and the summary here")
     ap.add_argument("--clean", action="store_true", help="no noise, no JPEG (what generate produces)")
     ap.add_argument("--key-objects", action="store_true", help="a key-coloured disc inside every object; reports the flag rate")
+    ap.add_argument("--no-rim-spill", action="store_true", help="leave rim spill out of the protocol")
     ap.add_argument("--baseline", metavar="REF", help="also run GreenPost of this git revision side by side (time ratio)")
     args = ap.parse_args(argv)
     data = args.data.resolve()
@@ -449,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no such image in {data}: {' '.join(unknown)}", file=sys.stderr)
         return 2
     names = args.images or everyone
-    rows = run(data, names, args.variants, args.seeds, args.methods, args.clean, args.key_objects, args.baseline)
+    rows = run(data, names, args.variants, args.seeds, args.methods, args.clean, args.key_objects, args.baseline,
+               not args.no_rim_spill)
     summary = summarize(rows)
     print(markdown(summary))
     print(flag_rates(rows))
