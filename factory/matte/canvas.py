@@ -42,6 +42,20 @@ def dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
 
 
+def two_direction_fit(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares ``y = p u + q v`` per pixel (RGB: three equations, two unknowns), float32.
+
+    Returns ``(p, q, sin2)``; ``sin2`` is ``sin^2`` of the angle between ``u`` and ``v``: near 0
+    the two directions point the same way and ``p``, ``q`` are unreliable."""
+    uu, vv, uv = dot3(u, u), dot3(v, v), dot3(u, v)
+    uy, vy = dot3(u, y), dot3(v, y)
+    det = uu * vv - uv * uv
+    safe = np.maximum(det, 1e-3)
+    p = (vv * uy - uv * vy) / safe
+    q = (uu * vy - uv * uy) / safe
+    return p, q, det / np.maximum(uu * vv, 1e-6)
+
+
 def chroma(rgb: np.ndarray) -> np.ndarray:
     """The colour minus its grey component (float32): what is left when brightness is taken out."""
     x = np.asarray(rgb, dtype=np.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from factory.matte.canvas import dot3
+from factory.matte.canvas import dot3, two_direction_fit
 
 
 def projected_alpha(
@@ -68,16 +68,7 @@ def two_colour_fit(
     and ``B`` in RGB: near 0 the two colours point the same way and ``u``, ``v`` are unreliable.
     Read with ``F`` exact, ``u = a k`` and ``v = 1 - a`` (a strand lit more or less than the core);
     read with ``F`` exact and the board darkened by ``s``, ``u = a`` and ``v = (1 - a) s``."""
-    x = image.astype(np.float32)
-    f = fg_guess.astype(np.float32)
-    b = plate.astype(np.float32)
-    ff, bb, fb = dot3(f, f), dot3(b, b), dot3(f, b)
-    fi, bi = dot3(f, x), dot3(b, x)
-    det = ff * bb - fb * fb
-    safe = np.maximum(det, 1e-3)
-    u = (bb * fi - fb * bi) / safe
-    v = (ff * bi - fb * fi) / safe
-    return u, v, det / np.maximum(ff * bb, 1e-6)
+    return two_direction_fit(image.astype(np.float32), fg_guess.astype(np.float32), plate.astype(np.float32))
 
 
 def shading_invariant_alpha(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from factory.matte.canvas import dot3
+from factory.matte.canvas import dot3, two_direction_fit
 from factory.matte.fill import push_pull, tile_sums, tiles_to_pixels
 
 
@@ -47,15 +47,7 @@ def spill_fit(
     directions cannot be told apart."""
     x = np.asarray(image, dtype=np.float32)
     b = np.asarray(plate, dtype=np.float32)
-    d = np.asarray(fg_guess, dtype=np.float32) - b
-    y = x - b
-    dd, bb, db = dot3(d, d), dot3(b, b), dot3(d, b)
-    dy, by = dot3(d, y), dot3(b, y)
-    det = dd * bb - db * db
-    safe = np.maximum(det, 1e-3)
-    p = (bb * dy - db * by) / safe
-    q = (dd * by - db * dy) / safe
-    return p, q, det / np.maximum(dd * bb, 1e-6)
+    return two_direction_fit(x - b, np.asarray(fg_guess, dtype=np.float32) - b, b)
 
 
 def spill_field(
