@@ -176,6 +176,9 @@ def _driver(small_manifest: Path, run: Path, marker: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", BLOCKING_DRIVER, str(REPO), str(marker), *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a fresh signal mask, as a shell gives: a child inherits the test process's mask, and an
+        # earlier in-process test may have left Ctrl-C blocked in it (the signal would stay pending)
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
     )  # fmt: skip
 
 
