@@ -242,6 +242,8 @@ def template_captions(data: Path, out: Path, templates: Path = TEMPLATES, seed: 
 
     import yaml
 
+    from factory.toy.world import article
+
     spec = yaml.safe_load(templates.read_text())
     lines = []
     for meta_path in sorted(data.glob("toy-*.json")):
@@ -253,7 +255,7 @@ def template_captions(data: Path, out: Path, templates: Path = TEMPLATES, seed: 
         values = {"phrase": phrase}
         for n, (slot, options) in enumerate(sorted(spec.get("slots", {}).items())):
             values[slot] = options[(h >> (8 * (n + 1))) % len(options)]
-        text = template.replace("{a} {phrase}", f"{'an' if phrase[:1] in 'aeiou' else 'a'} {{phrase}}").format(**values)
+        text = template.replace("{a} {phrase}", f"{article(phrase)} {{phrase}}").format(**values)
         lines.append(json.dumps({"key": key, "caption": " ".join(text.split()), "class_name": meta["class_name"]}))
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
