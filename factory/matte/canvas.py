@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from factory.matte.fill import Taps, push_pull, separable_bilinear, tiles_to_pixels
+from factory.matte.morphology import within_distance
 
 # Two canvas-like clusters with directions closer than this are one board under different lighting.
 _SAME_BOARD_DEG = 8.0
@@ -39,7 +40,10 @@ def key_excess(rgb: np.ndarray, key_color: tuple[int, int, int] | np.ndarray) ->
 def dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-pixel dot product over the colour axis. Written out: numpy's reductions over a last axis
     of length 3 (``(a * b).sum(-1)``, ``norm(axis=-1)``) are several times slower."""
-    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+    out = a[..., 0] * b[..., 0]
+    out += a[..., 1] * b[..., 1]
+    out += a[..., 2] * b[..., 2]
+    return out
 
 
 def two_direction_fit(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -264,7 +268,5 @@ def board_without_object(
     than ``core_gap`` px from the foreground core are taken out: next to a solid edge the first
     alpha is the edge's blur, and those pixels carry the board's colour (its shadow most of all)
     right up to the object."""
-    from scipy.ndimage import distance_transform_edt
-
-    far = distance_transform_edt(~core) > core_gap
+    far = ~within_distance(core, core_gap) if core.any() else np.ones(core.shape, dtype=bool)
     return board & ~((alpha > min_alpha) & far)

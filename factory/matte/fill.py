@@ -24,14 +24,26 @@ def push_pull(values: np.ndarray, weights: np.ndarray, min_weight: float = 1.0) 
             mean = values.reshape(-1, values.shape[-1]).mean(axis=0)
         return np.broadcast_to(mean, values.shape).copy()
     # Spread a little before decimating so every cell reaches its neighbours.
-    num_s = ndimage.uniform_filter(num, size=(3, 3, 1), mode="nearest")[::2, ::2]
-    den_s = ndimage.uniform_filter(weights, size=3, mode="nearest")[::2, ::2]
+    num_s = _box3_decimated(num)
+    den_s = _box3_decimated(weights)
     coarse_val = num_s / np.maximum(den_s, 1e-12)[..., None]
     coarse = push_pull(coarse_val, den_s, min_weight)
     up = upsample2(coarse)[: values.shape[0], : values.shape[1]]
     t = np.clip(weights / min_weight, 0.0, 1.0)[..., None]
-    own = num / np.maximum(weights, 1e-12)[..., None]
-    return t * own + (1.0 - t) * up
+    # t * own + (1 - t) * up, in place (the same operations: the same bits, fewer temporaries)
+    own = num
+    own /= np.maximum(weights, 1e-12)[..., None]
+    own *= t
+    up *= 1.0 - t
+    own += up
+    return own
+
+
+def _box3_decimated(grid: np.ndarray) -> np.ndarray:
+    """``uniform_filter(grid, 3 x 3, mode="nearest")[::2, ::2]`` with the second axis filtered on
+    the kept rows only (separable, so the same values)."""
+    rows = ndimage.uniform_filter1d(grid, 3, axis=0, mode="nearest")[::2]
+    return ndimage.uniform_filter1d(rows, 3, axis=1, mode="nearest")[:, ::2]
 
 
 def upsample2(grid: np.ndarray) -> np.ndarray:
@@ -85,10 +97,27 @@ def tiles_to_pixels(grid: np.ndarray, block: int, shape: tuple[int, int]) -> np.
     return separable_bilinear(g, rows, cols)
 
 
+def tiles_at(grid: np.ndarray, block: int, shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """:func:`tiles_to_pixels` at the pixels ``(ys, xs)`` only: (n, c) float32, the same values."""
+    g = np.asarray(grid, dtype=np.float32)
+    y0, y1, fy = (t[ys] for t in _linear_taps(shape[0], g.shape[0], block))
+    x0, x1, fx = (t[xs] for t in _linear_taps(shape[1], g.shape[1], block))
+    fy, fx = fy[:, None], fx[:, None]
+    left = g[y0, x0] * (1 - fy) + g[y1, x0] * fy
+    right = g[y0, x1] * (1 - fy) + g[y1, x1] * fy
+    return left * (1 - fx) + right * fx
+
+
 def separable_bilinear(grid: np.ndarray, rows: Taps, cols: Taps) -> np.ndarray:
     """Bilinear interpolation of an (gh, gw, c) grid as two gathers, rows first: each tap is
     (lower index, upper index, weight of the upper one) per output row or column."""
     y0, y1, fy = rows
     x0, x1, fx = cols
     r = grid[y0] * (1 - fy)[:, None, None] + grid[y1] * fy[:, None, None]
-    return r[:, x0] * (1 - fx)[None, :, None] + r[:, x1] * fx[None, :, None]
+    # r[:, x0] (1 - fx) + r[:, x1] fx on the full image, in place: the same bits, fewer temporaries
+    out = r[:, x0]
+    out *= (1 - fx)[None, :, None]
+    right = r[:, x1]
+    right *= fx[None, :, None]
+    out += right
+    return out

@@ -7,6 +7,7 @@ from scipy import ndimage
 
 from factory.matte.canvas import key_channels
 from factory.matte.fill import push_pull
+from factory.matte.morphology import depth_at
 
 
 def interpolate_foreground(image: np.ndarray, core: np.ndarray) -> np.ndarray:
@@ -41,19 +42,31 @@ def refit_foreground(
 
 
 def unmix_foreground(
-    image: np.ndarray, plate: np.ndarray, alpha: np.ndarray, fg_guess: np.ndarray, solid_from: float = 0.5
+    image: np.ndarray,
+    plate: np.ndarray,
+    alpha: np.ndarray,
+    fg_guess: np.ndarray,
+    solid_from: float = 0.5,
+    spill: np.ndarray | None = None,
 ) -> np.ndarray:
     """Solve ``I = a F + (1 - a) B`` for F with the plate as B (float32, 0..255).
 
     Dividing by alpha amplifies noise where alpha is small, so the solution is blended with the
-    interpolated core colour: fully trusted from ``solid_from`` up, not at all at alpha 0."""
+    interpolated core colour: fully trusted from ``solid_from`` up, not at all at alpha 0. With
+    the rim's ``spill`` ``s`` (the camera saw ``F + s B``), the solution is the colour minus
+    ``s B``: the despilled colour, consistent with an alpha un-mixed against ``F + s B``."""
     x = image.astype(np.float32)
     fg = np.where((alpha >= 1.0)[..., None], x, np.asarray(fg_guess, dtype=np.float32))
     mixed = (alpha > 0.0) & (alpha < 1.0)  # alpha 0 keeps the interpolated colour, 1 the image
     a = alpha[mixed].astype(np.float32)[:, None]
     b = np.asarray(plate, dtype=np.float32)[mixed]
     t = np.clip(a / solid_from, 0.0, 1.0)
-    fg[mixed] = t * (b + (x[mixed] - b) / np.maximum(a, 1e-3)) + (1.0 - t) * fg[mixed]
+    solved = b + (x[mixed] - b) / np.maximum(a, 1e-3)
+    if spill is not None:
+        solved -= spill[mixed][:, None] * b
+        spilled_solid = (alpha >= 1.0) & (spill > 0)
+        fg[spilled_solid] -= spill[spilled_solid][:, None] * np.asarray(plate, dtype=np.float32)[spilled_solid]
+    fg[mixed] = t * solved + (1.0 - t) * fg[mixed]
     return np.clip(fg, 0.0, 255.0)
 
 
@@ -81,9 +94,18 @@ def despill(
     is not solid (alpha < 1) and fades out over ``width`` px into the solid interior, leaving the
     green parts of an object's inside alone."""
     d, o1, o2 = key_channels(key_color)
-    depth = ndimage.distance_transform_edt(alpha >= 0.999)
-    weight = strength * np.clip(1.0 - depth / max(width, 1e-6), 0.0, 1.0)
     out = fg.astype(np.float32, copy=True)
     excess = np.maximum(out[..., d] - np.maximum(out[..., o1], out[..., o2]), 0.0)
+    solid = alpha >= 0.999
+    # The depth into the solid object matters only where there is key excess to take away, and
+    # only up to ``width``: usually a few pixels of the rim, not worth a whole distance transform.
+    ys, xs = np.nonzero(solid & (excess > 0))
+    if ys.size > solid.size // 16:
+        depth = ndimage.distance_transform_edt(solid)
+    else:
+        depth = np.zeros(solid.shape)
+        depth[solid] = np.inf
+        depth[ys, xs] = depth_at(solid, ys, xs, max(width, 0.0))
+    weight = strength * np.clip(1.0 - depth / max(width, 1e-6), 0.0, 1.0)
     out[..., d] -= weight * excess
     return out

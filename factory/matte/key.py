@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from factory.matte.canvas import chroma, dot3, key_excess
 from factory.matte.fill import push_pull, tile_sums, tiles_to_pixels
+from factory.matte.morphology import square_opening, within_distance
 
 
 def local_difference_key(image: np.ndarray, plate: np.ndarray, key_color: tuple[int, int, int]) -> np.ndarray:
@@ -193,7 +194,7 @@ def key_colored_pixels(
     if board.any() and box is not None:
         sub = candidates[box]
         if rim_width > 0:  # spill lights the rim next to the board: not evidence of a key colour
-            sub &= ndimage.distance_transform_edt(~board[box]) > rim_width
+            sub &= ~within_distance(board[box], rim_width)
         ys, xs = np.nonzero(sub)
         ys_full, xs_full = ys + box[0].start, xs + box[1].start
         dist, spread, brightness = board_chromaticity_distance(image, board, (ys_full, xs_full))
@@ -203,7 +204,7 @@ def key_colored_pixels(
             keep[keep] = ~mixing_explained(image[at], plate[at], fg_guess[at])
         sub[:] = False
         sub[ys[keep], xs[keep]] = True
-        found[box] = ndimage.binary_opening(sub, structure=np.ones((opening, opening), dtype=bool))
+        found[box] = square_opening(sub, opening)
     if object_core is not None:
         found |= (key_alpha < 0.5) & object_core
     return found

@@ -199,15 +199,24 @@ def _fallback_key(
 
 
 def _band_alpha(
-    img: np.ndarray, plate: np.ndarray, fg_guess: np.ndarray, key: np.ndarray, band: np.ndarray, s: GreenPostSettings
+    img: np.ndarray,
+    plate: np.ndarray,
+    fg_guess: np.ndarray,
+    key: np.ndarray,
+    band: np.ndarray,
+    s: GreenPostSettings,
+    spill: np.ndarray | None = None,
 ) -> np.ndarray:
     """Alpha by un-mixing (and the fallback keys) on the unknown band's pixels only; 0 elsewhere
     (the core and the background get 1 and 0 at the end). The band is a fifth of a typical image,
-    and these are the pipeline's heaviest per-pixel steps."""
+    and these are the pipeline's heaviest per-pixel steps. With the rim's ``spill``, the object's
+    colour is the one the camera saw, ``F + s B``."""
     alpha = np.zeros(band.shape, dtype=np.float32)
     if not band.any():
         return alpha
     x, b, f = img[band][None], plate[band][None], fg_guess[band][None]
+    if spill is not None:
+        f = spilled_colour(f, b, spill[band][None])
     fallback = _fallback_key(x, b, f, key[band][None], s)
     alpha[band] = projected_alpha(x, b, f, fallback, s.projection_sharpness, s.min_contrast, s.shading_mix)[0]
     return alpha
@@ -274,15 +283,13 @@ def greenpost(
         key = local_difference_key(img, plate, key_color)
     spill = np.zeros(img.shape[:2], dtype=np.float32)
     ambiguous = np.zeros(img.shape[:2], dtype=bool)
-    fg_seen = fg_guess  # the object's colour as the camera saw it: with the rim's spill
     if s.spill_block is not None:
         field = spill_field(
             img, plate, fg_guess, tri.unknown, s.spill_block, s.spill_min_coverage, s.spill_min_sin2, s.spill_max
         )
         spill, ambiguous = field.strength, field.ambiguous
-        fg_seen = spilled_colour(fg_guess, plate, spill)
     if new_plate or s.refit_min_alpha is not None or s.spill_block is not None:
-        alpha = _band_alpha(img, plate, fg_seen, key, tri.unknown, s)
+        alpha = _band_alpha(img, plate, fg_guess, key, tri.unknown, s, spill)
         clock.lap("second_pass")
     alpha[tri.core], alpha[tri.bg] = 1.0, 0.0
     alpha = clip_levels(alpha, _clip_black(img, plate, board, key_color, s), s.clip_white)
@@ -291,9 +298,10 @@ def greenpost(
         clock.lap("laplacian")
     if s.foreground == "ml":
         fg = ml_foreground(img, alpha)
+        fg[tri.unknown] -= spill[tri.unknown][:, None] * plate[tri.unknown]  # the despilled colour
+        fg = np.clip(fg, 0.0, 255.0)
     else:
-        fg = unmix_foreground(img, plate, alpha, fg_seen)
-    fg = np.clip(fg - spill[..., None] * plate, 0.0, 255.0)
+        fg = unmix_foreground(img, plate, alpha, fg_guess, spill=spill)
     fg = despill(fg, alpha, key_color, s.despill_width)
     clock.lap("foreground")
     flagged = key_colored_pixels(img, alpha, tri.bg, key, tri.coarse_core, plate=plate, fg_guess=fg_guess, core=tri.core)
