@@ -4,8 +4,11 @@ object of the board's own hue is counted as ambiguous."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
-from matte_fixtures import composite, shaded_board, soft_disc
+import pytest
+from matte_fixtures import BOARD_GREEN, composite, shaded_board, soft_disc
 from scipy import ndimage
 
 from factory.matte import GreenPostSettings, greenpost
@@ -119,3 +122,44 @@ def test_adaptive_clip_level_follows_the_board_noise() -> None:
     speckle = (greenpost(image).alpha[bare] > 0).mean()
     low = (greenpost(image, settings=GreenPostSettings(adaptive_clip=False, clip_black=0.01)).alpha[bare] > 0).mean()
     assert speckle < low - 0.1  # its noise is cleaned off the board more than a clean board's level would
+
+
+def _spilled_hair_mass(size: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """A solid light-brown core inside a wide mass of fine radial strands (alpha 0.12-0.5, no board
+    showing between them), every strand lit by the board: F + 0.4 B."""
+    yy, xx = np.mgrid[:size, :size]
+    r, ang = np.hypot(yy - size / 2, xx - size / 2), np.arctan2(yy - size / 2, xx - size / 2)
+    mass = np.clip((62 - r) / 2, 0, 1) * (0.12 + 0.38 * (0.5 + 0.5 * np.cos(40 * ang)))
+    alpha = np.maximum(soft_disc(size, radius=28, softness=2), mass)
+    board = shaded_board(alpha)
+    seen = np.minimum(np.asarray((170.0, 120.0, 80.0)) + 0.4 * (alpha < 0.5)[..., None] * board, 255.0)
+    noise = np.random.default_rng(0).normal(0, 1, board.shape)
+    image = alpha[..., None] * seen + (1 - alpha[..., None]) * board + noise
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), alpha
+
+
+def test_spilled_strands_are_not_taken_for_a_key_colour() -> None:
+    """Board light on strands makes them greener than any mix of the board and the hair's colour;
+    without the spill model the key-colour flag fires on the hair mass (and the filter would drop
+    the sample), with it the strands are explained as the spilled colour, and alpha is closer."""
+    image, alpha = _spilled_hair_mass()
+    with_spill = greenpost(image)
+    without = greenpost(image, settings=replace(GreenPostSettings(), spill_block=None))
+    assert without.contains_key_color and without.key_colored_fraction > 0.05
+    assert not with_spill.contains_key_color and with_spill.key_colored_fraction == 0.0
+    assert np.abs(with_spill.alpha - alpha).sum() < 0.85 * np.abs(without.alpha - alpha).sum()
+
+
+def test_spill_is_plausible_only_near_the_board() -> None:
+    """near_board: 1 within the reach of a pixel showing the board, falling off beyond it."""
+    size = 96
+    band = np.ones((size, size), bool)
+    background = np.zeros((size, size), bool)
+    background[:, :4] = True
+    image = np.full((size, size, 3), 120, np.uint8)
+    plate = np.broadcast_to(np.asarray(BOARD_GREEN, np.float32), (size, size, 3))
+    fg = np.full((size, size, 3), 120.0, np.float32)
+    near = spill_field(image, plate, fg, band, block=4, background=background, reach=16.0, falloff=3.0).near_board
+    assert near[:, :16].min() == pytest.approx(1.0)
+    assert near[:, 60:].max() < 0.01
+    assert (np.diff(near[0, 16:60]) <= 1e-6).all()  # fades with distance

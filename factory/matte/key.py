@@ -164,6 +164,7 @@ def key_colored_pixels(
     plate: np.ndarray | None = None,
     fg_guess: np.ndarray | None = None,
     core: np.ndarray | None = None,
+    spill: np.ndarray | None = None,
     solid_alpha: float = 0.9,
     spread_factor: float = 2.0,
     min_distance: float = 0.02,
@@ -180,7 +181,9 @@ def key_colored_pixels(
     object) and at least ``min_distance``, or brighter than the board there by ``brighter`` (a green
     of the board's own chromaticity, lit more than the board can be; darker is not a test: the
     board in the object's shadow is darker), and no mix of the board with the nearby object's colour
-    explains it (:func:`mixing_explained`, given ``plate``, ``fg_guess`` and the foreground ``core``).
+    explains it (:func:`mixing_explained`, given ``plate``, ``fg_guess`` and the foreground ``core``;
+    with the rim's ``spill`` ``s`` the object's colour is the one the camera saw, ``F + s B``: a
+    strand lit green by the board is a mix of the board and that colour, not a key colour).
     The board around the object is the background connected to the image border
     (:func:`outer_board`); a region enclosed by the object or attached to it is judged by its colour,
     so a hole that shows the board is not flagged and a disc of ``(20, 240, 20)`` inside a red ring
@@ -201,7 +204,8 @@ def key_colored_pixels(
         keep = (dist > max(spread_factor * spread, min_distance)) | (brightness > brighter)
         if plate is not None and fg_guess is not None and core is not None and keep.any() and core.any():
             at = (ys_full[keep], xs_full[keep])
-            keep[keep] = ~mixing_explained(image[at], plate[at], fg_guess[at])
+            seen = fg_guess[at] if spill is None else fg_guess[at] + spill[at][:, None] * plate[at]
+            keep[keep] = ~mixing_explained(image[at], plate[at], seen)
         sub[:] = False
         sub[ys[keep], xs[keep]] = True
         found[box] = square_opening(sub, opening)

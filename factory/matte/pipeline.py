@@ -87,6 +87,8 @@ class GreenPostSettings:
     spill_min_coverage: float = 0.3  # band pixels with at least this coverage measure the spill
     spill_min_sin2: float = 0.1  # sin^2(F - B, B) below which spill and coverage cannot be told apart
     spill_max: float = 0.8  # most board light (share of B) taken for spill
+    spill_reach: float = 16.0  # px from the board within which the key-colour flag takes spill for an explanation ...
+    spill_falloff: float = 3.0  # ... fading beyond as exp(-(d - reach) / falloff)
     clip_black: float = 0.03  # alpha at or below -> 0
     clip_white: float = 0.96  # alpha at or above -> 1
     adaptive_clip: bool = True  # clip black from the board's measured noise (at most clip_black)
@@ -283,11 +285,13 @@ def greenpost(
         key = local_difference_key(img, plate, key_color)
     spill = np.zeros(img.shape[:2], dtype=np.float32)
     ambiguous = np.zeros(img.shape[:2], dtype=bool)
+    near_board = np.ones(img.shape[:2], dtype=np.float32)
     if s.spill_block is not None:
         field = spill_field(
-            img, plate, fg_guess, tri.unknown, s.spill_block, s.spill_min_coverage, s.spill_min_sin2, s.spill_max
-        )
-        spill, ambiguous = field.strength, field.ambiguous
+            img, plate, fg_guess, tri.unknown, s.spill_block, s.spill_min_coverage, s.spill_min_sin2, s.spill_max,
+            background=tri.bg, reach=s.spill_reach, falloff=s.spill_falloff,
+        )  # fmt: skip
+        spill, ambiguous, near_board = field.strength, field.ambiguous, field.near_board
     if new_plate or s.refit_min_alpha is not None or s.spill_block is not None:
         alpha = _band_alpha(img, plate, fg_guess, key, tri.unknown, s, spill)
         clock.lap("second_pass")
@@ -304,7 +308,9 @@ def greenpost(
         fg = unmix_foreground(img, plate, alpha, fg_guess, spill=spill)
     fg = despill(fg, alpha, key_color, s.despill_width)
     clock.lap("foreground")
-    flagged = key_colored_pixels(img, alpha, tri.bg, key, tri.coarse_core, plate=plate, fg_guess=fg_guess, core=tri.core)
+    flagged = key_colored_pixels(
+        img, alpha, tri.bg, key, tri.coarse_core, plate=plate, fg_guess=fg_guess, core=tri.core, spill=spill * near_board
+    )
     n_flag = int(flagged.sum())
     clock.lap("flag")
     return MatteResult(

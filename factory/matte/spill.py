@@ -35,6 +35,7 @@ from factory.matte.fill import push_pull, tiles_at
 class SpillField:
     strength: np.ndarray  # float32 (H, W): the spill s >= 0, the share of board light in the object's colour
     ambiguous: np.ndarray  # bool (H, W): band pixels where spill and coverage cannot be told apart
+    near_board: np.ndarray  # float32 (H, W): how plausible spill is at the pixel's distance from the board, 0..1
 
 
 def spill_fit(
@@ -62,6 +63,9 @@ def spill_field(
     min_share: float = 0.1,
     smooth: float = 1.0,
     min_offset: float = 10.0,
+    background: np.ndarray | None = None,
+    reach: float = 16.0,
+    falloff: float = 3.0,
 ) -> SpillField:
     """The spill ``s`` behind every pixel (0 away from the band), from the band's pixels.
 
@@ -73,12 +77,20 @@ def spill_field(
     push-pull from those around, then smoothed by ``smooth`` tiles. Band pixels at least
     ``min_offset`` (RGB) off the board where the fit is not conditioned are ``ambiguous``.
 
+    Spill is board light, so it lives next to the board: with the ``background`` (the pixels
+    showing the board), ``near_board`` is 1 up to ``reach`` px from it and ``exp(-(d - reach) /
+    falloff)`` beyond, per tile. The key-colour flag accepts spill as the explanation of a green
+    pixel only that far: a green disc inside a ring, far from the board, is the object's colour.
+    (Alpha uses the spill in full: dense hair lit by the board shows little board between its
+    strands, and limiting its spill there cost accuracy.)
+
     Only the band's pixels are computed (it is a fifth of a typical image)."""
     strength = np.zeros(band.shape, dtype=np.float32)
     ambiguous = np.zeros(band.shape, dtype=bool)
+    near = np.ones(band.shape, dtype=np.float32)
     ys, xs = np.nonzero(band)
     if ys.size == 0:
-        return SpillField(strength=strength, ambiguous=ambiguous)
+        return SpillField(strength=strength, ambiguous=ambiguous, near_board=near)
     x = np.asarray(image, dtype=np.float32)[ys, xs]
     b = np.asarray(plate, dtype=np.float32)[ys, xs]
     p, q, sin2 = spill_fit(x, np.asarray(fg_guess, dtype=np.float32)[ys, xs], b)
@@ -95,10 +107,27 @@ def spill_field(
         if smooth > 0:
             grid = ndimage.gaussian_filter(grid, (smooth, smooth, 0.0), mode="nearest")
         strength[ys, xs] = np.clip(tiles_at(grid, block, band.shape, ys, xs)[:, 0], 0.0, max_spill)
+    if background is not None:
+        near[ys, xs] = tiles_at(_near_board(background, block, reach, falloff)[..., None], block, band.shape, ys, xs)[:, 0]
     # Where the fit is ill-conditioned its coverage is noise too: any pixel off the board counts.
     off_board = dot3(x - b, x - b) >= min_offset**2
     ambiguous[ys, xs] = off_board & (sin2 < min_sin2)
-    return SpillField(strength=strength, ambiguous=ambiguous)
+    return SpillField(strength=strength, ambiguous=ambiguous, near_board=near)
+
+
+def _near_board(background: np.ndarray, block: int, reach: float, falloff: float) -> np.ndarray:
+    """Per ``block`` tile, the share of spill kept at its distance ``d`` (px, tile centre to tile
+    centre) from the nearest tile showing the board: 1 up to ``reach``, then ``exp(-(d - reach) /
+    falloff)``. Measured on the tile grid: the spill is pooled per tile anyway, and a transform of
+    the grid costs nothing beside one of the image."""
+    h, w = background.shape
+    ph, pw = -h % block, -w % block
+    padded = np.pad(np.asarray(background, dtype=bool), ((0, ph), (0, pw)))
+    tiles = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block).any(axis=(1, 3))
+    if not tiles.any():
+        return np.zeros(tiles.shape, dtype=np.float64)
+    d = ndimage.distance_transform_edt(~tiles) * block
+    return np.minimum(np.exp(-(d - reach) / max(falloff, 1e-6)), 1.0)
 
 
 def spilled_colour(fg_guess: np.ndarray, plate: np.ndarray, strength: np.ndarray) -> np.ndarray:
