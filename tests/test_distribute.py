@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import as_a_foreground_command
 
 from factory.distribute.sizing import plan_workers
 from factory.ray_session import MAX_TEMP_DIR_CHARS, choose_temp_dir, prune_sessions, worker_env_vars
@@ -421,7 +422,8 @@ def test_driver_killed_at_random_moments_then_resumed_gives_exactly_n_samples(re
     try:
         for sig, moment in plan:
             before = _done_files(run)
-            proc = subprocess.Popen(_generate_cmd(manifest_path, run, ray_tmp), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(_generate_cmd(manifest_path, run, ray_tmp), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=as_a_foreground_command)  # fmt: skip
             if sig is not None:
                 if moment == "start":
                     time.sleep(rng.uniform(1.0, 6.0))

@@ -5,6 +5,7 @@ that blocks at a chosen point (an event), never at a chosen time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import as_a_foreground_command
 
 import factory.generate as generate
 from factory.fsutil import FileLock
@@ -151,7 +153,8 @@ def test_an_export_killed_before_its_first_shard_is_taken_over(cli, tmp_path: Pa
 
 
 BLOCKING_DRIVER = r"""
-import sys, threading
+import faulthandler, signal, sys, threading
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where every thread is, if it hangs
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import factory.plan as plan
@@ -176,10 +179,9 @@ def _driver(small_manifest: Path, run: Path, marker: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", BLOCKING_DRIVER, str(REPO), str(marker), *args],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        # a fresh signal mask, as a shell gives: a child inherits the test process's mask, and an
-        # earlier in-process test may have left Ctrl-C blocked in it (the signal would stay pending)
-        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, set()),
+        preexec_fn=as_a_foreground_command,
     )  # fmt: skip
+
 
 
 def _wait_for(path: Path, proc: subprocess.Popen) -> None:
@@ -204,7 +206,15 @@ def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, 
         proc.stdout.close()
         proc.stderr.close()
     else:
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the driver prints its threads' stacks ...
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=10)
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the driver did not stop on {signal.Signals(sig).name}; its threads:\n{err}")
         assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
         assert err.count("\n") == 1 and err.startswith({signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated (SIGTERM)"}[sig]), err
         # The plan is written in the background while the run works (issue 20): the signal lands
