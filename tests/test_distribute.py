@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-from processes import as_a_foreground_command
 
 from factory.distribute.sizing import plan_workers
 from factory.ray_session import MAX_TEMP_DIR_CHARS, choose_temp_dir, prune_sessions, worker_env_vars
@@ -32,6 +31,7 @@ from factory.sample import SAMPLE_SUFFIXES
 from factory.store import RunStore
 from tests import fault_samplers
 from tests.conftest import SMALL_MANIFEST, write_manifest
+from tests.processes import as_a_foreground_command
 
 REPO = Path(__file__).resolve().parent.parent
 N = 12

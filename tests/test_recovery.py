@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from processes import as_a_foreground_command
 
 import factory.generate as generate
 from factory.fsutil import FileLock
 from factory.store import RunStore
 from tests.fake_run import make_run, sample_result
+from tests.processes import as_a_foreground_command
 
 REPO = Path(__file__).resolve().parent.parent
 
