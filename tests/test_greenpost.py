@@ -182,6 +182,8 @@ def test_pure_and_picklable(disc) -> None:
         dict(refit_min_alpha=0.0),
         dict(plate_object_alpha=1.0),
         dict(shadow_floor=0.0),
+        dict(spill_falloff=0.0),
+        dict(spill_reach=-1.0),
     ],
 )
 def test_bad_settings(bad: dict) -> None:

@@ -117,6 +117,8 @@ class GreenPostSettings:
             raise InputError(f"need 0 <= key_lo < key_hi <= 1, got {self.key_lo}, {self.key_hi}")
         if self.spill_block is not None and self.spill_block < 2:
             raise InputError(f"spill_block must be at least 2 or None, got {self.spill_block}")
+        if self.spill_reach < 0 or self.spill_falloff <= 0:
+            raise InputError(f"need spill_reach >= 0 and spill_falloff > 0, got {self.spill_reach}, {self.spill_falloff}")
         if self.plate_block < 2 or self.kmeans_clusters < 1:
             raise InputError("plate_block must be at least 2 and kmeans_clusters at least 1")
         if self.refit_min_alpha is not None and not 0.0 < self.refit_min_alpha <= 1.0:
