@@ -268,5 +268,5 @@ def board_without_object(
     than ``core_gap`` px from the foreground core are taken out: next to a solid edge the first
     alpha is the edge's blur, and those pixels carry the board's colour (its shadow most of all)
     right up to the object."""
-    far = ~within_distance(core, core_gap) if core.any() else np.ones(core.shape, dtype=bool)
+    far = ~within_distance(core, core_gap)  # no core: every pixel is far
     return board & ~((alpha > min_alpha) & far)
