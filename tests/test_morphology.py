@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from factory.matte.fill import push_pull, tiles_at, tiles_to_pixels, upsample2
+from factory.matte.fill import push_pull, tile_sums, tile_sums_at, tiles_at, tiles_to_pixels, upsample2
 from factory.matte.morphology import depth_at, square_opening, within_distance
 
 
@@ -75,6 +75,13 @@ def test_push_pull_and_tile_lookups_are_bit_identical_to_their_plain_forms() -> 
         full = tiles_to_pixels(grid, 4, (h, w))
         ys, xs = rng.integers(0, h, 50), rng.integers(0, w, 50)
         assert np.array_equal(tiles_at(grid, 4, (h, w), ys, xs), full[ys, xs])
+        # the sparse tile sums equal the dense ones with zero weight off the given pixels
+        at = rng.uniform(size=(h, w)) < 0.3
+        weights = np.where(at, rng.uniform(size=(h, w)), 0.0)
+        py, px = np.nonzero(at)
+        dense_num, dense_den = tile_sums(values, weights, 4)
+        num, den = tile_sums_at(values[py, px], weights[py, px], py, px, 4, (h, w))
+        assert np.allclose(num, dense_num, rtol=1e-12, atol=1e-9) and np.allclose(den, dense_den, rtol=1e-12, atol=1e-12)
 
 
 def test_despill_equals_its_plain_form_for_few_and_many_green_pixels() -> None:

@@ -76,6 +76,19 @@ def tile_sums(values: np.ndarray, weights: np.ndarray, block: int) -> tuple[np.n
     )
 
 
+def tile_sums_at(
+    values: np.ndarray, weights: np.ndarray, ys: np.ndarray, xs: np.ndarray, block: int, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tile_sums` of values and weights given at the pixels ``(ys, xs)`` only ((n, c) and
+    (n,); every other pixel has weight 0): the same sums, without a full-size image."""
+    hb, wb = -(-shape[0] // block), -(-shape[1] // block)
+    tile = (ys // block) * wb + xs // block
+    w = np.asarray(weights, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    num = np.stack([np.bincount(tile, weights=v[:, k] * w, minlength=hb * wb) for k in range(v.shape[1])], axis=-1)
+    return num.reshape(hb, wb, -1), np.bincount(tile, weights=w, minlength=hb * wb).reshape(hb, wb)
+
+
 Taps = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 

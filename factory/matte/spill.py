@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from factory.matte.canvas import dot3, two_direction_fit
-from factory.matte.fill import push_pull, tiles_at
+from factory.matte.fill import push_pull, tile_sums_at, tiles_at
 
 
 @dataclass
@@ -98,10 +98,7 @@ def spill_field(
     s_hat = np.clip(q / np.maximum(p, 1e-3), 0.0, max_spill)
     weight = np.where(usable, p * p * np.minimum(sin2 / 0.5, 1.0), 0.0)
     if weight.sum() > 0:
-        hb, wb = -(-band.shape[0] // block), -(-band.shape[1] // block)
-        tile = (ys // block) * wb + xs // block
-        num = np.bincount(tile, weights=s_hat * weight, minlength=hb * wb).reshape(hb, wb, 1)
-        den = np.bincount(tile, weights=weight, minlength=hb * wb).reshape(hb, wb)
+        num, den = tile_sums_at(s_hat[:, None], weight, ys, xs, block, band.shape)
         grid = num / np.maximum(den, 1e-6)[..., None]
         grid = push_pull(grid, np.clip(den / (block * block * min_share), 0.0, 1.0), min_weight=1.0)
         if smooth > 0:
