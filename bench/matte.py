@@ -34,7 +34,10 @@ Methods, all on the same composites: ``greenpost`` (no coarse alpha, as for a us
 and upsampled; reported separately), ``colordiff`` (classic colour-difference key
 ``1 - (G - max(R, B)) / (Gk - max(Rk, Bk))``), ``hsv`` (hard HSV threshold key). The baselines get
 the same K-Means canvas colour as GreenPost. ``oracle`` is a reference, not a method: every pixel
-un-mixed with the true board and the true spill-free foreground colour.
+un-mixed with the true board and the true spill-free foreground colour. ``--camera-oracles`` adds
+two references for what the camera alone (blur, noise, JPEG) leaves: ``oracle-camera`` un-mixes
+with the true board and the foreground the camera saw (spill included), ``oracle-camera+finish``
+adds GreenPost's chroma restoration, clip levels and the closed-form Laplacian to it.
 
 Metrics (factory.metrics, Composition-1k definitions) on the Trimap2 unknown region, plus whole-image
 SAD; groups: hair GT03 GT04 GT08 GT09, see-through GT25 GT27, rest. Seconds per image are wall-clock
@@ -74,7 +77,9 @@ sys.path.insert(0, str(REPO))
 from factory.imageio import read_alpha, read_rgb  # noqa: E402
 from factory.matte import GreenPostSettings, greenpost  # noqa: E402
 from factory.matte.canvas import estimate_canvas_color  # noqa: E402
+from factory.matte.chroma import detect_chroma_layout, restore_chroma  # noqa: E402
 from factory.matte.key import color_difference_key, hsv_threshold_key  # noqa: E402
+from factory.matte.refine import clip_levels, laplacian_refine  # noqa: E402
 from factory.metrics import evaluate_pair  # noqa: E402
 
 DEFAULT_DATA = REPO / ".." / "shared" / "matting-data" / "alphamatting-training-lowres"
@@ -191,6 +196,21 @@ def composite(
     the board behind it (float32, for the oracle). ``clean``: no noise, no JPEG (what ``generate``
     produces). ``extra`` draws the rim spill and the key-coloured part (kept apart from ``rng`` so
     the other draws stay those of earlier runs)."""
+    image, board, _ = composite_with_foreground(rng, fg, alpha, clean, extra, key_colored, rim)
+    return image, board
+
+
+def composite_with_foreground(
+    rng: np.random.Generator,
+    fg: np.ndarray,
+    alpha: np.ndarray,
+    clean: bool = False,
+    extra: np.random.Generator | None = None,
+    key_colored: bool = False,
+    rim: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``composite``, plus the foreground the camera saw (spill and any key-coloured part in it,
+    float32): the colour the camera-limited oracle un-mixes against."""
     board, key = green_board(rng, alpha)
     extra = extra or np.random.default_rng(0)
     if key_colored:
@@ -210,12 +230,14 @@ def composite(
         img = ndimage.gaussian_filter(img, (sigma, sigma, 0))
     noisy = img + rng.normal(0, rng.uniform(1, 3), img.shape)
     quality, subsampling = int(rng.integers(80, 96)), int(rng.choice([0, 2]))
+    seen = f.astype(np.float32)
     if clean:
-        return np.clip(np.rint(img), 0, 255).astype(np.uint8), board.astype(np.float32)
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8), board.astype(np.float32), seen
     img8 = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(img8).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.uint8), board.astype(np.float32)
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.uint8)
+    return decoded, board.astype(np.float32), seen
 
 
 def coarse_alpha(alpha: np.ndarray) -> np.ndarray:
@@ -294,6 +316,20 @@ def oracle_alpha(image: np.ndarray, board: np.ndarray, true_fg: np.ndarray) -> n
     return np.clip((diff * d).sum(-1) / np.maximum((d * d).sum(-1), 1.0), 0.0, 1.0)
 
 
+def camera_oracle_alpha(image: np.ndarray, board: np.ndarray, seen_fg: np.ndarray, finish: bool) -> np.ndarray:
+    """Not a method, a reference for what the camera alone leaves: each pixel un-mixed with the true
+    board and the foreground the camera saw (spill included). ``finish``: first GreenPost's chroma
+    restoration, then its clip levels and the closed-form Laplacian (weight 0.3), the spatial steps
+    a method can add to the un-mixing. A per-pixel method cannot be expected below this line."""
+    if not finish:
+        return oracle_alpha(image, board, seen_fg)
+    layout = detect_chroma_layout(image)
+    restored = restore_chroma(image, layout) if (layout.vertical or layout.horizontal) else image
+    settings = GreenPostSettings()
+    alpha = clip_levels(oracle_alpha(restored, board, seen_fg).astype(np.float32), settings.clip_black, settings.clip_white)
+    return laplacian_refine(restored, alpha, 0.3)
+
+
 def foreground_error(fg: np.ndarray, true_fg: np.ndarray, alpha: np.ndarray, trimap: np.ndarray) -> float:
     """Alpha-weighted mean absolute error (8-bit levels) of the foreground colour in the Trimap2
     unknown region, against the spill-free F: what a composite onto a new background would show."""
@@ -312,6 +348,7 @@ def run(
     key_objects: bool = False,
     baseline: str | None = None,
     rim: bool = True,
+    camera_oracles: bool = False,
 ) -> list[dict]:
     rows: list[dict] = []
     table = methods()
@@ -335,7 +372,7 @@ def run(
         for seed, var in [(seed, var) for seed in seeds for var in range(variants)]:
             rng = np.random.default_rng([seed, idx, var])
             extra = np.random.default_rng([seed, idx, var, 1])
-            image, board = composite(rng, fg, case.alpha, clean=clean, extra=extra, key_colored=key_objects, rim=rim)
+            image, board, seen = composite_with_foreground(rng, fg, case.alpha, clean, extra, key_objects, rim)
             for method, fn in table.items():
                 t0 = time.perf_counter()
                 pred, pred_fg, flagged = fn(image, coarse)
@@ -345,14 +382,18 @@ def run(
                 row.update(evaluate_pair(pred, case.alpha, case.trimap))
                 row["fg_error"] = foreground_error(pred_fg, fg, case.alpha, case.trimap)
                 rows.append(row)
-            oracle = oracle_alpha(image, board, fg)
-            rows.append(
-                {"image": name, "seed": seed, "variant": var, "group": group_of(name), "method": "oracle", "seconds": 0.0,
-                 **evaluate_pair(oracle, case.alpha, case.trimap), "fg_error": None, "flagged": None}
-            )  # fmt: skip
+            references = {"oracle": oracle_alpha(image, board, fg)}
+            if camera_oracles:
+                references["oracle-camera"] = camera_oracle_alpha(image, board, seen, finish=False)
+                references["oracle-camera+finish"] = camera_oracle_alpha(image, board, seen, finish=True)
+            for method, oracle in references.items():
+                rows.append(
+                    {"image": name, "seed": seed, "variant": var, "group": group_of(name), "method": method, "seconds": 0.0,
+                     **evaluate_pair(oracle, case.alpha, case.trimap), "fg_error": None, "flagged": None}
+                )  # fmt: skip
             print(
                 f"{name} seed {seed} v{var}: "
-                + "  ".join(f"{r['method']} {r['sad']:.2f}/{r['mse'] * 1e3:.2f}" for r in rows[-len(table) - 1 :]),
+                + "  ".join(f"{r['method']} {r['sad']:.2f}/{r['mse'] * 1e3:.2f}" for r in rows[-len(table) - len(references) :]),
                 file=sys.stderr,
                 flush=True,
             )
@@ -444,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-objects", action="store_true", help="a key-coloured disc inside every object; reports the flag rate")
     ap.add_argument("--no-rim-spill", action="store_true", help="leave rim spill out of the protocol")
     ap.add_argument("--baseline", metavar="REF", help="also run GreenPost of this git revision side by side (time ratio)")
+    ap.add_argument("--camera-oracles", action="store_true",
+                    help="also report the camera-limited references (true board and the foreground the camera saw)")
     args = ap.parse_args(argv)
     data = args.data.resolve()
     if not (data / "gt_training_lowres").is_dir():
@@ -456,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = args.images or everyone
     rows = run(data, names, args.variants, args.seeds, args.methods, args.clean, args.key_objects, args.baseline,
-               not args.no_rim_spill)
+               not args.no_rim_spill, args.camera_oracles)
     summary = summarize(rows)
     print(markdown(summary))
     print(flag_rates(rows))
@@ -465,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.seeds) > 1:
         print(f"all {len(args.seeds)} draws pooled:")
     print(ratios(summary))
+    for reference in ("oracle-camera", "oracle-camera+finish"):
+        if reference in summary:
+            print(ratios(summary, reference))
     if len(args.seeds) > 1:
         for seed in args.seeds:
             lines = ratios(summarize([r for r in rows if r["seed"] == seed])).splitlines()
