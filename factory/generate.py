@@ -32,6 +32,7 @@ from factory.errors import InputError, Interrupted, RunError, work_finished
 from factory.feedback import Feedback, human_bytes, plural
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
+from factory.ray_session import cluster_endpoint
 from factory.sample import PROMPT_TOKEN_LIMIT, STATUS_DONE, SampleResult
 from factory.store import RUN_FILE, RunStore, remember_latest_run
 from factory.store.segments import DamagedIndex
@@ -197,6 +198,8 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
     check_n(opts.n)  # before anything slow
     if opts.writes not in ("auto", "workers", "driver"):
         raise InputError(f"--writes {opts.writes}: choose one of auto, workers, driver")
+    if opts.address:
+        cluster_endpoint(opts.address)  # a malformed address is refused now, an unreachable one when Ray starts
     manifest = resolve_manifest(opts)
     with Feedback("generate", enabled=opts.progress) as fb:
         fb.status("checking the model")

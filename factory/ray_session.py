@@ -86,6 +86,45 @@ def prune_sessions(temp_dir: Path, keep: int = KEEP_SESSIONS) -> None:
 
 # ------------------------------------------------------------------------------ start / join
 
+#: Seconds to wait for a TCP answer from a cluster's head before saying it cannot be reached.
+PROBE_TIMEOUT_S = 5.0
+
+
+def cluster_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``HOST:PORT`` or ``ray://HOST:PORT`` address; None for ``auto`` (Ray finds
+    the local cluster itself). A malformed address or a port out of range is refused in one line."""
+    rest = address.strip()
+    if rest == "auto":
+        return None
+    if rest.startswith("ray://"):
+        rest = rest[len("ray://") :]
+    host, sep, port = rest.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT with a port 1-65535")
+    return host, int(port)
+
+
+def probe_cluster(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in one line, within ``timeout`` seconds, when the cluster's head does not answer. Ray
+    itself retries an unreachable head for minutes, with Ctrl-C held while it does."""
+    import socket
+
+    endpoint = cluster_endpoint(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except socket.gaierror as exc:
+        raise RunError(f"cannot join the Ray cluster at {address}: unknown host {host} ({exc.strerror or exc})") from exc
+    except TimeoutError as exc:
+        raise RunError(f"cannot join the Ray cluster at {address}: no answer within {timeout:g} s") from exc
+    except OSError as exc:
+        raise RunError(f"cannot join the Ray cluster at {address}: {(exc.strerror or str(exc)).lower()}") from exc
+
+
 
 def package_root() -> Path:
     """The folder holding the ``factory`` package (the repository root in a checkout)."""
@@ -123,6 +162,7 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
         notes = []
         if ray_tmp is not None:
             notes.append("ray: --ray-tmp is ignored with --address (the cluster keeps its own temporary files)")
+        probe_cluster(address)
         try:
             with hold_signals():
                 ray.init(

@@ -579,3 +579,33 @@ def test_sigterm_while_ray_starts_exits_143_with_one_line(manifest_path: Path, t
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ joining a cluster
+
+
+@pytest.mark.parametrize("address", ["notahost:99999", "foo", "ray://:6379", "host:port"])
+def test_a_malformed_address_is_refused_before_the_run_is_made(cli, manifest_path: Path, tmp_path: Path, address: str) -> None:
+    res = cli(["generate", "--manifest", manifest_path, "--n", "2", "--model", "tiny", "--out", tmp_path / "r", "--address", address])
+    assert res.code == 2 and f"--address {address!r}: expected auto, HOST:PORT" in res.err, res.err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_cluster_that_does_not_answer_is_reported_in_one_line_at_once(manifest_path: Path, tmp_path: Path) -> None:
+    """Ray retries an unreachable head for minutes with Ctrl-C held; factory asks the port first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [*_generate_cmd(manifest_path, tmp_path / "run", tmp_path / "ray", n=2), "--address", "127.0.0.1:1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines == ["error: cannot join the Ray cluster at 127.0.0.1:1: connection refused"], proc.stderr[-3000:]
+    assert not _ray_processes(str(tmp_path / "ray"))
+
+
+def test_cluster_endpoint_reads_the_forms_ray_accepts() -> None:
+    from factory.ray_session import cluster_endpoint
+
+    assert cluster_endpoint("auto") is None
+    assert cluster_endpoint("10.0.0.5:6379") == ("10.0.0.5", 6379)
+    assert cluster_endpoint("ray://head.example:10001") == ("head.example", 10001)
+    assert cluster_endpoint("[::1]:6379") == ("::1", 6379)
