@@ -392,10 +392,11 @@ def _validate(raw: dict[str, Any], path: Path) -> Manifest:
 _Settings = TypeVar("_Settings", bound=BaseModel)
 
 
-def with_overrides(settings: _Settings, overrides: dict[str, Any]) -> _Settings:
+def with_overrides(settings: _Settings, overrides: dict[str, Any], options: dict[str, str] | None = None) -> _Settings:
     """``settings`` with the command line's ``overrides`` (``None``: not given), validated by the
     same model, so the manifest's fields are the one source of defaults and limits. A bad value is
-    a one-line ``InputError`` naming the option (``--min-gsg``)."""
+    a one-line ``InputError`` naming the option: ``--`` and the field's name (``--min-gsg``), or
+    ``options[field]`` where the option is named otherwise."""
     values = settings.model_dump()
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
@@ -405,7 +406,8 @@ def with_overrides(settings: _Settings, overrides: dict[str, Any]) -> _Settings:
         msg = err["msg"].removeprefix("Value error, ")
         if not err["loc"]:
             raise InputError(msg) from exc
-        option = "--" + str(err["loc"][0]).replace("_", "-")
+        name = str(err["loc"][0])
+        option = (options or {}).get(name, "--" + name.replace("_", "-"))
         raise InputError(f"{option} {values.get(err['loc'][0])!r}: {msg}") from exc
 
 

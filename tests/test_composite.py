@@ -346,6 +346,7 @@ def test_generative_ring_changes_only_the_background_and_ray_writes_the_same_byt
         ("unreadable", "no readable background"),
         ("small", "smaller than the minimum object size"),
         ("order", "out of order"),
+        ("objects", "--objects-per-scene (5, 2): "),
         ("not-inpainting", "not an inpainting model"),
     ],
 )
@@ -366,6 +367,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, tmp_path
         args += ["-b", tmp_path / "bgs", "--size", 0]
     elif case == "order":
         args += ["--scale", "0.8,0.3"]
+    elif case == "objects":  # the option's own name, not the manifest field's (objects)
+        args += ["--layout", "scenes", "--objects-per-scene", "5,2"]
     else:
         (tmp_path / "sd" / "unet").mkdir(parents=True)  # a text-to-image SD1.5 folder: 4 input channels
         (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')

@@ -49,7 +49,7 @@ def resolve_settings(options: CompositeOptions, defaults: CompositeSettings) -> 
     own_size = overrides.get("size") == 0  # --size 0: each background's own size
     if own_size:
         overrides.pop("size")
-    settings = with_overrides(defaults, overrides)
+    settings = with_overrides(defaults, overrides, {"objects": "--objects-per-scene"})
     if own_size:
         settings = settings.model_copy(update={"size": None})
     if settings.size is not None and settings.size < settings.min_size:
