@@ -348,6 +348,9 @@ def test_option_parsing() -> None:
     assert parse_splits(["val=0.05", "test=0.1"]) == {"val": 0.05, "test": 0.1}
     assert parse_splits(["val=0.05,test=0.1"]) == {"val": 0.05, "test": 0.1}
     assert parse_splits(["none"]) == {} and parse_splits(None) is None
+    for twice in (["val=0.1", "val=0.2"], ["val=0.1,val=0.1"]):
+        with pytest.raises(InputError, match="split 'val' is given twice"):
+            parse_splits(twice)
     for bad in (["train=0.1"], ["val"], ["val=1.5"], ["val=0.6", "test=0.5"], ["Val=0.1"]):
         with pytest.raises(InputError, match="--split"):
             resolve_settings(ExportOptions(splits=parse_splits(bad)), ExportSettings())

@@ -76,6 +76,8 @@ def parse_splits(values: list[str] | None) -> dict[str, float] | None:
         name = name.strip()
         if not sep:
             raise InputError(f"--split {item}: expected NAME=FRACTION, e.g. val=0.05")
+        if name in out:
+            raise InputError(f"--split {item}: split {name!r} is given twice")
         try:
             out[name] = float(frac)
         except ValueError as exc:
