@@ -93,9 +93,8 @@ def plan_cmd(
     m = load_manifest(manifest)
     if seed is not None:
         m = m.model_copy(update={"seed": seed})
-    if out is not None:
-        check_output_file(out)
-    summary = write_plan_file(m, n, out) if out is not None else summarize_manifest(m, n)
+    target = check_output_file(out) if out is not None else None
+    summary = write_plan_file(m, n, target) if target is not None else summarize_manifest(m, n)
     for line in summary.lines():
         _echo(line)
     if out is not None:
@@ -355,7 +354,7 @@ def eval_cmd(
     from factory.fsutil import atomic_write_text, check_output_file
 
     if json_out is not None:
-        check_output_file(json_out)
+        json_out = check_output_file(json_out)
     report = evaluate_folders(pred, gt, trimap, workers=workers)
     for line in report.issues:
         typer.echo(f"warning: {line}", err=True)

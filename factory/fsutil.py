@@ -250,8 +250,12 @@ def check_writable_dir(path: Path, what: str = "output folder") -> None:
         raise InputError(f"{path}: {what} is not writable ({exc.strerror or exc})") from exc
 
 
-def check_output_file(path: Path) -> None:
-    """Check, before any work, that a file can be written at ``path`` (its folder is created)."""
+def check_output_file(path: Path) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (its folder is created), and
+    return where to write it: ``path``, or the target of ``path`` when it is a symbolic link (the
+    user's link is kept and its target gets the new file, as an editor saving through a link does)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give a file name")
     check_writable_dir(path.parent if str(path.parent) else Path("."), "the output file's folder")
@@ -261,6 +265,7 @@ def check_output_file(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise InputError(f"{path}: cannot write this file ({exc.strerror or exc})") from exc
+    return path
 
 
 # ------------------------------------------------------------------------------ locks

@@ -140,6 +140,18 @@ def test_plan_bad_n(cli, small_manifest: Path, tmp_path: Path, n: str, expected:
     assert not out.exists()
 
 
+def test_plan_out_through_a_symbolic_link_keeps_the_link(cli, small_manifest: Path, tmp_path: Path) -> None:
+    (tmp_path / "keep").mkdir()
+    link, dangling = tmp_path / "link.parquet", tmp_path / "dangling.parquet"
+    link.symlink_to(tmp_path / "keep" / "old.parquet")
+    (tmp_path / "keep" / "old.parquet").write_bytes(b"old")
+    dangling.symlink_to(tmp_path / "keep" / "new.parquet")
+    for path, target in ((link, "old.parquet"), (dangling, "new.parquet")):
+        assert cli(["plan", "--manifest", small_manifest, "--n", 3, "--out", path]).code == 0
+        assert path.is_symlink() and path.resolve() == tmp_path / "keep" / target
+        assert pq.read_table(path).num_rows == 3
+
+
 def test_plan_bad_manifest_writes_nothing(cli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nbogus: 1\n")
