@@ -35,6 +35,7 @@ from factory.plan import PlanRow, check_n
 from factory.ray_session import cluster_endpoint
 from factory.sample import PROMPT_TOKEN_LIMIT, STATUS_DONE, SampleResult
 from factory.store import RUN_FILE, RunStore, remember_latest_run
+from factory.store.run import run_mismatch
 from factory.store.segments import DamagedIndex
 
 if TYPE_CHECKING:  # the worker side imports the matting stack (numba, seconds): not before it is needed
@@ -207,7 +208,7 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
         out = opts.out or Path("runs") / manifest.name
         check_utf8_path(out, "--out")
         opts = dataclasses.replace(opts, out=out)  # executors put their temporary files under the run
-        done = 0 if opts.restart else check_resize(out, opts.n, opts.shrink)
+        done = 0 if opts.restart else check_resize(out, opts.n, opts.shrink, manifest)
         check_disk_space(out, manifest, opts.n - done)
         # Nothing here costs N: plan rows are a pure function of the manifest and their index, and
         # plan.parquet is written in the background once the run has resumed (RunStore.start_plan_writer).
@@ -397,17 +398,21 @@ class PromptTokens:
         ]
 
 
-def check_resize(out: Path, n: int, shrink: bool) -> int:
+def check_resize(out: Path, n: int, shrink: bool, manifest: Manifest) -> int:
     """Refuse a smaller N than an existing run's unless ``shrink``; returns its done samples.
 
     Lowering N rewrites the plan: the done samples beyond the new N leave it (they stay on disk
-    and come back if N is raised again), which should never happen by a typo.
+    and come back if N is raised again), which should never happen by a typo. A run of another
+    manifest is not this run resized: preparing the store names that difference instead.
     """
     if not (out / RUN_FILE).is_file():
         return 0
     store = RunStore.open(out)
     try:
-        old_n = int(store.info.get("n") or 0)
+        info = store.info
+        if run_mismatch(info, manifest, info.get("model", "")):
+            return 0
+        old_n = int(info.get("n") or 0)
         parts = list(store.committed(["index", "status"]))  # committed rows only: costs what is done, not N
         index = pa.concat_tables(parts) if parts else pa.table({"index": pa.array([], pa.int64()), "status": pa.array([], pa.string())})
     except (InputError, RunError, OSError, ValueError, pa.ArrowException):

@@ -377,6 +377,16 @@ def test_a_smaller_n_is_refused_unless_shrink(cli, fake_executor, small_manifest
     assert res.code == 0 and "4 planned, 4 done (0 now, 4 before)" in res.out, res.err
 
 
+def test_a_smaller_n_with_another_manifest_names_the_manifest_not_shrink(
+    cli, fake_executor, small_manifest: Path, grid_manifest: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert cli(gen_args(small_manifest, run, n=6)).code == 0
+    res = cli(gen_args(grid_manifest, run, n=4))
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "made by a different manifest" in res.err and "--shrink" not in res.err, res.err
+
+
 def test_the_same_lora_twice_is_refused(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
     lora = tmp_path / "style.safetensors"
     res = cli([*gen_args(small_manifest, tmp_path / "run"), "--lora", f"{lora}:0.5", "--lora", f"{lora}:0.8"])

@@ -126,8 +126,8 @@ class RunStore:
         if existing is None and root.exists() and (not root.is_dir() or not _unstarted(root)):
             raise InputError(f"{root}: exists and is not a run directory; choose another --out")
         if existing is not None and not restart:
-            problem = _mismatch(existing, manifest, model_identity)
-            if problem and not _mismatch(existing, manifest, existing.get("model", "")) and not store._has_commits():
+            problem = run_mismatch(existing, manifest, model_identity)
+            if problem and not run_mismatch(existing, manifest, existing.get("model", "")) and not store._has_commits():
                 problem = None  # no sample made yet (its model failed to load): the run takes the new one
             if problem:
                 raise InputError(f"{root}: {problem}; pass --restart to start this run over, or choose another --out")
@@ -651,7 +651,8 @@ def _unstarted(root: Path) -> bool:
     return True
 
 
-def _mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str) -> str | None:
+def run_mismatch(existing: dict[str, Any], manifest: Manifest, model_identity: str) -> str | None:
+    """Why a run (its ``run.json``, ``existing``) cannot be resumed with this manifest and model, or None."""
     if existing.get("format") != STORE_FORMAT:
         return f"made by an incompatible store format {existing.get('format')}"
     if existing.get("manifest") != manifest.name or existing.get("fingerprint") != manifest.fingerprint():
