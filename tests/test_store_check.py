@@ -148,6 +148,29 @@ def test_check_reports_a_damaged_index_and_repair_rebuilds_it(cli, tmp_path: Pat
     assert store.index()["status"].to_pylist() == ["done"] * 4
 
 
+def test_an_unreadable_index_is_a_permission_problem_not_damage(cli, tmp_path: Path, monkeypatch) -> None:
+    """Not readable by this user is not damaged: nothing is set aside or rebuilt, the line says why."""
+    import factory.store.segments as segments
+
+    store, _ = make_tiny_run(tmp_path, 4, 4)
+    index_file = store.root / "index.parquet"
+    before = index_file.read_bytes()
+    real = segments.pq.read_schema
+
+    def denied(path, *a, **kw):
+        if Path(path) == index_file:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(segments.pq, "read_schema", denied)
+    for command in (["filter", "--run", store.root], ["check", "--run", store.root, "--repair"]):
+        res = cli(command)
+        assert res.code == 2, (res.out, res.err)
+        assert "cannot read this index file (permission denied)" in res.err + res.out and "damaged" not in res.err + res.out
+    monkeypatch.undo()
+    assert index_file.read_bytes() == before and not list(store.root.glob("*.damaged"))
+
+
 def test_costs_follow_what_is_done_not_n(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
     """A run of N = 10 million: prepare, commits, folds and a resume never make or read a plan row
     beyond those used; the index holds the committed rows only."""

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from factory.errors import RunError
+from factory.errors import InputError, RunError
 from factory.fsutil import atomic_parquet_writer, fsync_path
 from factory.sample import STATUS_PLANNED
 from factory.store import layout
@@ -63,7 +63,15 @@ class IndexFile:
         try:
             return pq.read_metadata(self.path).num_rows
         except (OSError, pa.ArrowException) as exc:
-            raise DamagedIndex(self.path, exc) from exc
+            raise index_read_error(self.path, exc) from exc
+
+
+def index_read_error(path: Path | str, exc: BaseException) -> InputError | DamagedIndex:
+    """The error for an index file that could not be read: ``DamagedIndex`` (which generate
+    rebuilds and sets the file aside for) unless the file is only not readable by this user."""
+    if isinstance(exc, PermissionError):
+        return InputError(f"{path}: cannot read this index file (permission denied); nothing was changed")
+    return DamagedIndex(Path(path), exc)
 
 
 def segment_name(lo: int, hi: int) -> str:
@@ -78,7 +86,7 @@ def base_covers(root: Path) -> int | None:
     try:
         return int((pq.read_schema(path).metadata or {}).get(b"covers", b"0"))
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise DamagedIndex(path, exc) from exc
+        raise index_read_error(path, exc) from exc
 
 
 def all_files(root: Path) -> list[IndexFile]:
@@ -125,7 +133,7 @@ def read_chunks(chunks: Sequence[tuple[int, Path]], schema: pa.Schema) -> pa.Tab
         try:
             parts.append(conform(pq.read_table(path, columns=readable_columns(path, schema)), schema))
         except (OSError, pa.ArrowException) as exc:
-            raise DamagedIndex(path, exc) from exc
+            raise index_read_error(path, exc) from exc
     if not parts:
         return schema.empty_table()
     return latest_per_index(pa.concat_tables(parts)).sort_by("index")
@@ -145,7 +153,7 @@ def committed_steps(
         try:
             streams.append(SortedRows(f.path, schema))
         except RunError as exc:
-            raise DamagedIndex(f.path, exc.__cause__ or exc) from exc
+            raise index_read_error(f.path, exc.__cause__ or exc) from exc
     j_index = journal["index"].to_numpy()
     j_at = 0
     while True:
@@ -154,7 +162,7 @@ def committed_steps(
             try:
                 nxt = s.next_index()
             except RunError as exc:
-                raise DamagedIndex(f.path, exc.__cause__ or exc) from exc
+                raise index_read_error(f.path, exc.__cause__ or exc) from exc
             if nxt is not None:
                 upcoming.append(nxt)
         if j_at < j_index.size:
@@ -170,7 +178,7 @@ def committed_steps(
             try:
                 parts.append(s.take_below(hi))
             except RunError as exc:
-                raise DamagedIndex(f.path, exc.__cause__ or exc) from exc
+                raise index_read_error(f.path, exc.__cause__ or exc) from exc
         j_stop = int(np.searchsorted(j_index, hi))
         parts.append(journal.slice(j_at, j_stop - j_at))
         j_at = j_stop
