@@ -813,7 +813,7 @@ def caption_cmd(
 def toy_data_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (KEY.png, KEY.alpha.png, KEY.fg.png, KEY.json).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of samples.")] = 100,
-    seed: Annotated[int, typer.Option("--seed", help="World seed: the same seed gives the same bytes.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**62, help="World seed (0..2^62): the same seed gives the same bytes.")] = 0,
     size: Annotated[int, typer.Option("--size", min=16, help="Image size in pixels (a multiple of 8).")] = 64,
     start: Annotated[int, typer.Option("--start", min=0, help="Index of the first sample (disjoint sets from one seed).")] = 0,
 ) -> None:

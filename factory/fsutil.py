@@ -17,6 +17,7 @@ import ctypes
 import errno
 import fcntl
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -170,6 +171,38 @@ def atomic_parquet_writer(path: Path, schema: pa.Schema, metadata: dict[str, str
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# ------------------------------------------------------------------------------ JSON descriptors
+
+
+#: JSON's names for the types a descriptor must not be (it must be an object).
+_JSON_TYPE_NAMES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def read_json_object(path: Path, what: str, required: tuple[str, ...] = (), hint: str = "") -> dict[str, Any]:
+    """The JSON object in the descriptor ``path`` (``toy.json``, ``run.json``, ``train.json``...).
+
+    The one reader of such files: an unreadable file, text that is not JSON, valid JSON of another
+    shape (an array, a string, a number) or an object without one of the ``required`` keys is a
+    one-line :class:`~factory.errors.InputError` naming the file (``what`` says what it should
+    be: "run file"; ``hint`` what to do about it), never a crash later where a key is read.
+    """
+    advice = f"; {hint}" if hint else ""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable {what} ({exc.strerror or exc}){advice}") from exc
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise InputError(f"{path}: damaged {what}, not valid JSON ({exc}){advice}") from exc
+    if not isinstance(value, dict):
+        found = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+        raise InputError(f"{path}: damaged {what}: {found} where a JSON object is expected{advice}")
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise InputError(f"{path}: damaged {what}: no {', '.join(repr(k) for k in missing)}{advice}")
+    return value
+
 
 
 # ------------------------------------------------------------------------------ directories
@@ -335,8 +368,6 @@ def open_owned_folder(root: Path, state_file: str, kind: str, what: str) -> tupl
     leaves. Anything else is somebody's folder and is refused with a one-line
     :class:`~factory.errors.InputError` (``what`` names the command: "factory export").
     """
-    import json
-
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: exists and is not a directory; choose another --out")
     previous: dict[str, Any] | None = None

@@ -85,3 +85,61 @@ def test_toy_data_refuses_other_folders_in_one_line(cli, tmp_path: Path) -> None
     res = cli(["toy-data", "--n", "1", "--out", tmp_path / "other"])
     assert res.code == 2 and "not empty" in res.err
     assert cli(["toy-data", "--n", "1", "--out", out, "--size", "36"]).code == 2
+
+
+def test_toy_data_out_that_cannot_be_a_folder_is_one_line(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    (tmp_path / "afile").write_text("x")
+    res = cli(["toy-data", "--n", "2", "--out", tmp_path / "afile" / "sub"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "afile/sub: output folder is not writable" in res.err, res.err
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kw):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kw)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    res = cli(["toy-data", "--n", "2", "--out", tmp_path / "ro" / "x"])
+    assert res.code == 2 and res.err.count("\n") == 1 and "Read-only file system" in res.err, res.err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_toy_data_negative_seed_is_refused_before_anything_is_written(cli, tmp_path: Path) -> None:
+    from factory.errors import InputError
+    from factory.toy.dataset import write_toy_set
+
+    out = tmp_path / "td"
+    res = cli(["toy-data", "--n", "2", "--seed", "-5", "--out", out])
+    assert res.code == 2 and res.err.count("\n") == 1 and "--seed" in res.err, res.err
+    assert not out.exists()
+    with pytest.raises(InputError, match="--seed"):
+        write_toy_set(out, n=2, seed=-5)
+    assert not out.exists()
+    assert cli(["toy-data", "--n", "2", "--seed", "0", "--out", out]).code == 0
+
+
+@pytest.mark.parametrize("text", ["[]", '"toy"', "3", "null"])
+def test_toy_data_settings_file_of_the_wrong_shape_is_damaged_in_one_line(cli, tmp_path: Path, text: str) -> None:
+    out = tmp_path / "w"
+    assert cli(["toy-data", "--n", "1", "--out", out]).code == 0
+    (out / "toy.json").write_text(text)
+    res = cli(["toy-data", "--n", "1", "--out", out])
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "toy.json: damaged" in res.err and "where a JSON object is expected" in res.err
+    assert (out / "toy.json").read_text() == text
+
+
+def test_toy_data_resume_renders_again_a_truncated_or_missing_file(cli, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    args = ["toy-data", "--n", "4", "--out", out, "--size", "32"]
+    assert cli(args).code == 0
+    whole = {f.name: f.read_bytes() for f in out.iterdir()}
+    (out / "toy-000001.png").write_bytes(whole["toy-000001.png"][:100])
+    (out / "toy-000002.alpha.png").unlink()
+    (out / "toy-000003.fg.png").write_bytes(whole["toy-000003.fg.png"][:-12])  # IEND cut off
+    res = cli(args)
+    assert res.code == 0 and "3 samples written, 1 already there" in res.out, res.out
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == whole
