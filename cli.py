@@ -328,9 +328,12 @@ def matte_cmd(
 @app.command("eval")
 def eval_cmd(
     pred: Annotated[
-        Path, typer.Option("--pred", help="Predicted mattes: STEM.alpha.png (as written by `factory matte`) or STEM.png.")
+        Path, typer.Option("--pred", help="Predicted mattes: KEY.alpha.png (as `factory matte` writes them) or KEY.png.")
     ],
-    gt: Annotated[Path, typer.Option("--gt", help="Ground-truth mattes STEM.png (8/16-bit, grey or equal RGB).")],
+    gt: Annotated[
+        Path,
+        typer.Option("--gt", help="Ground-truth mattes: KEY.png, or KEY.alpha.png beside its image (a `factory toy-data` folder)."),
+    ],
     trimap: Annotated[
         Optional[Path],
         typer.Option("--trimap", help="Trimaps STEM.png (0 / 128 / 255): metrics on the unknown region only."),
@@ -347,8 +350,10 @@ def eval_cmd(
     SAD, MSE, Grad and Conn follow the Composition-1k evaluation code (SAD, Grad and Conn divided by
     1000; MSE shown x1000 in the table, raw in the JSON), on the trimap's unknown region when
     --trimap is given and on the whole image otherwise; whole-image SAD and mean absolute
-    difference are always added. Files pair up by stem; a missing or mismatched one is reported
-    and left out of the mean.
+    difference are always added. Files pair up by key (KEY.alpha.png is the matte of KEY; its
+    KEY.png and KEY.fg.png are not mattes); a missing or mismatched one is reported and left out
+    of the mean. A matte is 8- or 16-bit grey, RGB with equal channels, or RGBA (a cut-out: its
+    alpha channel); a colour image is reported as not a matte.
     """
     from factory.evaluate import evaluate_folders
     from factory.fsutil import atomic_write_text, check_output_file

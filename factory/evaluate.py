@@ -1,9 +1,12 @@
 """`factory eval`: matting metrics of predicted mattes against ground truth, per image and mean.
 
-Files are matched by stem. For a ground-truth ``GT/STEM.(png|jpg|jpeg|webp)`` the prediction is
-``PRED/STEM.alpha.png`` (what ``factory matte`` writes) or else ``PRED/STEM.<image suffix>``; the
-trimap, when a folder is given, ``TRIMAP/STEM.<image suffix>`` (0 background, 255 foreground, any
-other value unknown). Mattes may be 8- or 16-bit, grey or RGB with equal channels.
+Files pair up by key, and both folders are read the same way (``matte_files``): ``KEY.alpha.png``
+is the matte of ``KEY``, and beside it ``KEY.png`` (the image) and ``KEY.fg.png`` (the foreground)
+are not mattes (the layout ``factory matte --out`` and ``factory toy-data`` write).
+Any other ``STEM.(png|jpg|jpeg|webp)`` is the matte of ``STEM``. The trimap, when a folder is
+given, is ``TRIMAP/KEY.<image suffix>`` (0 background, 255 foreground, any other value unknown).
+A matte may be 8- or 16-bit grey, RGB with equal channels, or a cut-out whose alpha channel is the
+matte (RGBA); a colour image is not a matte and is reported (``factory.imageio.alpha_from_image``).
 
 A ground truth without a prediction (or trimap), or a pair whose sizes differ, is reported and left
 out of the mean; no pair at all is an error. Metric definitions: ``factory.metrics``.
@@ -85,17 +88,32 @@ class EvalReport:
         return t
 
 
-def _index(folder: Path) -> dict[str, Path]:
-    """Lower-cased file name -> path, for the folder's files."""
-    return {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+MATTE_SUFFIX = ".alpha.png"  # KEY.alpha.png: the matte of KEY (factory matte, toy-data, a run's samples)
+FOREGROUND_TAG = ".fg"  # KEY.fg.png beside KEY.alpha.png: its foreground colour, not a matte
 
 
-def _find(index: dict[str, Path], stem: str, preferred: tuple[str, ...] = ()) -> Path | None:
-    for suffix in (*preferred, *IMAGE_SUFFIXES):
-        hit = index.get((stem + suffix).lower())
-        if hit is not None:
-            return hit
-    return None
+def _key(name: str, suffix: str) -> str:
+    return name[: len(name) - len(suffix)]
+
+
+def matte_files(folder: Path) -> dict[str, tuple[str, Path]]:
+    """The mattes of a folder: lower-cased key -> (key as written, path).
+
+    ``KEY.alpha.png`` is the matte of ``KEY``; beside it, ``KEY.<image suffix>`` (the image) and
+    ``KEY.fg.<image suffix>`` (the foreground) are not mattes. Any other image file is the matte
+    of its stem (the first of ``IMAGE_SUFFIXES`` when a stem has several)."""
+    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
+    names = {p.name.lower(): p for p in files}
+    found = {_key(n, MATTE_SUFFIX): (_key(p.name, MATTE_SUFFIX), p) for n, p in names.items() if n.endswith(MATTE_SUFFIX)}
+    for suffix in IMAGE_SUFFIXES:
+        for name, path in names.items():
+            if not name.endswith(suffix) or name.endswith(MATTE_SUFFIX):
+                continue
+            key = _key(name, suffix)
+            if key in found or (key.endswith(FOREGROUND_TAG) and _key(key, FOREGROUND_TAG) in found):
+                continue
+            found[key] = (_key(path.name, suffix), path)
+    return found
 
 
 def _check_folder(path: Path | None, what: str) -> None:
@@ -127,21 +145,19 @@ def evaluate_folders(
     trimap = Path(trimap) if trimap is not None else None
     for path, what in ((pred, "prediction"), (gt, "ground-truth"), (trimap, "trimap")):
         _check_folder(path, what)
-    gt_index, pred_index = _index(gt), _index(pred)
-    trimap_index = _index(trimap) if trimap is not None else {}
-    stems = sorted({p.stem for name, p in gt_index.items() if name.endswith(IMAGE_SUFFIXES)})
-    if not stems:
+    gt_mattes, pred_mattes = matte_files(gt), matte_files(pred)
+    trimaps = matte_files(trimap) if trimap is not None else {}
+    if not gt_mattes:
         raise InputError(f"no ground-truth mattes ({', '.join(IMAGE_SUFFIXES)}) in {gt}")
     jobs, issues = [], []
-    for stem in stems:
-        p = _find(pred_index, stem, (".alpha.png",))
-        t = _find(trimap_index, stem)
+    for key, (stem, gt_path) in sorted(gt_mattes.items(), key=lambda item: item[1][0]):
+        p, t = pred_mattes.get(key), trimaps.get(key)
         if p is None:
             issues.append(f"missing prediction for {stem} in {pred}")
         elif trimap is not None and t is None:
             issues.append(f"missing trimap for {stem} in {trimap}")
         else:
-            jobs.append((stem, p, _find(gt_index, stem), t))
+            jobs.append((stem, p[1], gt_path, t[1] if t is not None else None))
     if not jobs:
         raise InputError(f"no prediction in {pred} matches a ground truth in {gt} (by file stem)")
     n = min(workers or os.cpu_count() or 1, len(jobs))

@@ -51,12 +51,14 @@ def decode_rgb(data: bytes) -> np.ndarray:
 
 
 def read_alpha(path: str | Path) -> np.ndarray:
-    """Read a matte (8- or 16-bit, grey or RGB with equal channels) as float32 in [0, 1]."""
+    """Read a matte as float32 in [0, 1] (which files are mattes: :func:`alpha_from_image`)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
             return alpha_from_image(im)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable alpha matte ({type(exc).__name__}: {exc})") from exc
 
@@ -67,22 +69,59 @@ def decode_alpha(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return alpha_from_image(im)
+    except InputError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"not a readable alpha matte ({type(exc).__name__}: {exc})") from exc
 
 
+#: How far apart (in 8-bit levels) the channels of a grey matte saved as RGB may be: a lossy
+#: encoder's rounding, far below any colour image's differences.
+GREY_TOLERANCE = 2
+
+
 def alpha_from_image(im: Image.Image) -> np.ndarray:
-    """Convert an opened Pillow image holding a matte to float32 in [0, 1]."""
+    """Convert an opened Pillow image holding a matte to float32 in [0, 1].
+
+    - grey (8-bit ``L``, 16-bit ``I;16``, ``I``, ``F``): the grey level;
+    - with an alpha channel (``RGBA``, ``LA``, a palette with transparency): a cut-out, whose
+      matte is the alpha channel. One whose alpha is opaque everywhere over grey levels that vary
+      is refused: a grey matte saved with an opaque alpha channel and the cut-out of an object
+      that covers the whole image cannot be told apart;
+    - RGB (and palette, CMYK, YCbCr): a grey matte saved in colour, accepted only when its three
+      channels are equal (within ``GREY_TOLERANCE``); a colour image is refused.
+
+    Raises ``InputError`` (without the file name) for a file that is not a matte.
+    """
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         return np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
     if im.mode == "F":
         return np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
-    if im.mode in ("RGB", "RGBA"):
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32)[..., 0]
-    else:
-        arr = np.asarray(im.convert("L"), dtype=np.float32)
-    return arr / 255.0
+    if im.mode in ("L", "1"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.int16)
+        alpha = rgba[..., 3]
+        if alpha.min() == 255 and _is_grey(rgba[..., :3]) and np.ptp(rgba[..., 0]) > 0:
+            raise InputError(
+                f"{im.mode} with an opaque alpha channel over varying grey levels: the matte could be "
+                "either; save it as a grey image (or a cut-out with transparency)"
+            )
+        return alpha.astype(np.float32) / 255.0
+    rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+    if not _is_grey(rgb):
+        raise InputError(
+            f"a colour image ({im.mode} with unequal channels), not a matte: give a grey matte, "
+            "RGB with equal channels, or a cut-out with an alpha channel"
+        )
+    return rgb.mean(axis=2, dtype=np.float32) / 255.0
+
+
+def _is_grey(rgb: np.ndarray) -> bool:
+    """Whether an (H, W, 3) integer array's channels are equal within ``GREY_TOLERANCE``."""
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    return int(spread.max(initial=0)) <= GREY_TOLERANCE
 
 
 def quantize_alpha(alpha: np.ndarray, bits: int = 8) -> np.ndarray:

@@ -190,3 +190,66 @@ def test_images_without_a_green_board_are_reported_not_matted(cli, tmp_path: Pat
     Image.new("RGB", (64, 64), (200, 30, 30)).save(only_red / "red.png")
     none = cli(["matte", only_red, "--out", tmp_path / "o2", "--workers", "1"])
     assert none.code == 1 and "error: no image" in none.err
+
+
+def _grey_alpha(size: int = 32) -> np.ndarray:
+    """An 8-bit matte with every level from 0 to 255 in it."""
+    return (np.arange(size * size) % 256).astype(np.uint8).reshape(size, size)
+
+
+def test_eval_reads_an_rgba_cut_out_by_its_alpha_channel(cli, tmp_path: Path) -> None:
+    """A cut-out's matte is its alpha channel, for --pred and --gt alike; its colour is ignored."""
+    truth = _grey_alpha()
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    colour = np.dstack([np.full_like(truth, 200), np.full_like(truth, 50), np.full_like(truth, 50)])
+    Image.fromarray(truth).save(gt / "grey.png")
+    Image.fromarray(np.dstack([colour, truth]), "RGBA").save(pred / "grey.png")
+    Image.fromarray(np.dstack([colour, truth]), "RGBA").save(gt / "cutout.png")
+    Image.fromarray(np.dstack([truth] * 3)).save(pred / "cutout.png")  # grey saved as RGB
+    report = tmp_path / "m.json"
+    res = cli(["eval", "--pred", pred, "--gt", gt, "--workers", "1", "--json", report])
+    assert res.code == 0, res.err
+    data = json.loads(report.read_text())
+    assert data["count"] == 2 and data["issues"] == []
+    assert all(row["sad_whole"] == 0 and row["mad"] == 0 for row in data["images"])
+
+
+def test_eval_refuses_colour_images_as_mattes(cli, tmp_path: Path) -> None:
+    """RGB with unequal channels, and an opaque RGBA over grey levels, are left out in one line each."""
+    truth = _grey_alpha()
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    for stem in ("good", "colour", "opaque"):
+        Image.fromarray(truth).save(gt / f"{stem}.png")
+    Image.fromarray(truth).save(pred / "good.png")
+    Image.fromarray(np.dstack([truth, truth // 2, np.full_like(truth, 9)])).save(pred / "colour.png")
+    Image.fromarray(np.dstack([truth] * 3 + [np.full_like(truth, 255)]), "RGBA").save(pred / "opaque.png")
+    res = cli(["eval", "--pred", pred, "--gt", gt, "--workers", "1"])
+    assert res.code == 0, res.err
+    warnings = res.err.splitlines()
+    assert len(warnings) == 2 and all(line.startswith("warning: skipped") for line in warnings)
+    assert "colour.png: a colour image" in warnings[0] and "opaque.png: RGBA with an opaque alpha" in warnings[1]
+    assert "1 image" in res.out
+    only_colour = cli(["eval", "--pred", pred, "--gt", pred, "--workers", "1"])  # as ground truth too
+    assert only_colour.code == 0 and sum("a colour image" in line for line in only_colour.err.splitlines()) == 1
+
+
+def test_matte_then_eval_on_a_toy_set(cli, tmp_path: Path) -> None:
+    """The documented flow: each matte is paired with the toy set's KEY.alpha.png, never with its
+    image or foreground (KEY.png, KEY.fg.png), in either folder."""
+    toy, mattes, report = tmp_path / "toy", tmp_path / "mattes", tmp_path / "m.json"
+    assert cli(["toy-data", "--n", "3", "--size", "32", "--out", toy]).code == 0
+    assert cli(["matte", toy, "--out", mattes, "--workers", "1"]).code == 0
+    res = cli(["eval", "--pred", mattes, "--gt", toy, "--workers", "1", "--json", report])
+    assert res.code == 0, res.err
+    data = json.loads(report.read_text())
+    keys = sorted(p.name[: -len(".alpha.png")] for p in toy.glob("*.alpha.png"))
+    assert len(keys) == 3 and [row["image"] for row in data["images"]] == keys
+    assert data["issues"] == [] and res.err == ""
+    for row in data["images"]:
+        pred = np.asarray(Image.open(mattes / f"{row['image']}.alpha.png"))
+        truth = np.asarray(Image.open(toy / f"{row['image']}.alpha.png"))
+        assert row == pytest.approx({"image": row["image"], **evaluate_pair(pred, truth)})
+    swapped = cli(["eval", "--pred", toy, "--gt", mattes, "--workers", "1"])
+    assert swapped.code == 0 and "3 images" in swapped.out and swapped.err == ""
