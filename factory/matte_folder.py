@@ -9,6 +9,10 @@ and skipped; an image without a green board (all one non-green colour; any grey 
 16-bit) gets the status ``no_board``, is reported in one line and gets no outputs; so is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
 same outputs) and anything named ``*.alpha.png`` / ``*.fg.png`` (this command's own outputs). Outputs
 are written to a temporary name and renamed, so an interrupted run leaves no half-written file.
+
+The output folder may not be the input folder or lie inside it, and a folder already holding a name
+this run would write is refused unless it is a ``factory matte`` folder: ``matte.csv`` is written
+first (again at the end, complete) and marks it, so a rerun, even after a kill, may replace it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError, InputError
+from factory.feedback import plural
 from factory.fsutil import AtomicFile, atomic_write_bytes, check_writable_dir
 from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, read_rgb
 from factory.matte.pipeline import GreenPostSettings, MatteResult, greenpost
@@ -168,6 +173,36 @@ def _check_dirs(in_dir: Path) -> None:
         raise InputError(f"{in_dir} is not a folder")
 
 
+def check_out_dir(in_dir: Path, out_dir: Path, images: list[Path]) -> None:
+    """Refuse an output folder whose writes would replace files this command did not write: the
+    input folder or one inside it, or a folder holding an output name of these images (or
+    ``matte.csv``) without being a ``factory matte`` folder, which its ``matte.csv`` marks."""
+    src, dst = in_dir.resolve(), out_dir.resolve()
+    if dst == src:
+        raise InputError(f"--out {out_dir} is the input folder; choose a folder outside it")
+    if src in dst.parents:
+        raise InputError(f"--out {out_dir} is inside the input folder {in_dir}; choose a folder outside it")
+    if not out_dir.is_dir() or is_matte_summary(out_dir / SUMMARY_NAME):
+        return
+    names = [SUMMARY_NAME, *(f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES)]
+    taken = [name for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    if taken:
+        more = f" (and {plural(len(taken) - 1, 'other file')})" if len(taken) > 1 else ""
+        raise InputError(
+            f"--out {out_dir} holds {taken[0]}{more}, which factory matte would replace but did not write "
+            f"(the folder has no {SUMMARY_NAME} of factory matte's); choose another folder"
+        )
+
+
+def is_matte_summary(path: Path) -> bool:
+    """Whether ``path`` is a ``matte.csv`` this command wrote (its header is ``COLUMNS``)."""
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            return next(csv.reader(fh), None) == list(COLUMNS)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
 def write_summary(rows: list[dict[str, Any]], path: Path) -> None:
     """The per-file CSV (``COLUMNS``), in name order."""
     with AtomicFile(path, "w", fsync=False, encoding="utf-8") as fh:
@@ -203,7 +238,10 @@ def matte_folder(
     images, rows = list_inputs(in_dir)
     if not images:
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {in_dir}")
+    check_out_dir(in_dir, out_dir, images)
     check_writable_dir(out_dir)  # created only once there is something to write
+    summary_path = out_dir / SUMMARY_NAME
+    write_summary(rows, summary_path)  # marks the folder as this command's before any output
     settings = settings or GreenPostSettings()
     n_workers = min(workers or os.cpu_count() or 1, len(images))
     with _Progress(progress, len(images), log) as bar:
@@ -225,7 +263,6 @@ def matte_folder(
                 futures = [pool.submit(matte_one, p, out_dir, bits, settings, reference) for p in images]
                 for future in as_completed(futures):
                     record(future.result())
-    summary_path = out_dir / SUMMARY_NAME
     write_summary(rows, summary_path)
     return MatteFolderSummary(in_dir, out_dir, rows, summary_path, time.perf_counter() - start)
 

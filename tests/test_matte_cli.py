@@ -253,3 +253,33 @@ def test_matte_then_eval_on_a_toy_set(cli, tmp_path: Path) -> None:
         assert row == pytest.approx({"image": row["image"], **evaluate_pair(pred, truth)})
     swapped = cli(["eval", "--pred", toy, "--gt", mattes, "--workers", "1"])
     assert swapped.code == 0 and "3 images" in swapped.out and swapped.err == ""
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_matte_refuses_an_out_that_would_replace_other_files(cli, tmp_path: Path) -> None:
+    """--out the input folder, inside it, or a folder holding the same names (a copy of the toy
+    set, a foreign matte.csv): one line, exit 2, nothing written. A factory matte folder is reused."""
+    toy, copy = tmp_path / "toy", tmp_path / "copy"
+    assert cli(["toy-data", "--n", "2", "--size", "32", "--out", toy]).code == 0
+    assert cli(["toy-data", "--n", "2", "--size", "32", "--seed", "1", "--out", copy]).code == 0
+    before, copy_before = _snapshot(toy), _snapshot(copy)
+    for out, message in (
+        (toy, "is the input folder"),
+        (toy / ".." / "toy", "is the input folder"),
+        (toy / "mattes", "is inside the input folder"),
+        (copy, "holds toy-000000.alpha.png (and 3 other files), which factory matte would replace"),
+    ):
+        res = cli(["matte", toy, "--out", out, "--workers", "1"])
+        assert res.code == 2, res.err
+        assert res.err.count("\n") == 1 and res.err.startswith("error:") and message in res.err
+    assert _snapshot(toy) == before and _snapshot(copy) == copy_before
+    mattes = tmp_path / "mattes"
+    assert cli(["matte", toy, "--out", mattes, "--workers", "1"]).code == 0
+    assert cli(["matte", toy, "--out", mattes, "--workers", "1"]).code == 0  # its own folder: rerun
+    (mattes / "matte.csv").write_text("my notes\n")
+    res = cli(["matte", toy, "--out", mattes, "--workers", "1"])
+    assert res.code == 2 and "holds matte.csv" in res.err
+    assert (mattes / "matte.csv").read_text() == "my notes\n"
