@@ -96,3 +96,57 @@ def test_wandb_offline_and_a_missing_tracker(toy: Path, tmp_path: Path, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(InputError, match=r"^--report_to wandb needs the wandb package: pip install wandb"):
         run_train(TrainOptions(out=tmp_path / "x", overrides=over, progress=False))
+
+
+def _damage(path: Path) -> None:
+    """Replace ``path`` by its first 100 bytes (a new file: its hard links elsewhere stay whole)."""
+    head = path.read_bytes()[:100]
+    path.unlink()
+    path.write_bytes(head)
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_keeps_the_model(toy: Path, tmp_path: Path, cli) -> None:
+    """The frozen parts of the resumed checkpoint are linked into every later one and published at
+    the top of OUT: a damaged file there stops the resume before anything changes."""
+    out = tmp_path / "run"
+    over = {**FAST, "data": [str(toy)], "steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2, "report_to": "none"}
+    run_train(TrainOptions(out=out, overrides=over, progress=False))
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    good = (out / vae).read_bytes()
+    train_json = (out / run_folder.TRAIN_FILE).read_text()
+    first, last = ((out / f"checkpoints/step-0000000{i}").resolve() for i in (1, 2))
+    _damage(last / vae)
+    r = cli(["train", "--out", out, "--resume", "--steps", "3"])
+    assert r.code == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert r.err.startswith(f"error: {last}: cannot resume from this checkpoint: {vae} is damaged ("), r.err
+    assert r.err.endswith("nothing was changed (resume from an earlier one with --resume_from_checkpoint step-00000001)\n"), r.err
+    assert (out / vae).read_bytes() == good and (out / run_folder.TRAIN_FILE).read_text() == train_json
+    assert not (out / "checkpoints/step-00000003").exists()
+    optimizer = first / run_folder.STATE_DIR / run_folder.OPTIMIZER_FILE
+    intact = optimizer.read_bytes()
+    _damage(optimizer)
+    with pytest.raises(InputError, match=r"training_state/optimizer.pt is damaged \(File is not a zip file\)"):
+        run_train(TrainOptions(out=out, resume_from="step-00000001", progress=False))
+    assert last.is_dir()  # not deleted for a resume that cannot start
+    optimizer.write_bytes(intact)
+    s = run_train(TrainOptions(out=out, resume_from="step-00000001", progress=False))
+    assert (s.start_step, s.step) == (1, 2) and (out / vae).read_bytes() == good
+
+
+def test_a_checkpoint_damaged_during_the_run_is_not_linked_into_the_next(toy: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    vae = "vae/diffusion_pytorch_model.safetensors"
+
+    def damage_the_first_checkpoint(record: dict) -> None:
+        if record["step"] == 2:
+            _damage(out / "checkpoints/step-00000001" / vae)
+
+    over = {**FAST, "data": [str(toy)], "steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2, "report_to": "none"}
+    s = run_train(TrainOptions(out=out, overrides=over, progress=False), on_step=damage_the_first_checkpoint)
+    assert s.step == 2 and any(f"{vae} is damaged" in n and "written again" in n for n in s.notes), s.notes
+    for folder in (out, out / "checkpoints/step-00000002"):
+        assert load_file(str(folder / vae)), folder
+    assert (out / vae).stat().st_ino == (out / "checkpoints/step-00000002" / vae).stat().st_ino
+

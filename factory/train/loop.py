@@ -494,7 +494,7 @@ class Trainer:
         if self.ema is not None:
             tensors[run_folder.RAW_UNET_FILE] = self.unet.state_dict()
             tensors[run_folder.EMA_HEAD_FILE] = dict(self.ema.shadow["head"])
-        parts_from = self.parts_from if self.parts_from is not None and self.parts_from.is_dir() else None
+        parts_from = self._intact_parts_source()
         vae, text_encoder = comps.vae, comps.text_encoder
         if parts_from is None and next(vae.parameters()).dtype != torch.float32:
             vae, text_encoder = self._float32_frozen_parts()
@@ -520,6 +520,23 @@ class Trainer:
         run_folder.write_state(ckpt, state, optim, rng, tensors)
         run_folder.publish(self.out, ckpt)
         run_folder.prune_checkpoints(self.out, cfg.keep_checkpoints, ckpt)
+
+    def _intact_parts_source(self) -> Path | None:
+        """The checkpoint whose frozen parts the next one links, when they read whole; None when
+        there is none or one of its files is damaged (the parts are then written again from the
+        models, so a damaged file never reaches a new checkpoint or the top of OUT)."""
+        from factory.sampler.checkpoint import has_pipeline_layout
+
+        source = self.parts_from
+        if source is None or not has_pipeline_layout(source):  # a version-1 checkpoint has none to link
+            return None
+        problem = run_folder.carried_parts_problem(source)
+        if problem is not None:
+            message = f"{source}: {problem}; step {self.step} got its frozen parts written again instead of linked"
+            log.warning(message)
+            self.notes.append(message)
+            return None
+        return source
 
     def _float32_frozen_parts(self) -> tuple[Any, Any]:
         """The base model's VAE and text encoder in float32 on the CPU, for a checkpoint's pipeline

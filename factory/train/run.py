@@ -177,11 +177,14 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
         notes.append(f"no training run in {out} to resume: started a new one")
         resume = False
     later: list[Path] = []
+    resumed: Path | None = None
     if resume and opts.resume_from not in (None, "latest"):
-        later = _later_checkpoints(out, opts.resume_from)
-    if run_folder.latest_checkpoint(out) is not None:
+        resumed, later = _named_checkpoint(out, opts.resume_from)
+    newest = run_folder.latest_checkpoint(out)
+    if newest is not None:
         if not resume:
             raise InputError(f"{out}: already holds a training run; pass --resume to continue it, or choose another --out")
+        resumed = resumed or newest[1]
         try:
             saved = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -218,6 +221,8 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
             f"{out}: the training data changed since the run started ({plural(saved['data'].get('samples') or 0, 'sample')} then, "
             f"{summary['samples']} now, or other files/captions); resume needs the same data"
         )
+    if resumed is not None:  # before anything is deleted, or linked from it into new checkpoints
+        run_folder.verify_checkpoint(out, resumed)
     if restart:
         run_folder.clear_run(out)
     for p in later:  # resume from an earlier checkpoint: the later ones belong to the abandoned path
@@ -230,8 +235,9 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
     return cfg, records, summary, saved, notes
 
 
-def _later_checkpoints(out: Path, value: str) -> list[Path]:
-    """The run's checkpoints after the one ``value`` names (deleted to resume from it)."""
+def _named_checkpoint(out: Path, value: str) -> tuple[Path, list[Path]]:
+    """The checkpoint of the run ``value`` names, and the run's checkpoints after it (deleted to
+    resume from it)."""
     path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists():
         path = out / run_folder.CHECKPOINTS_DIR / value
@@ -240,7 +246,7 @@ def _later_checkpoints(out: Path, value: str) -> list[Path]:
     if path not in found:
         names = ", ".join(p.name for _, p in run_folder.list_checkpoints(out)) or "none"
         raise InputError(f"--resume_from_checkpoint {value}: not a complete checkpoint of the run in {out} (its checkpoints: {names})")
-    return [p for s, p in run_folder.list_checkpoints(out, complete=False) if s > found[path]]
+    return path, [p for s, p in run_folder.list_checkpoints(out, complete=False) if s > found[path]]
 
 
 def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainSummary:

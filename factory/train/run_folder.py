@@ -32,8 +32,10 @@ Each checkpoint folder is written atomically by ``save_checkpoint``; ``training_
 written to a temporary folder and renamed in; then each part is published at the top of OUT (a
 folder of links renamed over the old one), ``diffumatting.json`` last. Only the UNet and the head
 change between checkpoints, so a crash while publishing leaves a loadable model. Resume takes the
-newest checkpoint whose ``training_state/state.json`` exists. The checkpoint's ``unet/`` is
-float32 (the trainable weights' own precision), so resuming loses nothing.
+newest checkpoint whose ``training_state/state.json`` exists, after :func:`verify_checkpoint` has
+read every file of it (a damaged one stops the resume before anything changes: its frozen parts
+would be linked into every later checkpoint and published at the top). The checkpoint's ``unet/``
+is float32 (the trainable weights' own precision), so resuming loses nothing.
 
 Run folders of earlier versions (checkpoints in the version-1 layout, and an ``OUT/diffumatting.json``
 whose paths lead into ``checkpoints/``) still load and resume; new checkpoints use the new layout.
@@ -45,6 +47,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,7 +190,11 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def read_optimizer(ckpt: Path, device: torch.device) -> dict[str, Any]:
-    return torch.load(ckpt / STATE_DIR / OPTIMIZER_FILE, map_location=device, weights_only=True)
+    path = ckpt / STATE_DIR / OPTIMIZER_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:  # what torch.load raises on a damaged file
+        raise InputError(f"{path}: unreadable optimizer state ({_first_line(exc)})") from exc
 
 
 def read_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
@@ -200,7 +207,104 @@ def read_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def read_rng(ckpt: Path) -> list[dict[str, Any]]:
-    return json.loads((ckpt / STATE_DIR / RNG_FILE).read_text(encoding="utf-8"))
+    path = ckpt / STATE_DIR / RNG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable generator states ({_first_line(exc)})") from exc
+
+
+# ------------------------------------------------------------------------------ verification
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def file_problem(path: Path) -> str | None:
+    """Why the file ``path`` does not read whole as what its name says, or None.
+
+    A safetensors file must have a header whose tensors cover the file exactly (a truncated or
+    overwritten file fails), JSON must parse, a ``torch.save`` archive must have its zip directory
+    (written last, so a truncated one has none); any other file must read to its end.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.name.endswith(".safetensors"):
+            with safe_open(str(path), "pt") as fh:
+                fh.keys()
+        elif path.suffix == ".json":
+            json.loads(path.read_bytes())
+        elif path.suffix == ".pt":
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        else:
+            with path.open("rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+    except OSError as exc:
+        return f"is unreadable ({exc.strerror or exc})"
+    except (ValueError, zipfile.BadZipFile, SafetensorError) as exc:
+        return f"is damaged ({_first_line(exc)})"
+    return None
+
+
+def carried_parts_problem(ckpt: Path) -> str | None:
+    """What is wrong with the files a new checkpoint links from ``ckpt`` (its VAE, text encoder,
+    tokenizer, scheduler and model index), checked by :func:`file_problem`; None when all read."""
+    from factory.sampler.checkpoint import MODEL_INDEX, PIPELINE_PARTS
+
+    files = [ckpt / MODEL_INDEX]
+    for part in PIPELINE_PARTS:
+        found = sorted(p for p in (ckpt / part).rglob("*") if p.is_file())
+        if not found:
+            return f"{part}/ holds no files"
+        files += found
+    for path in files:
+        problem = file_problem(path)
+        if problem is not None:
+            return f"{path.relative_to(ckpt).as_posix()} {problem}"
+    return None
+
+
+def _checkpoint_problem(ckpt: Path, state: dict[str, Any]) -> str | None:
+    """The first missing or damaged file of checkpoint ``ckpt`` that a resume reads or carries."""
+    from factory.sampler.checkpoint import MODEL_INDEX, UNET_DIR
+    from factory.sampler.components import load_base_folder
+
+    needed = [POINTER_FILE, *(f"{STATE_DIR}/{name}" for name in (OPTIMIZER_FILE, RNG_FILE, RAW_HEAD_FILE))]
+    if state.get("ema_updates") is not None:
+        needed += [f"{STATE_DIR}/{RAW_UNET_FILE}", f"{STATE_DIR}/{EMA_HEAD_FILE}"]
+    pipeline = (ckpt / MODEL_INDEX).is_file()
+    if pipeline:
+        needed += [f"{UNET_DIR}/config.json", f"{UNET_DIR}/diffusion_pytorch_model.safetensors"]
+    missing = [name for name in needed if not (ckpt / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        problem = file_problem(path)
+        if problem is not None:
+            return f"{path.relative_to(ckpt).as_posix()} {problem}"
+    if pipeline:  # the parts every later checkpoint links must also load as models
+        try:
+            load_base_folder(ckpt)
+        except InputError as exc:
+            return f"its VAE, text encoder, tokenizer or scheduler do not load ({str(exc).removeprefix(f'{ckpt}: ')})"
+    return None
+
+
+def verify_checkpoint(out: Path, ckpt: Path) -> None:
+    """Read every file of checkpoint ``ckpt`` that resuming from it loads or carries forward; an
+    :class:`InputError` naming the checkpoint and the first bad file (and the run's earlier
+    complete checkpoints, to resume from instead) when one is missing or damaged."""
+    problem = _checkpoint_problem(ckpt, read_state(ckpt))
+    if problem is None:
+        return
+    earlier = [p.name for _, p in list_checkpoints(out) if p.name < ckpt.name]
+    advice = f"resume from an earlier one with --resume_from_checkpoint {earlier[-1]}" if earlier else "no earlier checkpoint to resume from"
+    raise InputError(f"{ckpt}: cannot resume from this checkpoint: {problem}; nothing was changed ({advice})")
 
 
 def prune_checkpoints(out: Path, keep: int, current: Path) -> None:
