@@ -1,6 +1,6 @@
 """`factory train` as diffusers users drive it: --resume_from_checkpoint latest|PATH, fp16 mixed
-precision with loss scaling, W&B in offline mode, and the one-line errors of a resume with no run
-and of a bad training-config file."""
+precision with loss scaling, W&B in offline mode, and the one-line errors of a resume with no run,
+of a resume from a damaged checkpoint, of an unwritable --out and of a bad training-config file."""
 
 from __future__ import annotations
 
@@ -150,3 +150,31 @@ def test_a_checkpoint_damaged_during_the_run_is_not_linked_into_the_next(toy: Pa
         assert load_file(str(folder / vae)), folder
     assert (out / vae).stat().st_ino == (out / "checkpoints/step-00000002" / vae).stat().st_ino
 
+
+def test_an_unwritable_out_is_one_line_before_any_model(toy: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    import factory.sampler
+
+    def no_model(*args, **kw):
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr(factory.sampler, "load_components", no_model)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    args = ["train", "--data", toy, "--steps", "1", "--resolution", "32", "--report_to", "none", "--dataloader_num_workers", "0", "--device", "cpu"]
+    r = cli([*args, "--out", blocker / "sub"])
+    assert r.code == 2 and r.err == f"error: {blocker / 'sub'}: output folder is not writable (Not a directory)\n", r.err
+    assert blocker.read_text() == "x"
+    locked = tmp_path / "locked"
+    real_mkdir = os.mkdir
+
+    def denied(path, *a, **kw):
+        if str(path).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", denied)
+    r = cli([*args, "--out", locked / "run"])
+    assert r.code == 2 and r.err == f"error: {locked / 'run'}: output folder is not writable (Permission denied)\n", r.err

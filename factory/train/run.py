@@ -21,7 +21,7 @@ from typing import Any
 from factory import __version__
 from factory.errors import FactoryError, InputError, RunError
 from factory.feedback import plural
-from factory.fsutil import atomic_write_text
+from factory.fsutil import atomic_write_text, check_writable_dir
 from factory.train import run_folder
 from factory.train.config import TrainConfig, make_config, read_config_file, resume_config
 from factory.train.data import assign_prompts, data_summary, read_captions, scan_sources
@@ -221,6 +221,7 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
             f"{out}: the training data changed since the run started ({plural(saved['data'].get('samples') or 0, 'sample')} then, "
             f"{summary['samples']} now, or other files/captions); resume needs the same data"
         )
+    check_writable_dir(out)  # before any model is loaded: an unusable --out is one line, not a late OSError
     if resumed is not None:  # before anything is deleted, or linked from it into new checkpoints
         run_folder.verify_checkpoint(out, resumed)
     if restart:
