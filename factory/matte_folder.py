@@ -297,7 +297,7 @@ class _Progress:
         if self._log is not None:
             self._log(line)
         elif self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False)
+            self._bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

@@ -283,3 +283,17 @@ def test_matte_refuses_an_out_that_would_replace_other_files(cli, tmp_path: Path
     res = cli(["matte", toy, "--out", mattes, "--workers", "1"])
     assert res.code == 2 and "holds matte.csv" in res.err
     assert (mattes / "matte.csv").read_text() == "my notes\n"
+
+
+def test_matte_messages_are_one_line_off_a_terminal(cli, folders, tmp_path: Path) -> None:
+    """A per-file message is one line however long, when stderr is not a terminal (80 columns)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(folders["in"] / "disc.png").save(src / "disc.png")
+    name = "a_rather_long_file_name_for_a_green_screen_photo_0001" * 2 + ".jpg"
+    (src / name).write_bytes(bytes(range(256)))
+    res = cli(["matte", src, "--out", tmp_path / "out", "--workers", "1"])
+    assert res.code == 0, res.err
+    lines = [line for line in res.err.splitlines() if not line.startswith("matte ")]  # the bar
+    assert len(lines) == 1 and lines[0].startswith(f"skipped {name}: not a readable image")
+    assert lines[0].endswith(f"'{src / name}')")
