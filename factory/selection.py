@@ -89,6 +89,8 @@ def load_selection(run_root: Path, name: str) -> Selection:
         meta = json.loads(raw)
     except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: unreadable selection ({exc}); re-run `factory filter --name {name}`") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: damaged selection (its metadata is not a JSON object); re-run `factory filter --name {name}`")
     if "key" not in table.column_names:
         raise InputError(f"{path}: not a selection (no key column)")
     return Selection(name=name, path=path, table=table, meta=meta)

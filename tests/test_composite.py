@@ -378,3 +378,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, tmp_path
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '{"part": 0}', "{broken"])
+def test_a_part_record_of_the_wrong_shape_means_the_part_is_redone(tmp_path: Path, text: str) -> None:
+    from factory.composite.part import part_record_path, read_record
+
+    path = part_record_path(tmp_path, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    assert read_record(tmp_path, 1) is None

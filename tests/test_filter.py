@@ -250,6 +250,29 @@ def test_filter_cli_errors(cli, run, tmp_path: Path) -> None:
     assert res.code == 2 and "not a run directory" in res.err
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("[]", "an array where a JSON object is expected"), ('"run"', "a string where"), ("7", "a number where"),
+     ('{"format": 1}', "no 'manifest'"), ("{not json", "not valid JSON")],
+)
+def test_filter_on_a_damaged_run_json_is_one_line(cli, run, text: str, why: str) -> None:
+    (run.root / "run.json").write_text(text)
+    res = cli(["filter", "--run", run.root])
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert f"{run.root / 'run.json'}: damaged run file" in res.err and why in res.err, res.err
+    assert (run.root / "run.json").read_text() == text and not list_selections(run.root)
+
+
+def test_a_selection_whose_metadata_is_not_an_object_is_damaged(run) -> None:
+    from factory.selection import selection_path
+
+    path = selection_path(run.root, "odd")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"key": ["a"]}).replace_schema_metadata({b"factory.selection": b"[1]"}), path)
+    with pytest.raises(InputError, match="damaged selection"):
+        load_selection(run.root, "odd")
+
+
 def test_filter_verify_files_reports_corrupt_sample(cli, run) -> None:
     rec = [r for r in run.index().to_pylist() if r["index"] == 10][0]
     path = run.sample_path(rec["index"], rec["key"], ".png")

@@ -178,3 +178,20 @@ def test_an_unwritable_out_is_one_line_before_any_model(toy: Path, tmp_path: Pat
     monkeypatch.setattr(os, "mkdir", denied)
     r = cli([*args, "--out", locked / "run"])
     assert r.code == 2 and r.err == f"error: {locked / 'run'}: output folder is not writable (Permission denied)\n", r.err
+
+
+@pytest.mark.parametrize("text", ["[]", '{"config": [1]}', '{"history": []}', '{"config": {}, "data": 3}', '"x"'])
+def test_a_train_json_of_the_wrong_shape_is_damaged_in_one_line(tmp_path: Path, text: str) -> None:
+    from factory.train.run import saved_run
+
+    (tmp_path / run_folder.TRAIN_FILE).write_text(text)
+    with pytest.raises(InputError, match=r"train\.json: damaged training run file.*cannot resume"):
+        saved_run(tmp_path)
+
+
+def test_a_training_state_of_the_wrong_shape_is_damaged_in_one_line(tmp_path: Path) -> None:
+    state = tmp_path / run_folder.STATE_DIR / run_folder.STATE_FILE
+    state.parent.mkdir()
+    state.write_text("[]")
+    with pytest.raises(InputError, match="damaged training state: an array"):
+        run_folder.read_state(tmp_path)

@@ -21,8 +21,9 @@ from factory.composite.layouts import baked_folder_name, baked_members, dim_memb
 from factory.composite.objects import ObjectSource
 from factory.composite.recipe import draw_baked, draw_scene, frame_side
 from factory.composite.render import render
+from factory.errors import InputError
 from factory.export.webdataset import TarShard
-from factory.fsutil import atomic_write_bytes, atomic_write_text
+from factory.fsutil import atomic_write_bytes, atomic_write_text, read_json_object
 from factory.manifest import CompositeSettings
 
 PARTS_DIR = "parts"
@@ -140,7 +141,7 @@ def render_part(job: PartJob) -> dict[str, Any]:
 def read_record(out: Path, number: int) -> dict[str, Any] | None:
     """A committed part's record, or None (missing or unreadable: the part is redone)."""
     try:
-        record = json.loads(part_record_path(out, number).read_text())
-    except (OSError, json.JSONDecodeError):
+        record = read_json_object(part_record_path(out, number), "part record")
+    except InputError:
         return None
     return record if record.get("part") == number else None

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from factory.errors import InputError
+from factory.fsutil import read_json_object
 from factory.sampler.head import MattingHead
 
 log = logging.getLogger(__name__)
@@ -194,10 +195,7 @@ def choose_variant(folders: Iterable[Path], allow_pickle: bool = False) -> str |
 def read_model_index(folder: Path) -> dict[str, Any]:
     """The folder's ``model_index.json``, checked to be a Stable Diffusion pipeline."""
     index_path = folder / "model_index.json"
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder}: not a diffusers model folder ({index_path.name}: {exc})") from exc
+    index = read_json_object(index_path, "diffusers model index", hint=f"{folder} is not a diffusers model folder")
     missing = [c for c in REQUIRED if not isinstance(index.get(c), list) or index[c][0] is None]
     if missing:
         raise InputError(

@@ -7,6 +7,8 @@ import pyarrow as pa
 from factory.plan import PLAN_SCHEMA
 
 RUN_FILE = "run.json"
+#: The keys every run.json has (written by ``RunStore.prepare`` since the first store format).
+RUN_FILE_KEYS = ("format", "manifest", "fingerprint", "model", "n")
 MANIFEST_FILE = "manifest.yaml"
 PLAN_FILE = "plan.parquet"
 INDEX_FILE = "index.parquet"

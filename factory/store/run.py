@@ -31,6 +31,7 @@ from factory.fsutil import (
     atomic_write_text,
     check_writable_dir,
     fsync_path,
+    read_json_object,
 )
 from factory.manifest import Manifest, manifest_from_dict
 from factory.plan import KEY_PATTERN, PLAN_ROW_GROUP, PLAN_SCHEMA, ManifestPlan, PlanAbandoned, PlanReader, PlanRows
@@ -45,6 +46,7 @@ from factory.store.layout import (
     MANIFEST_FILE,
     PLAN_FILE,
     RUN_FILE,
+    RUN_FILE_KEYS,
     SAMPLES_DIR,
     SELECTIONS_DIR,
     STORE_FORMAT,
@@ -243,10 +245,7 @@ class RunStore:
     # -------------------------------------------------------------- reading
 
     def _read_run_json(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.root / RUN_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{self.root / RUN_FILE}: unreadable run file ({exc})") from exc
+        return read_json_object(self.root / RUN_FILE, "run file", required=RUN_FILE_KEYS)
 
     @property
     def info(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ torchrun/accelerate launch, or on ``--workers N`` Ray Train workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -21,7 +22,7 @@ from typing import Any
 from factory import __version__
 from factory.errors import FactoryError, InputError, RunError
 from factory.feedback import plural
-from factory.fsutil import atomic_write_text, check_writable_dir
+from factory.fsutil import atomic_write_text, check_writable_dir, read_json_object
 from factory.train import run_folder
 from factory.train.config import TrainConfig, make_config, read_config_file, resume_config
 from factory.train.data import assign_prompts, data_summary, read_captions, scan_sources
@@ -185,20 +186,15 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
         if not resume:
             raise InputError(f"{out}: already holds a training run; pass --resume to continue it, or choose another --out")
         resumed = resumed or newest[1]
-        try:
-            saved = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{out / run_folder.TRAIN_FILE}: unreadable ({exc}); cannot resume") from exc
+        saved = saved_run(out)
         cfg = resume_config(saved["config"], values, str(out), sources)
     elif run_folder.is_run_folder(out):
         # A run that never completed a checkpoint: nothing to resume exactly, so it starts over
         # (with --resume, from its saved settings under the ones given now).
         previous: dict[str, Any] = {}
         if resume:
-            try:
-                previous = json.loads((out / run_folder.TRAIN_FILE).read_text(encoding="utf-8")).get("config", {})
-            except (OSError, ValueError):
-                previous = {}
+            with contextlib.suppress(InputError):
+                previous = saved_run(out)["config"]
         cfg = make_config({**previous, **values}, sources=sources)
         restart = True
     else:
@@ -234,6 +230,17 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
             run_folder.publish(out, found[1])
         notes.append(f"resumed from an earlier checkpoint: deleted the later {', '.join(p.name for p in later)}")
     return cfg, records, summary, saved, notes
+
+
+def saved_run(out: Path) -> dict[str, Any]:
+    """A run folder's ``train.json``: its settings (``config``), data summary, history. One-line
+    error if it is damaged (not an object, no ``config``, a part of the wrong shape)."""
+    path = out / run_folder.TRAIN_FILE
+    saved = read_json_object(path, "training run file", required=("config",), hint="cannot resume")
+    for key, shape in (("config", dict), ("data", dict), ("history", list)):
+        if key in saved and not isinstance(saved[key], shape):
+            raise InputError(f"{path}: damaged training run file: its {key!r} is not a JSON {'object' if shape is dict else 'array'}; cannot resume")
+    return saved
 
 
 def _named_checkpoint(out: Path, value: str) -> tuple[Path, list[Path]]:

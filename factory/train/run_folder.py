@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from factory.errors import InputError
-from factory.fsutil import TMP_PREFIX, atomic_write_text, fsync_path, link_tree, replace_dir, temp_dir_for
+from factory.fsutil import TMP_PREFIX, atomic_write_text, fsync_path, link_tree, read_json_object, replace_dir, temp_dir_for
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "training_state"
@@ -118,7 +118,7 @@ def publish(out: Path, ckpt: Path) -> None:
     ``OUT/diffumatting.json`` is written last and names the checkpoint. A version-1 checkpoint
     (no pipeline files) is published as a descriptor whose paths lead into it.
     """
-    desc = json.loads((ckpt / POINTER_FILE).read_text(encoding="utf-8"))
+    desc = read_json_object(ckpt / POINTER_FILE, "checkpoint descriptor")
     rel = ckpt.relative_to(out).as_posix()
     if (ckpt / "model_index.json").is_file():
         for name in PUBLISHED:
@@ -180,10 +180,7 @@ def write_state(ckpt: Path, state: dict[str, Any], optimizer: dict[str, Any], rn
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / STATE_DIR / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable training state ({exc})") from exc
+    state = read_json_object(path, "training state")
     if state.get("format") != STATE_FORMAT or int(state.get("version", 0)) > STATE_VERSION:
         raise InputError(f"{path}: not a training state this factory can resume (format {state.get('format')!r} v{state.get('version')})")
     return state
