@@ -91,7 +91,7 @@ def run_check(run: Path | None, repair: bool = False, progress: bool = True, thr
     store = RunStore.open(resolve_run(run))
     summary = CheckSummary(run=store.root, repair=repair)
     if repair:
-        store.acquire_lock()
+        store.acquire_lock("repaired")
     try:
         try:
             total = sum(int(pc.sum(pc.equal(p["status"], STATUS_DONE)).as_py() or 0) for p in store.committed(["status"], only_plan=True))

@@ -322,17 +322,28 @@ def is_locked(path: Path) -> bool:
 
 
 class FileLock:
-    """An exclusive advisory lock (``flock``) on a file, held until released or the process dies."""
+    """An exclusive advisory lock (``flock``) on a file, held until released or the process dies.
 
-    def __init__(self, path: Path, busy_message: str) -> None:
+    Taking it opens the lock file for writing, so a folder this user cannot write (permissions, a
+    read-only mount) fails here, before any work: a one-line :class:`~factory.errors.InputError`
+    (``unwritable_message``, else "<folder>: cannot be written", with the system's reason).
+    """
+
+    def __init__(self, path: Path, busy_message: str, unwritable_message: str | None = None) -> None:
         self.path = Path(path)
-        self._fh: io.BufferedRandom | None = open(self.path, "a+b")  # noqa: SIM115 - held until release
+        unwritable = unwritable_message or f"{self.path.parent}: cannot be written"
+        try:
+            self._fh: io.BufferedRandom | None = open(self.path, "a+b")  # noqa: SIM115 - held until release
+        except OSError as exc:
+            raise InputError(f"{unwritable} (cannot open its lock file {self.path.name}: {exc.strerror or exc})") from exc
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            self._fh.close()
-            self._fh = None
+            self.release()
             raise InputError(busy_message) from exc
+        except OSError as exc:  # a file system without locks (ENOLCK)
+            self.release()
+            raise InputError(f"{unwritable} (cannot lock {self.path.name}: {exc.strerror or exc})") from exc
 
     def release(self) -> None:
         if self._fh is not None:

@@ -171,6 +171,33 @@ def test_an_unreadable_index_is_a_permission_problem_not_damage(cli, tmp_path: P
     assert index_file.read_bytes() == before and not list(store.root.glob("*.damaged"))
 
 
+@pytest.mark.parametrize(("errno_code", "reason"), [(13, "Permission denied"), (30, "Read-only file system")])
+def test_repair_of_a_run_it_cannot_write_is_one_line(cli, tmp_path: Path, monkeypatch, errno_code: int, reason: str) -> None:
+    """The lock is where a command first writes a run: a run this user cannot write (permissions,
+    a read-only mount) is refused there, in one line, before anything is changed."""
+    import builtins
+
+    import factory.fsutil as fsutil
+
+    store, _ = make_tiny_run(tmp_path, 4, 4)
+    rows = table_rows(store.plan())
+    alpha = store.sample_path(1, rows[1].key, ".alpha.png")
+    flip_bit(alpha, len(alpha.read_bytes()) // 2)
+    before = {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    lock = store.root / ".lock"
+
+    def unwritable(path, *args, **kw):
+        if Path(path) == lock:
+            raise OSError(errno_code, reason, str(path))
+        return builtins.open(path, *args, **kw)
+
+    monkeypatch.setattr(fsutil, "open", unwritable, raising=False)
+    res = cli(["check", "--run", store.root, "--repair"])
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert f"{store.root}: the run cannot be written, so it cannot be repaired" in res.err and reason in res.err, res.err
+    assert {p: p.read_bytes() for p in store.root.rglob("*") if p.is_file()} == before
+
+
 def test_costs_follow_what_is_done_not_n(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
     """A run of N = 10 million: prepare, commits, folds and a resume never make or read a plan row
     beyond those used; the index holds the committed rows only."""

@@ -225,10 +225,12 @@ class RunStore:
 
     # -------------------------------------------------------------- locking
 
-    def acquire_lock(self) -> None:
-        """Take the run's writer lock, or fail in one line if another process holds it."""
+    def acquire_lock(self, purpose: str = "written") -> None:
+        """Take the run's writer lock, or fail in one line if another process holds it or the run
+        cannot be written (``purpose`` says what the command was to do: "repaired")."""
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(self.root / LOCK_FILE, f"{self.root}: another factory process is writing this run")
+        unwritable = f"{self.root}: the run cannot be written" + ("" if purpose == "written" else f", so it cannot be {purpose}")
+        self._lock = FileLock(self.root / LOCK_FILE, f"{self.root}: another factory process is writing this run", unwritable)
 
     def release_lock(self) -> None:
         self.finish_plan_writer(wait=False)
