@@ -115,6 +115,7 @@ class Captioner:
 
     def __init__(self, folder: str, prompt: str | None, max_new_tokens: int, device: str | None) -> None:
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from factory.sampler.components import quiet_transformers
@@ -125,9 +126,10 @@ class Captioner:
             try:
                 self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
                 self.model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=dtype).to(self.device).eval()
+            except SafetensorError as exc:  # a truncated or damaged weights file: safetensors' own error type
+                raise InputError(f"{folder}: the model's weights could not be read ({_first_line(exc)})") from exc
             except (OSError, ValueError, KeyError) as exc:
-                first = " ".join(str(exc).split())[:300]
-                raise InputError(f"{folder}: cannot load it as an image-to-text model ({type(exc).__name__}: {first})") from exc
+                raise InputError(f"{folder}: cannot load it as an image-to-text model ({type(exc).__name__}: {_first_line(exc)})") from exc
         self.model_type = str(getattr(self.model.config, "model_type", ""))
         self.prompt = prompt if prompt is not None else DEFAULT_PROMPTS.get(self.model_type)
         self.max_new_tokens = max_new_tokens
@@ -153,6 +155,11 @@ class Captioner:
             ids = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [clean(t, self.prompt) for t in texts]
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    return " ".join(str(exc).split())[:300]
 
 
 def clean(text: str, prompt: str | None) -> str:
@@ -275,6 +282,9 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     empty = 0
     notes: list[str] = []
     caption_seconds = 0.0
+    # In process, the model is loaded first: one that cannot load stops the command before a
+    # journal or a progress bar exists.
+    captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device) if todo and not opts.ray else None
     if todo:
         with journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, unique, done_before) as bar:
 
@@ -299,10 +309,9 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
                     on_batch(len(batch))
 
             batches = list(_batches(todo, opts.batch_size))
-            if opts.ray:
+            if captioner is None:
                 notes += _run_on_ray(opts, str(folder), batches, record, out)
             else:
-                captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device)
                 t0 = time.perf_counter()
                 for batch in batches:
                     record(batch, captioner([picture(r) for r in batch]))

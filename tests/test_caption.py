@@ -77,3 +77,15 @@ def test_caption_resumes_on_ray_and_errors(blip: Path, toy: Path, tmp_path: Path
     assert r.code == 2 and "not in the local Hugging Face cache" in r.err and len(r.err.strip().splitlines()) == 1
     r = cli(["caption", "--data", toy, "--model", blip, "--out", tmp_path / "c.txt"])
     assert r.code == 2 and "must be .jsonl" in r.err
+
+
+def test_caption_with_truncated_model_weights_is_one_line(blip: Path, toy: Path, tmp_path: Path, cli) -> None:
+    bad = tmp_path / "bad-blip"
+    bad.mkdir()
+    for f in blip.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:100] if f.name == "model.safetensors" else f.read_bytes())
+    out = tmp_path / "c.jsonl"
+    r = cli(["caption", "--data", toy, "--model", bad, "--out", out, "--device", "cpu"])
+    assert r.code == 2 and r.err.count("\n") == 1, r.err
+    assert f"error: {bad}: the model's weights could not be read (" in r.err and "internal error" not in r.err, r.err
+    assert not out.exists() and not journal_path(out).exists()
