@@ -204,7 +204,6 @@ def read_json_object(path: Path, what: str, required: tuple[str, ...] = (), hint
     return value
 
 
-
 # ------------------------------------------------------------------------------ directories
 
 
