@@ -108,3 +108,20 @@ def tiny():
     from factory.sampler.tiny import build_tiny_components
 
     return build_tiny_components(seed=0)
+
+
+def fail_mkdir_under(monkeypatch: pytest.MonkeyPatch, root: Path, err: int) -> None:
+    """Make ``os.mkdir`` fail with ``err`` (``errno.EROFS``, ``errno.EACCES``) for paths under
+    ``root``: a read-only disk or a folder without write permission, which a test running as root
+    cannot get from ``chmod``."""
+    import errno
+
+    real_mkdir = os.mkdir
+    error = PermissionError if err in (errno.EACCES, errno.EPERM) else OSError
+
+    def failing(path, *args, **kw):
+        if str(path).startswith(str(root)):
+            raise error(err, os.strerror(err), str(path))
+        return real_mkdir(path, *args, **kw)
+
+    monkeypatch.setattr(os, "mkdir", failing)

@@ -17,6 +17,7 @@ import pytest
 import factory.generate as generate
 from factory.fsutil import FileLock
 from factory.store import RunStore
+from tests.conftest import fail_mkdir_under
 from tests.fake_run import make_run, sample_result
 from tests.processes import as_a_foreground_command
 
@@ -261,14 +262,7 @@ def test_filter_on_a_read_only_run_is_one_line_and_dry_run_works(cli, tmp_path: 
     import errno
 
     make_run(tmp_path, 4)
-    real_mkdir = os.mkdir
-
-    def read_only(path, *args, **kw):
-        if str(path).startswith(str(tmp_path / "run")):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_mkdir(path, *args, **kw)
-
-    monkeypatch.setattr(os, "mkdir", read_only)
+    fail_mkdir_under(monkeypatch, tmp_path / "run", errno.EROFS)
     assert cli(["filter", "--run", tmp_path / "run", "--dry-run"]).code == 0
     res = cli(["filter", "--run", tmp_path / "run"])
     assert res.code == 1 and res.err.count("\n") == 1 and "read-only file system" in res.err, res.err

@@ -10,6 +10,7 @@ import pytest
 
 from factory.imageio import read_alpha, read_rgb
 from factory.toy.world import CLASS_NAMES, SUPERSAMPLE, Painter, render_sample
+from tests.conftest import fail_mkdir_under
 
 
 def test_alpha_is_the_mean_coverage_of_the_sub_pixels() -> None:
@@ -89,19 +90,11 @@ def test_toy_data_refuses_other_folders_in_one_line(cli, tmp_path: Path) -> None
 
 def test_toy_data_out_that_cannot_be_a_folder_is_one_line(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
-    import os
 
     (tmp_path / "afile").write_text("x")
     res = cli(["toy-data", "--n", "2", "--out", tmp_path / "afile" / "sub"])
     assert res.code == 2 and res.err.count("\n") == 1 and "afile/sub: output folder is not writable" in res.err, res.err
-    real_mkdir = os.mkdir
-
-    def read_only(path, *args, **kw):
-        if str(path).startswith(str(tmp_path / "ro")):
-            raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_mkdir(path, *args, **kw)
-
-    monkeypatch.setattr(os, "mkdir", read_only)
+    fail_mkdir_under(monkeypatch, tmp_path / "ro", errno.EROFS)
     res = cli(["toy-data", "--n", "2", "--out", tmp_path / "ro" / "x"])
     assert res.code == 2 and res.err.count("\n") == 1 and "Read-only file system" in res.err, res.err
     assert (tmp_path / "afile").read_text() == "x"

@@ -13,6 +13,7 @@ import torch
 
 from factory.errors import InputError
 from factory.train import TrainOptions, run_train, run_folder
+from tests.conftest import fail_mkdir_under
 from tests.test_train_loop import FAST
 from tests.train_toy import make_toy_folder
 
@@ -153,7 +154,6 @@ def test_a_checkpoint_damaged_during_the_run_is_not_linked_into_the_next(toy: Pa
 
 def test_an_unwritable_out_is_one_line_before_any_model(toy: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
-    import os
 
     import factory.sampler
 
@@ -168,14 +168,7 @@ def test_an_unwritable_out_is_one_line_before_any_model(toy: Path, tmp_path: Pat
     assert r.code == 2 and r.err == f"error: {blocker / 'sub'}: output folder is not writable (Not a directory)\n", r.err
     assert blocker.read_text() == "x"
     locked = tmp_path / "locked"
-    real_mkdir = os.mkdir
-
-    def denied(path, *a, **kw):
-        if str(path).startswith(str(locked)):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_mkdir(path, *a, **kw)
-
-    monkeypatch.setattr(os, "mkdir", denied)
+    fail_mkdir_under(monkeypatch, locked, errno.EACCES)
     r = cli([*args, "--out", locked / "run"])
     assert r.code == 2 and r.err == f"error: {locked / 'run'}: output folder is not writable (Permission denied)\n", r.err
 
