@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import FactoryError, InputError
-from factory.feedback import plural
+from factory.feedback import Feedback, plural
 from factory.fsutil import AtomicFile, atomic_write_bytes, check_writable_dir
 from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, read_rgb
 from factory.matte.pipeline import GreenPostSettings, MatteResult, greenpost
@@ -268,37 +268,31 @@ def matte_folder(
 
 
 class _Progress:
-    """A Rich progress bar on stderr over ``total`` items (or nothing), and a line logger that
-    prints above it; a caller's ``log`` takes the lines instead."""
+    """The command's progress bar (``factory.feedback``: on a terminal only, none with ``-q``) over
+    ``total`` items, and a line logger that prints above it; a caller's ``log`` takes the lines
+    instead. Without ``enabled``, neither bar nor lines."""
 
     def __init__(self, enabled: bool, total: int, log: Callable[[str], None] | None) -> None:
         self.enabled, self.total, self._log = enabled, total, log
-        self._bar: Any = None
+        self._feedback: Feedback | None = None
         self._task: Any = None
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._bar = Progress(
-                TextColumn("matte"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )  # fmt: skip
-            self._bar.start()
-            self._task = self._bar.add_task("matte", total=self.total)
+            self._feedback = Feedback("matte").__enter__()
+            self._task = self._feedback.bar(self.total)
         return self
 
     def advance(self) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task)
+        if self._feedback is not None:
+            self._feedback.advance(self._task)
 
     def log(self, line: str) -> None:
         if self._log is not None:
             self._log(line)
-        elif self._bar is not None:
-            self._bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        elif self._feedback is not None:
+            self._feedback.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        if self._feedback is not None:
+            self._feedback.__exit__(*exc)

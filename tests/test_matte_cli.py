@@ -294,6 +294,26 @@ def test_matte_messages_are_one_line_off_a_terminal(cli, folders, tmp_path: Path
     (src / name).write_bytes(bytes(range(256)))
     res = cli(["matte", src, "--out", tmp_path / "out", "--workers", "1"])
     assert res.code == 0, res.err
-    lines = [line for line in res.err.splitlines() if not line.startswith("matte ")]  # the bar
+    lines = res.err.splitlines()  # no progress bar off a terminal
     assert len(lines) == 1 and lines[0].startswith(f"skipped {name}: not a readable image")
     assert lines[0].endswith(f"'{src / name}')")
+
+
+def test_matte_bar_on_a_terminal_none_with_quiet_and_the_skipped_line_always(cli, folders, tmp_path: Path, monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    import factory.feedback as feedback
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(folders["in"] / "disc.png").save(src / "disc.png")
+    (src / "junk.jpg").write_bytes(b"junk")
+    for flags, bar in (([], True), (["-q"], False)):
+        screen = io.StringIO()
+        monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=160))
+        res = cli([*flags, "matte", src, "--out", tmp_path / f"out{len(flags)}", "--workers", "1"])
+        assert res.code == 0, res.err
+        assert ("2/2" in screen.getvalue()) is bar, screen.getvalue()
+        assert "skipped junk.jpg: not a readable image" in screen.getvalue()
