@@ -191,26 +191,12 @@ def composite(
     extra: np.random.Generator | None = None,
     key_colored: bool = False,
     rim: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic green-screen image of the case (uint8 RGB), following the protocol above, and
-    the board behind it (float32, for the oracle). ``clean``: no noise, no JPEG (what ``generate``
-    produces). ``extra`` draws the rim spill and the key-coloured part (kept apart from ``rng`` so
-    the other draws stay those of earlier runs)."""
-    image, board, _ = composite_with_foreground(rng, fg, alpha, clean, extra, key_colored, rim)
-    return image, board
-
-
-def composite_with_foreground(
-    rng: np.random.Generator,
-    fg: np.ndarray,
-    alpha: np.ndarray,
-    clean: bool = False,
-    extra: np.random.Generator | None = None,
-    key_colored: bool = False,
-    rim: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``composite``, plus the foreground the camera saw (spill and any key-coloured part in it,
-    float32): the colour the camera-limited oracle un-mixes against."""
+    """One synthetic green-screen image of the case (uint8 RGB), following the protocol above, the
+    board behind it (float32, for the oracle) and the foreground the camera saw (spill and any
+    key-coloured part in it, float32, for the camera-limited references). ``clean``: no noise, no
+    JPEG (what ``generate`` produces). ``extra`` draws the rim spill and the key-coloured part (kept
+    apart from ``rng`` so the other draws stay those of earlier runs)."""
     board, key = green_board(rng, alpha)
     extra = extra or np.random.default_rng(0)
     if key_colored:
@@ -372,7 +358,7 @@ def run(
         for seed, var in [(seed, var) for seed in seeds for var in range(variants)]:
             rng = np.random.default_rng([seed, idx, var])
             extra = np.random.default_rng([seed, idx, var, 1])
-            image, board, seen = composite_with_foreground(rng, fg, case.alpha, clean, extra, key_objects, rim)
+            image, board, seen = composite(rng, fg, case.alpha, clean, extra, key_objects, rim)
             for method, fn in table.items():
                 t0 = time.perf_counter()
                 pred, pred_fg, flagged = fn(image, coarse)
