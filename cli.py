@@ -271,8 +271,8 @@ def _print_table(table: object) -> None:
     if verbosity() == QUIET:
         return
     console = Console()
-    if not console.is_terminal:  # piped: do not squeeze the columns into 80 characters
-        console = Console(width=160)
+    if not console.is_terminal:  # piped: as wide as the table needs (at least 160), nothing folded
+        console = Console(width=max(160, Console(width=100_000).measure(table).maximum))
     console.print(table)
 
 

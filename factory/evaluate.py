@@ -73,9 +73,11 @@ class EvalReport:
         from rich.table import Table
 
         t = Table(title=f"matting metrics ({self.region}; {plural(len(self.rows), 'image')})")
-        t.add_column("image")
+        # A name is never cut: on a line too narrow for the table it folds (whole, over several
+        # lines), and the numbers keep their width rather than give it to the names.
+        t.add_column("image", overflow="fold")
         for k in METRIC_NAMES:
-            t.add_column(LABELS[k] + (" x1e3" if k == "mse" else ""), justify="right")
+            t.add_column(LABELS[k] + (" x1e3" if k == "mse" else ""), justify="right", no_wrap=True)
 
         def cells(values: dict[str, float]) -> list[str]:
             return [f"{values[k] * (1000 if k == 'mse' else 1):.4f}" for k in METRIC_NAMES]

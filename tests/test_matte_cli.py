@@ -235,6 +235,20 @@ def test_eval_refuses_colour_images_as_mattes(cli, tmp_path: Path) -> None:
     assert only_colour.code == 0 and sum("a colour image" in line for line in only_colour.err.splitlines()) == 1
 
 
+def test_eval_prints_a_long_image_name_whole(cli, tmp_path: Path) -> None:
+    """A name wider than the table's share of the line is printed on one line, not folded or cut."""
+    truth = _grey_alpha()
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    long_name = "method-with-a-long-name_" + "_".join(f"setting{i}" for i in range(16))
+    for stem in (long_name, "short"):
+        Image.fromarray(truth).save(gt / f"{stem}.png")
+        Image.fromarray(truth).save(pred / f"{stem}.png")
+    res = cli(["eval", "--pred", pred, "--gt", gt, "--workers", "1"])
+    assert res.code == 0, res.err
+    assert len(long_name) > 160 and any(long_name in line for line in res.out.splitlines()), res.out
+
+
 def test_matte_then_eval_on_a_toy_set(cli, tmp_path: Path) -> None:
     """The documented flow: each matte is paired with the toy set's KEY.alpha.png, never with its
     image or foreground (KEY.png, KEY.fg.png), in either folder."""
