@@ -128,8 +128,16 @@ class Captioner:
                 self.model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True, dtype=dtype).to(self.device).eval()
             except SafetensorError as exc:  # a truncated or damaged weights file: safetensors' own error type
                 raise InputError(f"{folder}: the model's weights could not be read ({_first_line(exc)})") from exc
-            except (OSError, ValueError, KeyError) as exc:
-                raise InputError(f"{folder}: cannot load it as an image-to-text model ({type(exc).__name__}: {_first_line(exc)})") from exc
+            except Exception as exc:
+                checkpoint = _torch_load_file(exc)
+                if checkpoint is not None:
+                    raise InputError(
+                        f"{folder}: the model's weights could not be read "
+                        f"({Path(checkpoint).name} is damaged or not a PyTorch checkpoint: {type(exc).__name__})"
+                    ) from exc
+                if isinstance(exc, (OSError, ValueError, KeyError)):
+                    raise InputError(f"{folder}: cannot load it as an image-to-text model ({type(exc).__name__}: {_first_line(exc)})") from exc
+                raise
         self.model_type = str(getattr(self.model.config, "model_type", ""))
         self.prompt = prompt if prompt is not None else DEFAULT_PROMPTS.get(self.model_type)
         self.max_new_tokens = max_new_tokens
@@ -155,6 +163,21 @@ class Captioner:
             ids = self.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [clean(t, self.prompt) for t in texts]
+
+
+def _torch_load_file(exc: BaseException) -> str | None:
+    """The file ``torch.load`` was reading when ``exc`` was raised, or None if it was not raised
+    there. A damaged ``.bin`` weights file fails inside ``torch.load`` with whatever its bytes
+    trip on (RuntimeError for a truncated zip, UnpicklingError for garbage, EOFError when empty),
+    so where it was raised, not its type, tells a weights problem apart."""
+    found: str | None = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_globals.get("__name__") == "torch.serialization" and frame.f_code.co_name == "load":
+            found = str(frame.f_locals.get("f", "the weights file"))
+        tb = tb.tb_next
+    return found
 
 
 def _first_line(exc: BaseException) -> str:

@@ -89,3 +89,32 @@ def test_caption_with_truncated_model_weights_is_one_line(blip: Path, toy: Path,
     assert r.code == 2 and r.err.count("\n") == 1, r.err
     assert f"error: {bad}: the model's weights could not be read (" in r.err and "internal error" not in r.err, r.err
     assert not out.exists() and not journal_path(out).exists()
+
+
+def _copy_with_bin_weights(blip: Path, folder: Path, damage: str) -> Path:
+    """The tiny BLIP with its weights as a PyTorch ``pytorch_model.bin``, damaged: cut in half,
+    replaced by bytes that are not a checkpoint, or empty."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder.mkdir()
+    for f in blip.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    weights = folder / "pytorch_model.bin"
+    torch.save(load_file(blip / "model.safetensors"), weights)
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not a checkpoint " * 64, "empty": b""}[damage])
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_caption_with_damaged_bin_weights_is_one_line(blip: Path, toy: Path, tmp_path: Path, cli, damage: str) -> None:
+    bad = _copy_with_bin_weights(blip, tmp_path / "bad-blip", damage)
+    out = tmp_path / "c.jsonl"
+    r = cli(["caption", "--data", toy, "--model", bad, "--out", out, "--device", "cpu"])
+    assert r.code == 2 and r.err.count("\n") == 1, r.err
+    assert f"error: {bad}: the model's weights could not be read (" in r.err and "pytorch_model.bin" in r.err, r.err
+    assert "internal error" not in r.err and "weights_only" not in r.err, r.err
+    assert not out.exists() and not journal_path(out).exists()
+
