@@ -20,6 +20,7 @@ and ``OUT.partial`` is removed. Delete ``OUT`` to caption everything again.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -305,11 +306,12 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     empty = 0
     notes: list[str] = []
     caption_seconds = 0.0
-    # In process, the model is loaded first: one that cannot load stops the command before a
-    # journal or a progress bar exists.
+    # The model is loaded first, in this process or on every Ray actor: one that cannot load stops
+    # the command before a journal or a progress bar exists.
     captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device) if todo and not opts.ray else None
     if todo:
-        with journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, unique, done_before) as bar:
+        actors = _RayCaptioners(opts, str(folder), out) if opts.ray else contextlib.nullcontext()
+        with actors as pool, journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, unique, done_before) as bar:
 
             def record(batch: list[Any], captions: list[str]) -> None:
                 """Journal one finished batch (flushed and fsynced: a kill loses at most a batch)."""
@@ -332,8 +334,8 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
                     on_batch(len(batch))
 
             batches = list(_batches(todo, opts.batch_size))
-            if captioner is None:
-                notes += _run_on_ray(opts, str(folder), batches, record, out)
+            if pool is not None:
+                notes += pool.run(batches, record)
             else:
                 t0 = time.perf_counter()
                 for batch in batches:
@@ -346,25 +348,45 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     )  # fmt: skip
 
 
-def _run_on_ray(opts: CaptionOptions, folder: str, batches: list[list[Any]], record: Callable[[list[Any], list[str]], None], out: Path) -> list[str]:
-    """The batches on ``opts.workers`` Ray actors, each with its own model; results recorded as
-    they come (any order: the journal is by key)."""
-    import tempfile
+class _RayCaptioners:
+    """Ray and ``opts.workers`` actors, each with its own model, loaded when this is made (so a
+    model that cannot load on them fails before anything is written); a context manager that
+    shuts Ray down."""
 
-    import ray
+    def __init__(self, opts: CaptionOptions, folder: str, out: Path) -> None:
+        import tempfile
 
-    from factory.ray_session import start_ray
+        import ray
 
-    session = start_ray(Path(tempfile.gettempdir()) / "factory-caption", opts.address, None, None, opts.workers)
-    try:
-        gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
-        per_actor = 1 if gpus >= 1 else 0
-        actor_cls = ray.remote(num_cpus=1, num_gpus=per_actor)(_CaptionActor)
-        device = opts.device if opts.device else (None if per_actor else "cpu")
-        actors = [actor_cls.remote(folder, opts.prompt, opts.max_new_tokens, device) for _ in range(opts.workers)]
+        from factory.ray_session import start_ray
+
+        self.out = out
+        self.session = start_ray(Path(tempfile.gettempdir()) / "factory-caption", opts.address, None, None, opts.workers)
+        try:
+            gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
+            per_actor = 1 if gpus >= 1 else 0
+            actor_cls = ray.remote(num_cpus=1, num_gpus=per_actor)(_CaptionActor)
+            device = opts.device if opts.device else (None if per_actor else "cpu")
+            self.actors = [actor_cls.remote(folder, opts.prompt, opts.max_new_tokens, device) for _ in range(opts.workers)]
+            self._get([actor.load.remote() for actor in self.actors], "could not load the captioning model")
+        except BaseException:
+            self.session.shutdown()
+            raise
+
+    def __enter__(self) -> _RayCaptioners:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.session.shutdown()
+
+    def run(self, batches: list[list[Any]], record: Callable[[list[Any], list[str]], None]) -> list[str]:
+        """The batches on the actors, results recorded as they come (any order: the journal is by
+        key); returns the Ray session's notes."""
+        import ray
+
         pending: dict[Any, list[Any]] = {}
         queue = list(batches)
-        free = list(actors)
+        free = list(self.actors)
         while queue or pending:
             while queue and free:
                 batch = queue.pop(0)
@@ -373,27 +395,39 @@ def _run_on_ray(opts: CaptionOptions, folder: str, batches: list[list[Any]], rec
                 pending[ref] = [batch, actor]
             ready, _ = ray.wait(list(pending), num_returns=1)
             batch, actor = pending.pop(ready[0])
-            try:
-                captions = ray.get(ready[0])
-            except ray.exceptions.RayError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, InputError):
-                    raise InputError(str(cause)) from None
-                raise RunError(f"a captioning worker failed: {' '.join(str(exc).split())[:300]}; rerun to continue (done batches are kept in {journal_path(out)})") from exc
-            record(batch, captions)
+            record(batch, self._get(ready[0], f"a captioning worker failed; rerun to continue (done batches are kept in {journal_path(self.out)})"))
             free.append(actor)
-        return session.notes
-    finally:
-        session.shutdown()
+        return self.session.notes
+
+    @staticmethod
+    def _get(refs: Any, failure: str) -> Any:
+        """``ray.get``, with an actor's own error (a model that cannot load, an unreadable image)
+        as that one-line error, and any other failure as ``failure``."""
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, InputError):
+                raise InputError(str(cause)) from None
+            raise RunError(f"{failure}: {' '.join(str(exc).split())[:300]}") from exc
 
 
 class _CaptionActor:
-    """A Ray actor holding one :class:`Captioner`."""
+    """A Ray actor holding one :class:`Captioner`, made by :meth:`load` rather than in
+    ``__init__``: an error in a method comes back as itself (``RayTaskError.cause``), one in
+    ``__init__`` only as the text of a dead actor."""
 
     def __init__(self, folder: str, prompt: str | None, max_new_tokens: int, device: str | None) -> None:
-        self.captioner = Captioner(folder, prompt, max_new_tokens, device)
+        self.args = (folder, prompt, max_new_tokens, device)
+        self.captioner: Captioner | None = None
+
+    def load(self) -> None:
+        self.captioner = Captioner(*self.args)
 
     def caption(self, images: list[bytes]) -> list[str]:
+        assert self.captioner is not None, "load() first"
         return self.captioner(images)
 
 

@@ -118,3 +118,22 @@ def test_caption_with_damaged_bin_weights_is_one_line(blip: Path, toy: Path, tmp
     assert "internal error" not in r.err and "weights_only" not in r.err, r.err
     assert not out.exists() and not journal_path(out).exists()
 
+
+def test_caption_on_ray_with_a_model_that_cannot_load(blip: Path, toy: Path, tmp_path: Path, cli) -> None:
+    """The actors' model error is the command's one-line error (exit 2), and no journal is left:
+    the run with a good model then captions every sample."""
+    bad = tmp_path / "bad-blip"
+    bad.mkdir()
+    for f in blip.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:100] if f.name == "model.safetensors" else f.read_bytes())
+    out = tmp_path / "c.jsonl"
+    r = cli(["caption", "--data", toy, "--model", bad, "--out", out, "--ray", "--workers", "1", "--batch-size", "2"])
+    assert r.code == 2, r.err
+    errors = [line for line in r.err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in r.err and "a captioning worker failed" not in r.err and "caption " not in r.err, r.err
+    assert len(errors) == 1 and errors[0].startswith(f"error: {bad}: the model's weights could not be read ("), r.err
+    assert not out.exists() and not journal_path(out).exists()
+    r = cli(["caption", "--data", toy, "--model", blip, "--out", out, "--ray", "--workers", "1", "--batch-size", "2"])
+    assert r.code == 0, r.err
+    assert "captioned 5 of 5 samples (0 done before)" in r.out
+    assert sorted(read_captions(out)) == [f"toy-{i:03d}" for i in range(5)] and not journal_path(out).exists()
