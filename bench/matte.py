@@ -499,8 +499,12 @@ def main(argv: list[str] | None = None) -> int:
             print(ratios(summary, reference))
     if len(args.seeds) > 1:
         for seed in args.seeds:
-            lines = ratios(summarize([r for r in rows if r["seed"] == seed])).splitlines()
-            print(f"seed {seed}: " + ";".join(lines[1:]))
+            sub = summarize([r for r in rows if r["seed"] == seed])
+            line = f"seed {seed}: " + ";".join(ratios(sub).splitlines()[1:])
+            for reference in ("oracle-camera", "oracle-camera+finish"):
+                if reference in sub:  # what knowing the board and the seen colour gives on the same draw
+                    line += f" | {reference}:" + ";".join(ratios(sub, reference).splitlines()[1:3])
+            print(line)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
