@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.errors import InputError, RunError
-from factory.feedback import plural
+from factory.feedback import Feedback, plural
 from factory.fsutil import atomic_write_text, check_output_file
 
 #: The text prompt (or task token) a model family needs to caption; None = unconditional.
@@ -311,7 +311,10 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device) if todo and not opts.ray else None
     if todo:
         actors = _RayCaptioners(opts, str(folder), out) if opts.ray else contextlib.nullcontext()
-        with actors as pool, journal_path(out).open("a", encoding="utf-8") as journal, _Progress(opts.progress, unique, done_before) as bar:
+        with actors as pool, journal_path(out).open("a", encoding="utf-8") as journal, Feedback("caption", enabled=opts.progress) as fb:
+            bar = fb.bar(unique)  # on a terminal only, none with -q; the samples done before count as complete
+            if done_before:
+                fb.advance(bar, done_before)
 
             def record(batch: list[Any], captions: list[str]) -> None:
                 """Journal one finished batch (flushed and fsynced: a kill loses at most a batch)."""
@@ -329,7 +332,7 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
                 journal.write("".join(lines))
                 journal.flush()
                 os.fsync(journal.fileno())
-                bar.advance(len(batch))
+                fb.advance(bar, len(batch))
                 if on_batch is not None:
                     on_batch(len(batch))
 
@@ -429,31 +432,3 @@ class _CaptionActor:
     def caption(self, images: list[bytes]) -> list[str]:
         assert self.captioner is not None, "load() first"
         return self.captioner(images)
-
-
-class _Progress:
-    """A Rich bar on stderr over the samples (those done before count as complete)."""
-
-    def __init__(self, enabled: bool, total: int, done: int) -> None:
-        self.enabled, self.total, self.done = enabled, total, done
-        self.progress: Any = None
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]caption"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)
-            )
-            self.progress.__enter__()
-            self.task = self.progress.add_task("caption", total=self.total, completed=self.done)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)

@@ -50,6 +50,27 @@ def test_caption_file_is_what_train_uses(blip: Path, toy: Path, tmp_path: Path, 
     assert json.loads((out / "train.json").read_text())["config"]["captions"] == str(caps)
 
 
+def test_caption_bar_on_a_terminal_only_and_none_with_quiet(blip: Path, toy: Path, tmp_path: Path, cli, monkeypatch) -> None:
+    """The bar is ``factory.feedback``'s: nothing on stderr off a terminal (with or without -q);
+    on a terminal a bar over the samples, none with -q."""
+    import io
+
+    from rich.console import Console
+
+    import factory.feedback as feedback
+
+    for flags in ([], ["-q"]):
+        r = cli([*flags, "caption", "--data", toy, "--model", blip, "--out", tmp_path / f"off{len(flags)}.jsonl", "--batch-size", "2"])
+        assert r.code == 0 and r.err == "", r.err
+        assert ("captioned 5 of 5 samples" in r.out) is not flags, r.out
+    for flags, bar in (([], True), (["-q"], False)):
+        screen = io.StringIO()
+        monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=160))
+        r = cli([*flags, "caption", "--data", toy, "--model", blip, "--out", tmp_path / f"on{len(flags)}.jsonl", "--batch-size", "2"])
+        assert r.code == 0 and r.err == "", r.err
+        assert ("5/5" in screen.getvalue()) is bar and ("caption" in screen.getvalue()) is bar, screen.getvalue()
+
+
 def test_caption_resumes_on_ray_and_errors(blip: Path, toy: Path, tmp_path: Path, cli) -> None:
     caps = tmp_path / "c.jsonl"
     seen = []
