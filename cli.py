@@ -866,6 +866,36 @@ def _tidy_help(command: object) -> None:
                 param.__class__ = Argument
 
 
+class _EscapedEOF(Exception):
+    """An ``EOFError`` a command let escape, carried past typer (see :func:`_carry_eof_past_typer`)."""
+
+    def __init__(self, error: EOFError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _carry_eof_past_typer(command: Any) -> None:
+    """typer turns an ``EOFError`` escaping a command into ``Abort`` (after a blank line), which
+    would read as Ctrl-C's "aborted", exit 130. Carried past it, main reports it as the unexpected
+    error it is; a Ctrl-D at a prompt is still an ``Abort`` (click raises that one itself)."""
+    invoke = command.invoke
+
+    def carried(ctx: Any) -> Any:
+        try:
+            return invoke(ctx)
+        except EOFError as exc:
+            raise _EscapedEOF(exc) from exc
+
+    command.invoke = carried
+
+
+def _internal_error(exc: BaseException) -> int:
+    """An exception no command expected: one line (the traceback is --debug's), exit 1."""
+    first = " ".join(str(exc).split())[:300]
+    typer.echo(f"error: internal error: {type(exc).__name__}: {first} (re-run with --debug for details)", err=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning every error into one line and an exit code."""
     from factory.errors import TERMINATED_EXIT, FactoryError, install_sigterm_handler, was_terminated
@@ -883,6 +913,7 @@ def main(argv: list[str] | None = None) -> None:
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
     command = typer.main.get_command(app)
     _tidy_help(command)
+    _carry_eof_past_typer(command)
     try:
         code = command.main(args=args, prog_name="factory", standalone_mode=False)
         if code == 130:  # typer turns a KeyboardInterrupt no command caught into a silent 130
@@ -908,12 +939,14 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("error: terminated (SIGTERM)" if was_terminated() else "error: interrupted", err=True)
         code = 130
+    except _EscapedEOF as exc:
+        if debug:
+            raise exc.error from exc.error.__cause__  # its own traceback, not the carrier's
+        code = _internal_error(exc.error)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        first = " ".join(str(exc).split())[:300]
-        typer.echo(f"error: internal error: {type(exc).__name__}: {first} (re-run with --debug for details)", err=True)
-        code = 1
+        code = _internal_error(exc)
     finally:
         set_verbosity(NORMAL)  # -q / -v hold for this command only (main may be called again in-process)
     code = code if isinstance(code, int) else 0

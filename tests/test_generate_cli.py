@@ -185,3 +185,25 @@ def test_version_and_a_clean_help(cli) -> None:
     assert "Usage: factory matte [OPTIONS] IN_DIR" in matte and "{in_dir}" not in matte
     generate = cli(["generate", "--help"]).out
     assert all(option in generate for option in ("--steps", "--guidance", "--size", "--scheduler", "--negative-prompt"))
+
+
+def test_an_eof_error_from_a_command_is_an_internal_error_not_an_abort(cli, tmp_path: Path, monkeypatch) -> None:
+    """typer would show an EOFError escaping a command as Ctrl-C's ``aborted`` (exit 130); it is an
+    unexpected error like any other: one line, exit 1. A real Ctrl-C still exits 130."""
+    import factory.toy.dataset as toy_dataset
+
+    def raises(error: BaseException):
+        def write_toy_set(*args, **kwargs):
+            raise error
+
+        return write_toy_set
+
+    monkeypatch.setattr(toy_dataset, "write_toy_set", raises(EOFError("Ran out of input")))
+    res = cli(["toy-data", "--out", tmp_path / "toy"])
+    assert res.code == 1, res.err
+    assert res.err == "error: internal error: EOFError: Ran out of input (re-run with --debug for details)\n", res.err
+    with pytest.raises(EOFError, match="Ran out of input"):
+        cli(["--debug", "toy-data", "--out", tmp_path / "toy"])
+    monkeypatch.setattr(toy_dataset, "write_toy_set", raises(KeyboardInterrupt()))
+    res = cli(["toy-data", "--out", tmp_path / "toy"])
+    assert res.code == 130 and res.err == "error: interrupted\n", res.err
