@@ -388,3 +388,24 @@ def test_a_part_record_of_the_wrong_shape_means_the_part_is_redone(tmp_path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     assert read_record(tmp_path, 1) is None
+
+
+def test_the_progress_bar_shows_on_a_terminal_and_never_with_quiet(monkeypatch) -> None:
+    import io
+
+    import rich.console
+
+    from factory import feedback
+    from factory.composite import run as composite_run
+
+    real = rich.console.Console
+    for level, shown in ((feedback.NORMAL, True), (feedback.QUIET, False)):
+        screen = io.StringIO()
+        monkeypatch.setattr(rich.console, "Console", lambda **kw: real(file=screen, force_terminal=True, width=120))
+        feedback.set_verbosity(level)
+        try:
+            with composite_run._progress(True, 3, "scenes") as advance:
+                advance(3)
+        finally:
+            feedback.set_verbosity(feedback.NORMAL)
+        assert ("3/3" in screen.getvalue()) is shown, screen.getvalue()

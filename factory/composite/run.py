@@ -31,7 +31,7 @@ from factory.composite.objects import ObjectSource, load_objects
 from factory.composite.options import CompositeOptions, resolve_settings
 from factory.composite.part import PARTS_DIR, PartJob, read_record, render_part, shard_name
 from factory.errors import InputError, Interrupted
-from factory.feedback import plural
+from factory.feedback import QUIET, plural, verbosity
 from factory.fsutil import atomic_write_parquet, atomic_write_text, open_owned_folder, remove_temporaries
 from factory.manifest import CompositeSettings
 
@@ -236,14 +236,15 @@ def _fold(
 
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int, layout: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr with composites per second; yields ``advance(units)``."""
+    """A rich progress bar on stderr with composites per second, on a terminal only and never with
+    ``-q``; yields ``advance(units)``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
     progress = Progress(TextColumn(f"[bold]composite ({layout})"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not (enabled and console.is_terminal))
+                        console=console, disable=not (enabled and console.is_terminal and verbosity() > QUIET))
     start = time.perf_counter()
     done = [0]
     with progress:
