@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ MAX_TEMP_DIR_CHARS = 107 - len("/session_2024-01-01_00-00-00_000000_4194304/sock
 KEEP_SESSIONS = 2
 
 ENV_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+#: The logger of Ray's token-authentication setup. ``ray.init`` enables token authentication by
+#: default (unless ``RAY_AUTH_MODE`` is set) and says so in a WARNING from it on every start; it
+#: logs nothing else above INFO (its failures are raised, and reported by :func:`start_ray`).
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 @dataclass
@@ -148,6 +154,19 @@ def worker_env_vars() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def quiet_auth_notice() -> Iterator[None]:
+    """Silence Ray's notice that it enabled token authentication (it does, as it would otherwise)
+    while ``ray.init`` runs: on stderr a user sees factory's own lines only."""
+    logger = logging.getLogger(RAY_AUTH_LOGGER)
+    before = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
 def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: int | None, workers: int | None) -> RaySession:
     """Start a local Ray instance, join a cluster, or use the session already initialised."""
     import ray
@@ -164,7 +183,7 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
             notes.append("ray: --ray-tmp is ignored with --address (the cluster keeps its own temporary files)")
         probe_cluster(address)
         try:
-            with hold_signals():
+            with hold_signals(), quiet_auth_notice():
                 ray.init(
                     address=address,
                     runtime_env=runtime_env,
@@ -193,7 +212,7 @@ def start_ray(run_dir: Path, address: str | None, ray_tmp: Path | None, gpus: in
         num_gpus = min(gpus, detect_gpus())
     cpus = os.cpu_count() or 1
     try:
-        with hold_signals():  # Ctrl-C or SIGTERM now waits until Ray has started and its watchdog too
+        with hold_signals(), quiet_auth_notice():  # Ctrl-C or SIGTERM now waits until Ray has started and its watchdog too
             ray.init(
                 address="local",  # never join a cluster named by RAY_ADDRESS without --address
                 num_cpus=cpus,
