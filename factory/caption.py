@@ -337,13 +337,13 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
                     on_batch(len(batch))
 
             batches = list(_batches(todo, opts.batch_size))
+            t0 = time.perf_counter()  # the models are loaded: from the first batch to the last recorded
             if pool is not None:
                 notes += pool.run(batches, record)
             else:
-                t0 = time.perf_counter()
                 for batch in batches:
                     record(batch, captioner([picture(r) for r in batch]))
-                caption_seconds = time.perf_counter() - t0
+            caption_seconds = time.perf_counter() - t0
     write_final(out, records, done)
     return CaptionSummary(
         out=out, samples=unique, done_before=done_before, captioned=len(todo), empty=empty,

@@ -5,6 +5,7 @@ one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ def test_caption_resumes_on_ray_and_errors(blip: Path, toy: Path, tmp_path: Path
         fh.write('{"key": "toy-004", "capt')  # a write the kill tore
     s = run_caption(CaptionOptions(data=[str(toy)], out=caps, model=str(blip), batch_size=2, progress=False, ray=True, workers=1))
     assert (s.done_before, s.captioned, s.engine) == (4, 1, "ray")
+    assert s.caption_seconds > 0 and s.lines()[0].endswith(f", {1 / s.caption_seconds:.2f} img/s"), s.lines()
     assert sorted(read_captions(caps)) == [f"toy-{i:03d}" for i in range(5)] and not journal_path(caps).exists()
     shards = make_toy_shards(tmp_path / "shards", n=3, per_shard=2, size=32)
     again = run_caption(CaptionOptions(data=[str(toy), str(shards[0].parent)], out=caps, model=str(blip), progress=False))
@@ -142,8 +144,8 @@ def test_caption_with_damaged_bin_weights_is_one_line(blip: Path, toy: Path, tmp
 
 def test_caption_on_ray_with_a_model_that_cannot_load(blip: Path, toy: Path, tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """The actors' model error is the command's one-line error (exit 2), and no journal is left:
-    the run with a good model then captions every sample, and nothing of Ray's is on stderr (its
-    notice that it enabled token authentication included)."""
+    the run with a good model then captions every sample, its summary with a rate, and nothing
+    of Ray's on stderr (its notice that it enabled token authentication included)."""
     bad = tmp_path / "bad-blip"
     bad.mkdir()
     for f in blip.iterdir():
@@ -160,5 +162,6 @@ def test_caption_on_ray_with_a_model_that_cannot_load(blip: Path, toy: Path, tmp
     r = cli(["caption", "--data", toy, "--model", blip, "--out", out, "--ray", "--workers", "1", "--batch-size", "2"])
     assert r.code == 0, r.err
     assert "captioned 5 of 5 samples (0 done before)" in r.out
+    assert re.search(r"\(ray\), [0-9.]+ s, [0-9.]+ img/s$", r.out.splitlines()[0]), r.out
     assert "Token authentication" not in r.err and "WARNING" not in r.err, r.err
     assert sorted(read_captions(out)) == [f"toy-{i:03d}" for i in range(5)] and not journal_path(out).exists()
