@@ -10,7 +10,9 @@ Warnings go above the live display and are shown even with ``-q``.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -128,6 +130,39 @@ class Feedback:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._start
+
+
+@contextlib.contextmanager
+def rate_bar(
+    name: str, total: int, enabled: bool, rate: Callable[[float], str]
+) -> Iterator[Callable[[int, float], None]]:
+    """A progress bar of ``total`` items on stderr with a rate, on a terminal only and never with
+    ``-q``; yields ``advance(items, amount)``, and the rate shown is ``rate(amount per second)``.
+    Unlike :class:`Feedback` it is not redrawn on every step (rich redraws it ten times a second):
+    export advances it once per sample."""
+    console = stderr_console()
+    progress = Progress(
+        TextColumn(f"[bold]{name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal and _level > QUIET),
+        transient=False,
+    )
+    start = time.perf_counter()
+    amount = [0.0]
+    with progress:
+        task = progress.add_task(name, total=total, rate="-")
+
+        def advance(items: int, more: float) -> None:
+            amount[0] += more
+            elapsed = time.perf_counter() - start
+            progress.update(task, advance=items, rate=rate(amount[0] / elapsed) if elapsed > 0 else "-")
+
+        yield advance
 
 
 def human_bytes(n: float) -> str:

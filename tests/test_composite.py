@@ -391,21 +391,22 @@ def test_a_part_record_of_the_wrong_shape_means_the_part_is_redone(tmp_path: Pat
 
 
 def test_the_progress_bar_shows_on_a_terminal_and_never_with_quiet(monkeypatch) -> None:
+    """composite's and export's bar (feedback.rate_bar): drawn on a terminal with the rate, nothing
+    with -q, nothing off a terminal."""
     import io
 
-    import rich.console
+    from rich.console import Console
 
     from factory import feedback
-    from factory.composite import run as composite_run
 
-    real = rich.console.Console
-    for level, shown in ((feedback.NORMAL, True), (feedback.QUIET, False)):
+    for level, terminal, shown in ((feedback.NORMAL, True, True), (feedback.QUIET, True, False), (feedback.NORMAL, False, False)):
         screen = io.StringIO()
-        monkeypatch.setattr(rich.console, "Console", lambda **kw: real(file=screen, force_terminal=True, width=120))
+        monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=screen, force_terminal=terminal, width=120))
         feedback.set_verbosity(level)
         try:
-            with composite_run._progress(True, 3, "scenes") as advance:
-                advance(3)
+            with feedback.rate_bar("composite (scenes)", 3, True, lambda r: f"{r:.1f}/s") as advance:
+                advance(3, 3)
         finally:
             feedback.set_verbosity(feedback.NORMAL)
-        assert ("3/3" in screen.getvalue()) is shown, screen.getvalue()
+        text = screen.getvalue()
+        assert ("composite (scenes)" in text and "3/3" in text and "/s" in text) is shown, text

@@ -9,14 +9,13 @@ here or as Ray tasks; then the fold: ``samples.parquet``, ``pairs.csv`` (dim), `
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from factory.composite.objects import ObjectSource, load_objects
 from factory.composite.options import CompositeOptions, resolve_settings
 from factory.composite.part import PARTS_DIR, PartJob, read_record, render_part, shard_name
 from factory.errors import InputError, Interrupted
-from factory.feedback import QUIET, plural, verbosity
+from factory.feedback import plural, rate_bar
 from factory.fsutil import atomic_write_parquet, atomic_write_text, open_owned_folder, remove_temporaries
 from factory.manifest import CompositeSettings
 
@@ -166,12 +165,13 @@ def run_composite(options: CompositeOptions) -> CompositeSummary:
                 records[job.number] = rec
         resumed = len(records)
         todo = [j for j in jobs if j.number not in records]
-        with _progress(options.progress, len(units), settings.layout) as advance:
-            advance(sum(len(j.units) for j in jobs if j.number in records))
+        with rate_bar(f"composite ({settings.layout})", len(units), options.progress, lambda r: f"{r:.1f}/s") as advance:
+            done = sum(len(j.units) for j in jobs if j.number in records)
+            advance(done, 0)  # resumed parts count as done, not in the rate
             try:
                 for rec in _execute(todo, options):
                     records[rec["part"]] = rec
-                    advance(rec["units"])
+                    advance(rec["units"], rec["units"])
             except KeyboardInterrupt as exc:
                 raise Interrupted(f"interrupted; finished parts in {out} are kept: re-run the same command to resume") from exc
         ordered = [records[j.number] for j in jobs]
@@ -234,25 +234,3 @@ def _fold(
                             backgrounds.description, backgrounds.skipped)
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, layout: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr with composites per second, on a terminal only and never with
-    ``-q``; yields ``advance(units)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    progress = Progress(TextColumn(f"[bold]composite ({layout})"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=not (enabled and console.is_terminal and verbosity() > QUIET))
-    start = time.perf_counter()
-    done = [0]
-    with progress:
-        task = progress.add_task("composite", total=total, rate="-")
-
-        def advance(n: int) -> None:
-            done[0] += n
-            elapsed = time.perf_counter() - start
-            progress.update(task, advance=n, rate=f"{done[0] / elapsed:.1f}" if elapsed > 0 else "-")
-
-        yield advance

@@ -9,7 +9,6 @@ and whether the export is complete; re-running resumes a matching export or rest
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from factory.errors import Interrupted
-from factory.feedback import QUIET, verbosity
+from factory.feedback import rate_bar
 from factory.export.card import (
     CONTACT_SHEET,
     HISTOGRAM,
@@ -119,11 +118,8 @@ def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None 
         started = datetime.now(UTC).isoformat(timespec="seconds")
         outdir.write_state(export_state(p, "writing", started=started))
         output = FORMATS[p.settings.format]
-        total_bytes = int(
-            sum(np.nansum(p.ordered[c].to_numpy(zero_copy_only=False).astype(float)) for c in ("image_bytes", "alpha_bytes", "fg_bytes"))
-        )
         try:
-            with _progress(options.progress, p.ordered.num_rows, total_bytes) as advance:
+            with rate_bar("export", p.ordered.num_rows, options.progress, lambda r: f"{r / 1e6:.0f} MB/s") as advance:
                 try:
                     result = output.write(p, outdir, advance, problems_cb)
                 except KeyboardInterrupt as exc:
@@ -239,39 +235,3 @@ def _image_sizes(p: Prepared) -> dict[str, int]:
     return {f"{w}x{h}": n for w, h, n in zip(*(counts[c].to_pylist() for c in ("width", "height", "key_count")), strict=True)}
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, total_bytes: int):
-    """A rich progress bar on stderr (samples, MB/s); yields ``advance(samples, bytes)``."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("[bold]export"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} MB/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal and verbosity() > QUIET),
-        transient=False,
-    )
-    start = time.perf_counter()
-    written = [0]
-    with progress:
-        task = progress.add_task("export", total=total, rate="-")
-
-        def advance(samples: int, nbytes: int) -> None:
-            written[0] += nbytes
-            elapsed = time.perf_counter() - start
-            progress.update(task, advance=samples, rate=f"{written[0] / 1e6 / elapsed:.0f}" if elapsed > 0 else "-")
-
-        yield advance
