@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -190,9 +191,28 @@ def test_stochastic_scheduler_is_batch_independent() -> None:
     assert np.abs(single.image.astype(int) - batch[1].image.astype(int)).max() <= 1
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_prompt_token_counts_are_reported_uncut(sampler) -> None:
     long_prompt = "a photo of a " + " ".join(["very"] * 90) + " red apple on a plain green background"
-    short, long = sampler.sample([ROWS[4], make_row(9, long_prompt)])
+    seen = _Records()
+    loggers = [logging.getLogger(type(sampler.pipe).__module__), logging.getLogger("transformers.tokenization_utils_base")]
+    for logger in loggers:
+        logger.addHandler(seen)
+    try:
+        short, long = sampler.sample([ROWS[4], make_row(9, long_prompt)])
+    finally:
+        for logger in loggers:
+            logger.removeHandler(seen)
+    # counted instead, and generate warns once with the number of cut prompts
+    assert not [m for m in seen.messages if "77" in m or "maximum sequence length" in m], seen.messages
     tokenizer = sampler.components.tokenizer
     assert short.prompt_tokens == len(tokenizer(ROWS[4].prompt).input_ids) < 77
     assert long.prompt_tokens is not None and long.prompt_tokens > 90  # the encoder keeps only the first 77

@@ -51,6 +51,26 @@ from factory.sampler.sources import load_components, model_identity
 
 log = logging.getLogger(__name__)
 
+
+_TRUNCATION_NOTICES = (
+    "can only handle sequences up to",  # diffusers' encode_prompt, every batch with a long prompt
+    "Token indices sequence length is longer than",  # transformers' tokenizer, once per process
+)
+
+
+class _TruncationNoticeFilter(logging.Filter):
+    """Drops the libraries' notices that a prompt is longer than CLIP's 77 tokens (one of them
+    lists the cut words of every prompt in the batch): the sampler records each row's token count
+    (``prompt_tokens``) and ``generate`` warns once, in its summary, with the count of cut prompts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in _TRUNCATION_NOTICES)
+
+
+_TRUNCATION_NOTICE = _TruncationNoticeFilter()
+_TOKENIZER_LOGGER = "transformers.tokenization_utils_base"
+
 NAN_ERROR = "non-finite values (NaN/inf) in the generated sample"
 NSFW_ERROR = "flagged by the safety checker"
 NO_HEAD = "none: the model has no matting head; the alpha comes from the matting stage (GreenPost) alone"
@@ -255,6 +275,8 @@ class DiffuMattingSampler:
         else:
             pipe = StableDiffusionPipeline(**parts)
         pipe.set_progress_bar_config(disable=True)
+        for name in (type(pipe).__module__, _TOKENIZER_LOGGER):
+            logging.getLogger(name).addFilter(_TRUNCATION_NOTICE)  # added once: the same object each time
         return pipe
 
     def _call_kwargs(self, rows: Sequence[PlanRow]) -> dict[str, Any]:
