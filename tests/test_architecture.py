@@ -150,3 +150,34 @@ def test_cli_reaches_only_commands() -> None:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("factory"):
             assert not any(alias.name.startswith("_") for alias in node.names), f"cli.py imports a private name from {node.module}"
+
+
+def _table_rows(doc: str) -> dict[str, str]:
+    """docs/architecture.md's module table: the module cell (``store/``, ``toy/world``) -> its row."""
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and cells[1].startswith("`"):
+            rows[cells[1].strip("`")] = line
+    return rows
+
+
+def test_every_module_is_in_the_architecture_table() -> None:
+    """Each module of the package is named in docs/architecture.md: a top-level module in its own
+    row (``filter``), a package's module in its package's row (``run`` in the ``store/`` row) or
+    in a row of its own (``toy/world``)."""
+    rows = _table_rows((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    missing = []
+    for name in sorted(modules()):
+        parts = name.split(".")[1:]
+        if not parts:
+            continue
+        path = "/".join(parts)
+        if path in rows or f"{path}/" in rows or any(row.startswith(f"{path}/") for row in rows):
+            continue  # its own row, or a package whose modules have rows (toy/)
+        if len(parts) == 2 and f"`{parts[1]}`" in rows.get(f"{parts[0]}/", ""):
+            continue
+        missing.append(path)
+    assert not missing, "modules missing from docs/architecture.md's table: " + ", ".join(missing)
+    named = [cell for cell in rows if not (PACKAGE / cell).is_dir() and not (PACKAGE / f"{cell}.py").is_file()]
+    assert not named, "docs/architecture.md's table names modules that do not exist: " + ", ".join(named)
