@@ -677,7 +677,8 @@ def train_cmd(
         Optional[int], typer.Option("--gradient_accumulation_steps", min=1, help="Micro-batches per optimizer step. Default: 1.")
     ] = None,
     resolution: Annotated[
-        Optional[int], typer.Option("--resolution", min=16, help="Square training size in pixels (SD1.5: a multiple of 64). Default: 512.")
+        Optional[int], typer.Option("--resolution", min=16, help="Square training size in pixels (SD1.5: a multiple of 64). "
+                     "Default: the model's native size (512 for SD1.5, 64 for tiny and toy).")
     ] = None,
     lr: Annotated[Optional[float], typer.Option("--learning_rate", "--lr", help="UNet learning rate. Default: 2e-6 (the paper).")] = None,
     lr_scheduler: Annotated[Optional[str], typer.Option("--lr_scheduler", help="diffusers lr schedule name. Default: constant_with_warmup.")] = None,

@@ -188,3 +188,30 @@ def test_a_training_state_of_the_wrong_shape_is_damaged_in_one_line(tmp_path: Pa
     state.write_text("[]")
     with pytest.raises(InputError, match="damaged training state: an array"):
         run_folder.read_state(tmp_path)
+
+
+def test_train_help_states_the_config_defaults() -> None:
+    """Every number `factory train --help` gives as a default is TrainConfig's default, and a
+    setting whose default depends on the model (None in TrainConfig) states no number."""
+    import re
+
+    import typer
+
+    from cli import app
+    from factory.train.config import TrainConfig
+
+    fields = {"accumulation": "gradient_accumulation_steps", "keep": "keep_checkpoints", "empty_prompts": "proportion_empty_prompts"}
+    command = typer.main.get_command(app).commands["train"]
+    checked = []
+    for param in command.params:
+        stated = re.search(r"Default: ([-+0-9.e]+)[ .]", param.help or "")
+        field = fields.get(param.name, param.name)
+        if field not in TrainConfig.model_fields:
+            continue
+        default = TrainConfig.model_fields[field].default
+        if default is None:
+            assert stated is None, f"--{param.name}: help states {stated.group(1)}, TrainConfig's default depends on the model"
+        elif stated:
+            assert float(stated.group(1)) == float(default), f"--{param.name}: help says {stated.group(1)}, TrainConfig {default}"
+            checked.append(field)
+    assert {"steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints"} <= set(checked)
