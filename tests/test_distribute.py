@@ -134,6 +134,8 @@ def reference(ray_session, manifest_path: Path, module_dir: Path) -> dict[str, d
     summary = run_generate(options(manifest_path, run, workers=1, writes="driver"))
     assert summary.done == N and summary.failed == 0
     assert any(note.startswith("writes: driver") for note in summary.notes)
+    # the sampler's notes (the model's, a render size cut to the model's) reach the summary from the workers
+    assert any("non-photographic" in note for note in summary.notes), summary.notes
     recs = check_complete(run, N)
     assert len({r["worker"] for r in recs}) == 1
     return sample_files(run)
@@ -172,6 +174,9 @@ def test_finishing_capacity_is_reported_against_the_sampler_rate() -> None:
     (line,) = finishing_notes(slow, node)
     assert "warning: finishing is the limit; about 6.0 CPU cores per sampler worker" in line
     assert finishing_notes(ExecutorStats(), node) == []
+    two_cpus = plan_workers({"CPU": 2}, gpus=None, workers=None)  # the README's first run on 2 cores: one slot
+    (line,) = finishing_notes(stats, two_cpus)
+    assert line.startswith("finishing: 1 slot at 0.50 CPU-s a sample finish 2.00 samples/s;"), line
 
 
 def test_ray_temp_dir_goes_under_the_run_or_a_short_path(tmp_path: Path) -> None:

@@ -69,6 +69,8 @@ def test_toy_loads_offline_and_draws_on_cpu_at_its_native_size(monkeypatch: pyte
     s = load_sampler(ModelSpec(source="toy"), settings, CanvasSettings(), device="cpu")
     assert (s.width, s.height) == (TOY_SAMPLE_SIZE, TOY_SAMPLE_SIZE)
     assert s.has_head and "procedural world" in " ".join(s.metadata["notes"])
+    # generate's summary prints the notes (a Ray worker's warning would stay in its log)
+    assert "toy renders at most 64x64 px: drawing 64x64 instead of 512x512" in s.metadata["notes"]
     out = s.sample([row(0, "a red star, on a green background"), row(1, "a blue glass sphere, on a green background")])
     for g in out:
         assert g.error is None and g.image.shape == (64, 64, 3)

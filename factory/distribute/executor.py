@@ -516,7 +516,7 @@ def finishing_notes(stats: ExecutorStats, plan: WorkerPlan) -> list[str]:
     capacity = plan.finish_slots / per_sample  # samples/s the finishing slots can take
     sampler_rate = plan.workers * stats.samples_sampled / stats.sampler_busy_s  # samples/s the samplers make when busy
     line = (
-        f"finishing: {plan.finish_slots} slots at {per_sample:.2f} CPU-s a sample finish {capacity:.2f} samples/s; "
+        f"finishing: {plural(plan.finish_slots, 'slot')} at {per_sample:.2f} CPU-s a sample finish {capacity:.2f} samples/s; "
         f"the samplers make {sampler_rate:.2f}/s"
     )
     if capacity < sampler_rate:

@@ -190,11 +190,16 @@ class DiffuMattingSampler:
         self.head = components.head
         self.has_head = self.head is not None
         self.width, self.height = render_size(settings.width, settings.height, components.native_size)
+        # In metadata["notes"] too: a Ray sampler worker's log stays in its session folder, and the
+        # notes are what generate's summary prints.
+        size_notes = []
         if (self.width, self.height) != (settings.width, settings.height):
-            log.warning(
-                "%s renders at most %s px: drawing %dx%d instead of %dx%d",
-                components.kind, "x".join(map(str, components.native_size or ())), self.width, self.height, settings.width, settings.height,
-            )  # fmt: skip
+            native = "x".join(map(str, components.native_size or ()))
+            size_notes.append(
+                f"{identity.split(':', 1)[0]} renders at most {native} px: drawing {self.width}x{self.height} "
+                f"instead of {settings.width}x{settings.height}"
+            )
+            log.warning(size_notes[0])
 
         self.scheduler = make_scheduler(settings.scheduler, components.scheduler.config)
         self.pipe = self._build_pipeline(components, self.scheduler)
@@ -248,7 +253,7 @@ class DiffuMattingSampler:
             "batch_size": self.batch_size,
             "loras": list(components.loras),
             "controlnet": None if components.controlnet is None else {"scale": components.controlnet_scale},
-            "notes": list(components.notes),
+            "notes": [*components.notes, *size_notes],
         }
         for note in components.notes:
             log.warning(note)
