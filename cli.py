@@ -7,6 +7,7 @@ other exception is an internal error: one line too, and the traceback only with 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -838,7 +839,8 @@ def toy_data_cmd(
 
 
 def _tidy_help(command: object) -> None:
-    """Help without noise: flags show no ``<bool>`` type (they take no value) and arguments read
+    """Help without noise: each paragraph of a command's text wrapped to the terminal (not broken
+    where the docstring's lines end), flags show no ``<bool>`` type (they take no value) and arguments read
     ``IN_DIR`` in the usage line, not ``{in_dir}``. Uses typer's parameter classes; a typer that
     lacks these hooks keeps its own rendering."""
     from typer.core import TyperArgument, TyperOption
@@ -858,6 +860,8 @@ def _tidy_help(command: object) -> None:
         return wrapped
 
     for sub in [command, *getattr(command, "commands", {}).values()]:
+        if getattr(sub, "help", None):  # typer keeps a docstring's line breaks after its first paragraph
+            sub.help = "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(sub.help).split("\n\n"))
         if hasattr(sub, "get_help_option"):
             sub.get_help_option = flag_help(sub.get_help_option)
         for param in getattr(sub, "params", []):

@@ -171,8 +171,10 @@ def test_the_plan_is_written_beside_the_run_not_before_it(small_manifest: Path, 
     assert RunStore.open(tmp_path / "run").plan().equals(build_plan(load_manifest(small_manifest), 6))
 
 
-def test_version_and_a_clean_help(cli) -> None:
+def test_version_and_a_clean_help(cli, monkeypatch) -> None:
     import factory
+
+    monkeypatch.setenv("COLUMNS", "200")
 
     res = cli(["--version"])
     assert res.code == 0 and res.out.strip() == f"factory {factory.__version__}"
@@ -181,6 +183,9 @@ def test_version_and_a_clean_help(cli) -> None:
     for command in ("plan", "generate", "matte", "eval", "filter", "export", "train"):
         text = cli([command, "--help"]).out
         assert "Usage: factory " in text and "<bool>" not in text, command  # flags take no value
+    plan = cli(["plan", "--help"]).out
+    # each paragraph wraps to the terminal's width, not at the docstring's line ends
+    assert any("a larger N keeps the first rows unchanged. Prints a summary" in line for line in plan.splitlines()), plan
     matte = cli(["matte", "--help"]).out
     assert "Usage: factory matte [OPTIONS] IN_DIR" in matte and "{in_dir}" not in matte
     generate = cli(["generate", "--help"]).out
