@@ -19,6 +19,20 @@ from factory.errors import InputError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+#: Pillow's modes of a 16-bit grey image (PNG opens one as ``I;16``, older Pillow as ``I``).
+GREY16_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB. A 16-bit grey image is scaled (``round(v / 257)``, the
+    inverse of 8 -> 16 bits' x257): Pillow's own ``convert("RGB")`` clips it at 255, which turns
+    almost every 16-bit grey level white."""
+    if im.mode in GREY16_MODES:
+        grey = np.rint(np.asarray(im, dtype=np.float64) / 257.0)
+        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as RGB uint8. Raises ``InputError`` naming the file if it is not one.
 
@@ -33,7 +47,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 raise InputError(f"{path}: has an alpha channel; give an opaque RGB image")
             if im.mode not in ("RGB", "L", "P", "I;16", "I", "CMYK", "YCbCr"):
                 raise InputError(f"{path}: unsupported image mode {im.mode}")
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return np.asarray(to_rgb8(im), dtype=np.uint8).copy()
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -45,7 +59,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return np.asarray(to_rgb8(im), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
@@ -93,7 +107,7 @@ def alpha_from_image(im: Image.Image) -> np.ndarray:
 
     Raises ``InputError`` (without the file name) for a file that is not a matte.
     """
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode in GREY16_MODES:
         arr = np.asarray(im, dtype=np.float64)
         return np.clip(arr / 65535.0, 0.0, 1.0).astype(np.float32)
     if im.mode == "F":

@@ -345,6 +345,7 @@ def test_generative_ring_changes_only_the_background_and_ray_writes_the_same_byt
         ("empty", "no objects"),
         ("unreadable", "no readable background"),
         ("small", "smaller than the minimum object size"),
+        ("procedural-small", "smaller than the minimum object size 600 px"),
         ("order", "out of order"),
         ("objects", "--objects-per-scene (5, 2): "),
         ("not-inpainting", "not an inpainting model"),
@@ -365,6 +366,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, tmp_path
         (tmp_path / "bgs").mkdir()
         Image.new("RGB", (8, 8)).save(tmp_path / "bgs" / "tiny.png")
         args += ["-b", tmp_path / "bgs", "--size", 0]
+    elif case == "procedural-small":  # procedural backgrounds at their own size are 512 px
+        args += ["--size", 0, "--min-size", 600]
     elif case == "order":
         args += ["--scale", "0.8,0.3"]
     elif case == "objects":  # the option's own name, not the manifest field's (objects)
@@ -378,6 +381,46 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, tmp_path
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "above"])
+def test_an_output_folder_overlapping_the_backgrounds_is_refused(run_dir: Path, tmp_path: Path, capsys, where: str) -> None:
+    """Composites written among the backgrounds would be read back as backgrounds by a re-run,
+    whose restart (a changed plan) would then delete files it is reading."""
+    bgs = make_backgrounds(tmp_path / "bgs")
+    before = sorted(p.relative_to(bgs) for p in bgs.rglob("*"))
+    out = {"inside": bgs / "sub" / "out", "same": bgs, "above": tmp_path}[where]
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--layout", "dim", "-k", 1, "-o", out)
+    assert code == 2, err
+    assert "overlaps --backgrounds" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(bgs) for p in bgs.rglob("*")) == before
+
+
+def test_composite_shards_are_not_backgrounds_of_their_own_folder(run_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "baked"
+    assert cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--size", 48, "-k", 1, "-o", out)[0] == 0
+    shards = sorted(out.glob("composite-*.tar"))
+    data = {p: p.read_bytes() for p in shards}
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", shards[0], "--size", 48, "-k", 1, "-o", out)
+    assert code == 2 and "overlaps --backgrounds" in err
+    assert {p: p.read_bytes() for p in shards} == data
+
+
+def test_a_16_bit_grey_background_keeps_its_grey_levels(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """Pillow's convert("RGB") clips a 16-bit grey image at 255 (nearly white everywhere)."""
+    bgs = tmp_path / "bgs"
+    bgs.mkdir()
+    levels = np.array([[0, 257 * 40, 257 * 128, 65535]], np.uint16).repeat(4, axis=1).repeat(64, axis=0)
+    Image.fromarray(np.ascontiguousarray(np.tile(levels, (1, 4)))).save(bgs / "grey16.png")
+    assert Image.open(bgs / "grey16.png").mode in ("I;16", "I")
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--size", 64, "--layers", "--format", "folder",
+                       "-k", 1, "-o", out)
+    assert code == 0, err
+    for path in sorted((out / "bg").glob("*.png")):
+        bg = decode_rgb(path.read_bytes())
+        assert set(np.unique(bg).tolist()) <= {0, 40, 128, 255}  # scaled, not clipped
+        assert (bg == 255).mean() < 0.5
 
 
 @pytest.mark.parametrize("text", ["[]", "3", '{"part": 0}', "{broken"])

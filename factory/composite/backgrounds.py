@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from factory.composite.shards import Member, index_shards, is_shards
+from factory.composite.shards import Member, index_shards, is_shards, shard_paths
 from factory.errors import InputError
-from factory.imageio import IMAGE_SUFFIXES
+from factory.imageio import IMAGE_SUFFIXES, to_rgb8
 
 PROCEDURAL = "procedural"
 PROCEDURAL_LICENCE = "procedural (drawn by factory; no licence needed)"
 #: How many distinct procedural backgrounds exist (each is drawn from its number).
 PROCEDURAL_COUNT = 4096
+#: The side of a procedural background when composites take the background's own size (``--size 0``).
+PROCEDURAL_SIZE = 512
 _SHARD_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 
 
@@ -44,6 +46,7 @@ class BackgroundSource:
     kind: str  # folder, shards, procedural
     description: str
     skipped: int = 0  # unreadable files
+    roots: tuple[Path, ...] = ()  # the folder or shard files read (none for procedural)
 
     def by_id(self) -> dict[str, BackgroundRef]:
         if getattr(self, "_ids", None) is None:
@@ -51,9 +54,9 @@ class BackgroundSource:
         return self._ids
 
     def load(self, ref: BackgroundRef, size: int | None) -> np.ndarray:
-        """The background as RGB uint8 (procedural ones drawn at ``size``, or 512)."""
+        """The background as RGB uint8 (procedural ones drawn at ``size``, or ``PROCEDURAL_SIZE``)."""
         if ref.where is None:
-            return procedural_background(int(ref.id.split(":")[1]), size or 512)
+            return procedural_background(int(ref.id.split(":")[1]), size or PROCEDURAL_SIZE)
         return np.asarray(self.open(ref), np.uint8)
 
     def open(self, ref: BackgroundRef, draft: tuple[int, int] | None = None) -> Image.Image:
@@ -65,7 +68,7 @@ class BackgroundSource:
             if draft is not None and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.load()
-            return im if im.mode == "RGB" else im.convert("RGB")
+            return to_rgb8(im)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"background {ref.id}: not a readable image ({exc})") from exc
 
@@ -119,7 +122,7 @@ def from_folder(root: Path) -> BackgroundSource:
             continue
         rel = p.relative_to(root).as_posix()
         refs.append(BackgroundRef(rel, str(p), per_image.get(rel, default), size))
-    return BackgroundSource(refs, "folder", f"folder {root}", skipped)
+    return BackgroundSource(refs, "folder", f"folder {root}", skipped, (root,))
 
 
 def from_shards(spec: str) -> BackgroundSource:
@@ -141,7 +144,19 @@ def from_shards(spec: str) -> BackgroundSource:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 pass
         refs.append(BackgroundRef(f"{Path(image.path).name}#{key}.{suffix}", image, lic, size))
-    return BackgroundSource(refs, "shards", f"shards {spec}", skipped)
+    roots = (Path(spec),) if Path(spec).is_dir() else tuple(shard_paths(spec))
+    return BackgroundSource(refs, "shards", f"shards {spec}", skipped, roots)
+
+
+def check_apart(out: Path, src: BackgroundSource) -> None:
+    """Refuse an output folder that is, holds or lies inside the backgrounds: a re-run would take
+    the command's own files for backgrounds, and the restart of the changed plan would delete
+    backgrounds it is reading."""
+    o = out.resolve()
+    for root in src.roots:
+        r = root.resolve()
+        if o == r or o in r.parents or r in o.parents:
+            raise InputError(f"--out {out} overlaps --backgrounds {root}; write the composites outside the backgrounds")
 
 
 def procedural_source() -> BackgroundSource:
@@ -155,6 +170,11 @@ def load_backgrounds(spec: str | None, min_side: int, size: int | None) -> Backg
     if not spec:
         raise InputError("no backgrounds: give --backgrounds FOLDER, SHARDS or procedural (or composite.backgrounds)")
     if spec == PROCEDURAL:
+        if size is None and min_side > PROCEDURAL_SIZE:
+            raise InputError(
+                f"procedural backgrounds are {PROCEDURAL_SIZE}x{PROCEDURAL_SIZE} with --size 0, smaller than the "
+                f"minimum object size {min_side} px; give --size or a smaller --min-size"
+            )
         return procedural_source()
     if is_shards(spec):
         src = from_shards(spec)

@@ -20,7 +20,7 @@ from factory.composite.objects import ObjectSource
 from factory.export.card import _font
 from factory.feedback import plural
 from factory.fsutil import atomic_write_bytes, atomic_write_text
-from factory.imageio import decode_alpha, decode_rgb
+from factory.imageio import decode_alpha, decode_rgb, to_rgb8
 from factory.manifest import CompositeSettings
 
 CONTACT_SHEET = "contact_sheet.png"
@@ -46,7 +46,7 @@ def _pair(out: Path, s: CompositeSettings, row: dict[str, Any]) -> tuple[np.ndar
     key = row["key"]
     if s.layout == "dim":
         fg, alpha = decode_rgb((out / row["fg"]).read_bytes()), decode_alpha((out / row["alpha"]).read_bytes())
-        bg = Image.open(out / row["bg"]).convert("RGB").resize((fg.shape[1], fg.shape[0]))
+        bg = to_rgb8(Image.open(out / row["bg"])).resize((fg.shape[1], fg.shape[0]))
         return composite(fg, alpha, np.asarray(bg)), alpha
     if s.layout == "scenes":
         masks = [decode_alpha(p.read_bytes()) for p in sorted((out / "masks").glob(f"{key}.*.png"))]

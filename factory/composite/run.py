@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from factory import __version__
-from factory.composite.backgrounds import BackgroundSource, load_backgrounds
+from factory.composite.backgrounds import BackgroundSource, check_apart, load_backgrounds
 from factory.composite.card import write_card
 from factory.composite.coco import coco_document
 from factory.composite.objects import ObjectSource, load_objects
@@ -124,6 +124,7 @@ def prepare(options: CompositeOptions) -> tuple[CompositeSettings, ObjectSource,
         out = resolve_run(options.run) / "composite" / settings.layout
     else:
         out = Path("composite") / settings.layout
+    check_apart(out, backgrounds)
     return settings, objects, backgrounds, out
 
 
