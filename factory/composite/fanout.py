@@ -106,7 +106,7 @@ def run_parts_on_ray(jobs: list[PartJob], workers: int, address: str | None) -> 
                 yield ray.get(done[0])
             except ray.exceptions.RayError as exc:
                 cause = getattr(exc, "cause", None)
-                if isinstance(cause, FactoryError):
+                if isinstance(cause, (FactoryError, OSError)):  # OSError: a full disk, said as in-process
                     raise cause from None
                 raise RunError(f"a composite part failed on Ray: {' '.join(str(cause or exc).split())[:300]}") from exc
     finally:

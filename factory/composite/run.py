@@ -31,7 +31,7 @@ from factory.composite.options import CompositeOptions, resolve_settings
 from factory.composite.part import PARTS_DIR, PartJob, read_record, render_part, shard_name
 from factory.errors import InputError, Interrupted
 from factory.feedback import plural, rate_bar
-from factory.fsutil import atomic_write_parquet, atomic_write_text, open_owned_folder, remove_temporaries
+from factory.fsutil import atomic_write_parquet, atomic_write_text, open_owned_folder, remove_temporaries, write_error
 from factory.manifest import CompositeSettings
 
 STATE_FILE = "composite.json"
@@ -166,17 +166,20 @@ def run_composite(options: CompositeOptions) -> CompositeSummary:
                 records[job.number] = rec
         resumed = len(records)
         todo = [j for j in jobs if j.number not in records]
-        with rate_bar(f"composite ({settings.layout})", len(units), options.progress, lambda r: f"{r:.1f}/s") as advance:
-            done = sum(len(j.units) for j in jobs if j.number in records)
-            advance(done, 0)  # resumed parts count as done, not in the rate
-            try:
-                for rec in _execute(todo, options):
-                    records[rec["part"]] = rec
-                    advance(rec["units"], rec["units"])
-            except KeyboardInterrupt as exc:
-                raise Interrupted(f"interrupted; finished parts in {out} are kept: re-run the same command to resume") from exc
-        ordered = [records[j.number] for j in jobs]
-        summary = _fold(out, settings, objects, backgrounds, ordered, state)
+        try:
+            with rate_bar(f"composite ({settings.layout})", len(units), options.progress, lambda r: f"{r:.1f}/s") as advance:
+                done = sum(len(j.units) for j in jobs if j.number in records)
+                advance(done, 0)  # resumed parts count as done, not in the rate
+                try:
+                    for rec in _execute(todo, options):
+                        records[rec["part"]] = rec
+                        advance(rec["units"], rec["units"])
+                except KeyboardInterrupt as exc:
+                    raise Interrupted(f"interrupted; finished parts in {out} are kept: re-run the same command to resume") from exc
+            ordered = [records[j.number] for j in jobs]
+            summary = _fold(out, settings, objects, backgrounds, ordered, state)
+        except OSError as exc:  # disk full, a read-only folder (a shard's raw writes): one line, committed parts stay
+            raise write_error(exc, Path(exc.filename) if exc.filename else out) from exc
         summary.resumed_parts, summary.restarted = resumed, restarted
         summary.seconds = time.perf_counter() - start
         return summary
