@@ -396,6 +396,14 @@ def test_an_output_folder_overlapping_the_backgrounds_is_refused(run_dir: Path, 
     assert sorted(p.relative_to(bgs) for p in bgs.rglob("*")) == before
 
 
+def test_an_output_folder_that_is_a_symlink_loop_is_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
+    bgs = make_backgrounds(tmp_path / "bgs")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "-k", 1, "-o", loop)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, err
+
+
 def test_composite_shards_are_not_backgrounds_of_their_own_folder(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "baked"
     assert cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--size", 48, "-k", 1, "-o", out)[0] == 0

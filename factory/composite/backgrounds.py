@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,9 +153,9 @@ def check_apart(out: Path, src: BackgroundSource) -> None:
     """Refuse an output folder that is, holds or lies inside the backgrounds: a re-run would take
     the command's own files for backgrounds, and the restart of the changed plan would delete
     backgrounds it is reading."""
-    o = out.resolve()
+    o = Path(os.path.realpath(out))  # Path.resolve raises on a symlink loop; realpath leaves it to the folder's own check
     for root in src.roots:
-        r = root.resolve()
+        r = Path(os.path.realpath(root))
         if o == r or o in r.parents or r in o.parents:
             raise InputError(f"--out {out} overlaps --backgrounds {root}; write the composites outside the backgrounds")
 
