@@ -383,6 +383,26 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run_dir: Path, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layout", "scenes", "--layers"], "--layers is for the baked layout, not --layout scenes"),
+        (["--layout", "scenes", "--mix", "0.5"], "--mix is for the baked layout"),
+        (["--layout", "dim", "--alpha-bits", "16"], "--alpha-bits is for the baked and scenes layouts, not --layout dim"),
+        (["--layout", "dim", "--format", "folder"], "--format is for the baked layout"),
+        (["--layout", "baked", "--objects-per-scene", "1,2"], "--objects-per-scene is for the scenes layout"),
+        (["--layout", "baked", "--blend", "none"], "--blend is for the scenes layout"),
+        (["--ring", "5"], "--ring is for --generative"),
+    ],
+)
+def test_an_option_the_layout_does_not_use_is_refused(run_dir: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    """Given for a layout that ignores it, an option would change nothing without a word."""
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", "procedural", "--size", 48, "-k", 1, "-o", out, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("where", ["inside", "same", "above"])
 def test_an_output_folder_overlapping_the_backgrounds_is_refused(run_dir: Path, tmp_path: Path, capsys, where: str) -> None:
     """Composites written among the backgrounds would be read back as backgrounds by a re-run,

@@ -44,6 +44,40 @@ def parse_range(text: str | None, option: str, kind: type = float) -> tuple[Any,
     return values[0], values[1]
 
 
+#: Options used by some layouts only (settings field -> (option, layouts)). Given on the command
+#: line for another layout they would change nothing, so they are refused; the manifest's
+#: ``composite:`` section may hold them all.
+LAYOUT_OPTIONS = {
+    "format": ("--format", ("baked",)),
+    "layers": ("--layers", ("baked",)),
+    "mix": ("--mix", ("baked",)),
+    "objects": ("--objects-per-scene", ("scenes",)),
+    "blend": ("--blend", ("scenes",)),
+    "threshold": ("--threshold", ("scenes",)),
+    "min_visible": ("--min-visible", ("scenes",)),
+    "alpha_bits": ("--alpha-bits", ("baked", "scenes")),  # dim copies the stored alpha as it is
+    "scale": ("--scale", ("baked", "scenes")),
+    "rotation": ("--rotation", ("baked", "scenes")),
+    "flip": ("--flip", ("baked", "scenes")),
+    "truncation": ("--truncation", ("baked", "scenes")),
+    "harmonize": ("--harmonize", ("baked", "scenes")),
+    "shadow": ("--shadow", ("baked", "scenes")),
+}
+#: Options used only with ``--generative``.
+GENERATIVE_OPTIONS = {"prompt": "--prompt", "ring": "--ring", "steps": "--steps"}
+
+
+def _check_used(overrides: dict[str, Any], settings: CompositeSettings) -> None:
+    """Refuse an option given for a layout (or without ``--generative``) that does not use it."""
+    for name, (option, layouts) in LAYOUT_OPTIONS.items():
+        if overrides.get(name) is not None and settings.layout not in layouts:
+            raise InputError(f"{option} is for the {' and '.join(layouts)} layout{'s' if len(layouts) > 1 else ''}, "
+                             f"not --layout {settings.layout}")
+    for name, option in GENERATIVE_OPTIONS.items():
+        if overrides.get(name) is not None and not settings.generative:
+            raise InputError(f"{option} is for --generative; give a model with --generative or leave {option} out")
+
+
 def resolve_settings(options: CompositeOptions, defaults: CompositeSettings) -> CompositeSettings:
     overrides = dict(options.overrides)
     own_size = overrides.get("size") == 0  # --size 0: each background's own size
@@ -52,6 +86,7 @@ def resolve_settings(options: CompositeOptions, defaults: CompositeSettings) -> 
     settings = with_overrides(defaults, overrides, {"objects": "--objects-per-scene"})
     if own_size:
         settings = settings.model_copy(update={"size": None})
+    _check_used(options.overrides, settings)
     if settings.size is not None and settings.size < settings.min_size:
         raise InputError(f"--size {settings.size} is smaller than --min-size {settings.min_size}")
     return settings
