@@ -358,6 +358,14 @@ def test_option_parsing() -> None:
         with pytest.raises(InputError, match="--" + option.replace("_", "-")):
             resolve_settings(ExportOptions(**{option: value}), ExportSettings())
     assert resolve_settings(ExportOptions(image_format="JPEG"), ExportSettings()).image_format == "jpg"
+    # an option the resolved format would ignore is refused, not dropped without a word
+    with pytest.raises(InputError, match="--jpeg-quality is for --image-format jpg"):
+        resolve_settings(ExportOptions(jpeg_quality=80), ExportSettings())
+    assert resolve_settings(ExportOptions(jpeg_quality=80, image_format="jpg"), ExportSettings()).jpeg_quality == 80
+    for option, value in (("maxcount", 10), ("maxsize", 10**6)):
+        with pytest.raises(InputError, match=f"--{option} limits WebDataset shards; --format folder"):
+            resolve_settings(ExportOptions(format="folder", **{option: value}), ExportSettings())
+    assert resolve_settings(ExportOptions(format="folder"), ExportSettings(maxcount=10)).maxcount == 10  # the manifest's
     assert parse_size("1G") == 10**9 and parse_size("512Mi") == 512 * 2**20 and parse_size("3e9") == 3 * 10**9
     with pytest.raises(InputError):
         parse_size("lots")

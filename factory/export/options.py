@@ -57,7 +57,18 @@ def resolve_settings(options: ExportOptions, defaults: ExportSettings) -> Export
         "shuffle_seed": options.seed,
         "jpeg_quality": options.jpeg_quality,
     }
-    return with_overrides(defaults, overrides)
+    settings = with_overrides(defaults, overrides)
+    _check_used(options, settings)
+    return settings
+
+
+def _check_used(options: ExportOptions, settings: ExportSettings) -> None:
+    """Refuse an option that the resolved format would ignore (the manifest may set them all)."""
+    if options.jpeg_quality is not None and settings.image_format != "jpg":
+        raise InputError(f"--jpeg-quality is for --image-format jpg; images are exported as {settings.image_format} (copied)")
+    for option, value in (("--maxcount", options.maxcount), ("--maxsize", options.maxsize)):
+        if value is not None and settings.format != "webdataset":
+            raise InputError(f"{option} limits WebDataset shards; --format {settings.format} writes none")
 
 
 def parse_splits(values: list[str] | None) -> dict[str, float] | None:
