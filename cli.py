@@ -586,7 +586,7 @@ def composite_cmd(
     objects: Annotated[
         Optional[str], typer.Option("--objects", help="Take the objects from an export (shards or folder) instead of a run.")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: RUN/composite/LAYOUT.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder. Default: RUN/composite/LAYOUT (composite/LAYOUT here with --objects).")] = None,
     per_object: Annotated[Optional[int], typer.Option("--per-object", "-k", help="Composites (dim: pairings) per object. Default: 4.")] = None,
     size: Annotated[
         Optional[int], typer.Option("--size", help="Square output side in px (backgrounds scaled and cropped); 0: the background's own size. Default: 512.")
