@@ -28,8 +28,9 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     inverse of 8 -> 16 bits' x257): Pillow's own ``convert("RGB")`` clips it at 255, which turns
     almost every 16-bit grey level white."""
     if im.mode in GREY16_MODES:
-        grey = np.rint(np.asarray(im, dtype=np.float64) / 257.0)
-        return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L").convert("RGB")
+        levels = np.clip(np.asarray(im), 0, 65535).astype(np.uint32)
+        grey = (2 * levels + 257) // 514  # round(v / 257) in integers: 4 bytes a pixel, not a float's 8
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
