@@ -165,6 +165,21 @@ def test_dim_layout_read_by_a_vitmatte_style_loader(run_dir: Path, tmp_path: Pat
     assert "CC-BY-4.0" in (out / "README.md").read_text()
 
 
+def test_dim_gives_two_backgrounds_that_flatten_alike_two_files(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """``a/b.png`` flattened is ``a__b.png``, the name of another background at the top."""
+    bgs = tmp_path / "bgs"
+    (bgs / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(bgs / "a" / "b.png")
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(bgs / "a__b.png")
+    out = tmp_path / "dim"
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--layout", "dim", "-k", 4, "-o", out)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "pairs.csv")))
+    assert {r["background"] for r in rows} == {"a/b.png", "a__b.png"}
+    for r in rows:
+        assert (out / r["bg"]).read_bytes() == (bgs / r["background"]).read_bytes(), r
+
+
 def test_scenes_occlusion_and_coco_masks(run_dir: Path, tmp_path: Path, capsys) -> None:
     from pycocotools.coco import COCO
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,16 @@ def scene_members(recipe: dict[str, Any], r: Rendered, threshold: float) -> tupl
 
 
 def _bg_name(bg_id: str, ext: str) -> str:
-    """A flat file name for a background id (folders and shard names joined with ``__``)."""
-    safe = bg_id.replace("/", "__").replace("#", "__").replace(":", "-")
-    return f"bg/{Path(safe).stem}{ext}"
+    """A flat file name for a background id, one per id: a top-level file keeps its name; a file in
+    a sub-folder or a shard is flattened (``/`` and ``#`` to ``__``) and gets a hash of its id, as
+    flattening alone gives ``a/b.png`` and ``a__b.png`` the same name."""
+    if bg_id.startswith(PROCEDURAL + ":"):
+        return f"bg/{bg_id.replace(':', '-')}{ext}"
+    if "/" not in bg_id and "#" not in bg_id and bg_id.endswith(ext):
+        return f"bg/{bg_id}"
+    safe = bg_id.replace("/", "__").replace("#", "__")
+    digest = hashlib.sha256(bg_id.encode("utf-8")).hexdigest()[:8]
+    return f"bg/{Path(safe).stem}-{digest}{ext}"
 
 
 def dim_members(
