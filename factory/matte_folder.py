@@ -12,11 +12,13 @@ are written to a temporary name and renamed, so an interrupted run leaves no hal
 
 The output folder may not be the input folder or lie inside it, and a folder already holding a name
 this run would write is refused unless it is a ``factory matte`` folder: ``matte.csv`` is written
-first (again at the end, complete) and marks it, so a rerun, even after a kill, may replace it.
+first (again at the end, complete, or at Ctrl-C with the files done so far) and marks it, so a
+rerun, even after a kill, may replace it. Ctrl-C stops the run once the images in hand are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import multiprocessing
 import os
@@ -244,25 +246,36 @@ def matte_folder(
     write_summary(rows, summary_path)  # marks the folder as this command's before any output
     settings = settings or GreenPostSettings()
     n_workers = min(workers or os.cpu_count() or 1, len(images))
-    with _Progress(progress, len(images), log) as bar:
-        for row in rows:
-            bar.log(f"{row['status']} {row['file']}: {row['message']}")
-
-        def record(row: dict[str, Any]) -> None:
-            rows.append(row)
-            if row["status"] != STATUS_OK:
+    try:
+        with _Progress(progress, len(images), log) as bar:
+            for row in rows:
                 bar.log(f"{row['status']} {row['file']}: {row['message']}")
-            bar.advance()
 
-        if n_workers == 1:
-            for path in images:
-                record(matte_one(path, out_dir, bits, settings, reference))
-        else:
-            context = multiprocessing.get_context("spawn")  # safe beside threads, same on every OS
-            with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_single_thread_worker) as pool:
-                futures = [pool.submit(matte_one, p, out_dir, bits, settings, reference) for p in images]
-                for future in as_completed(futures):
-                    record(future.result())
+            def record(row: dict[str, Any]) -> None:
+                rows.append(row)
+                if row["status"] != STATUS_OK:
+                    bar.log(f"{row['status']} {row['file']}: {row['message']}")
+                bar.advance()
+
+            if n_workers == 1:
+                for path in images:
+                    record(matte_one(path, out_dir, bits, settings, reference))
+            else:
+                context = multiprocessing.get_context("spawn")  # safe beside threads, same on every OS
+                with ProcessPoolExecutor(n_workers, mp_context=context, initializer=_single_thread_worker) as pool:
+                    futures = [pool.submit(matte_one, p, out_dir, bits, settings, reference) for p in images]
+                    try:
+                        for future in as_completed(futures):
+                            record(future.result())
+                    except BaseException:
+                        # Ctrl-C (or any error): drop the images not started, else leaving the block
+                        # would matte every one of them before the command could stop.
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
+    except BaseException:
+        with contextlib.suppress(FactoryError):
+            write_summary(rows, summary_path)  # interrupted: the rows of the files done so far
+        raise
     write_summary(rows, summary_path)
     return MatteFolderSummary(in_dir, out_dir, rows, summary_path, time.perf_counter() - start)
 

@@ -331,3 +331,26 @@ def test_matte_bar_on_a_terminal_none_with_quiet_and_the_skipped_line_always(cli
         assert res.code == 0, res.err
         assert ("2/2" in screen.getvalue()) is bar, screen.getvalue()
         assert "skipped junk.jpg: not a readable image" in screen.getvalue()
+
+
+def test_ctrl_c_stops_the_pool_and_keeps_the_rows_done(tmp_path: Path) -> None:
+    """Ctrl-C (a KeyboardInterrupt from the line logger when the first file, a corrupt one, comes
+    back) drops the images not yet handed to a worker, instead of matting the whole folder before
+    stopping; matte.csv lists the files done so far."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "0-broken.png").write_bytes(b"not an image")
+    image = composite(soft_disc(), (150, 150, 150), shaded_board(soft_disc()))
+    for i in range(40):
+        Image.fromarray(image).save(src / f"disc{i:02d}.png")
+
+    def ctrl_c(line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        matte_folder(src, out, workers=2, progress=False, log=ctrl_c)
+    matted = {p.name.removesuffix(".alpha.png") for p in out.glob("*.alpha.png")}
+    assert len(matted) < 20  # the two in the workers and the few queued for them, not all 40
+    rows = read_csv(out / "matte.csv")
+    assert rows["0-broken.png"]["status"] == "skipped"
+    assert {name.removesuffix(".png") for name, row in rows.items() if row["status"] == "ok"} <= matted
