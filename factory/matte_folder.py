@@ -13,7 +13,7 @@ are written to a temporary name and renamed, so an interrupted run leaves no hal
 The output folder may not be the input folder or lie inside it, and a folder already holding a name
 this run would write is refused unless it is a ``factory matte`` folder: ``matte.csv`` is written
 first (again at the end, complete, or at Ctrl-C with the files done so far) and marks it, so a
-rerun, even after a kill, may replace it. Ctrl-C stops the run once the images in hand are done.
+rerun, even after a kill, may replace it. Ctrl-C stops after the few images queued for the workers.
 """
 
 from __future__ import annotations
