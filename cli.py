@@ -385,13 +385,15 @@ def check_cmd(
 ) -> None:
     """Check every done sample's files against the index: PNG structure and CRCs, sizes, JSON.
 
-    Prints each damaged sample's key and reason and exits 1 if there is any (0 with --repair,
-    once they are marked for the next `factory generate`).
+    Prints each damaged sample's key and reason (also with -q) and exits 1 if there is any (0 with
+    --repair, once they are marked for the next `factory generate`).
     """
     from factory.check import run_check
 
     summary = run_check(run, repair=repair)
-    for line in summary.lines():
+    for line in summary.problems():
+        typer.echo(line)  # what check found is its result: shown with -q too
+    for line in summary.report():
         _echo(line)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)

@@ -4,7 +4,7 @@
 row) and checks sizes only where a crash can have left something; this is the thorough check:
 every PNG's chunk walk and CRCs, sizes, dimensions and bit depth against the index, and the JSON
 (it parses, and its key, index and file sizes agree with the index). Samples are checked in a
-thread pool (file reads and CRCs release the GIL) with a progress bar.
+thread pool (file reads and CRCs release the GIL) with a progress bar (on a terminal, none with ``-q``).
 
 ``--repair`` commits a ``planned`` row for each damaged sample, so the next ``factory generate``
 redoes it, and first rebuilds damaged index files (:mod:`factory.store.recover`).
@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from factory.feedback import Feedback
 from factory.integrity import CorruptSample, checked_png, stored_metadata
 from factory.sample import SIZE_COLUMNS, STATUS_DONE
 from factory.store import RunStore, resolve_run
@@ -48,11 +47,16 @@ class CheckSummary:
             return 0
         return 1 if self.damaged or self.index_note else 0
 
+    def problems(self) -> list[str]:
+        """One line per damaged sample, then the damaged index file (or what the repair did)."""
+        return [f"{key}: {reason}" for key, reason in self.damaged] + ([self.index_note] if self.index_note else [])
+
     def lines(self) -> list[str]:
-        out = [f"{key}: {reason}" for key, reason in self.damaged]
-        if self.index_note:
-            out.append(self.index_note)
-        out.append(f"run: {self.run}")
+        """The problems, then the run, the counts and what to do next."""
+        return self.problems() + self.report()
+
+    def report(self) -> list[str]:
+        out = [f"run: {self.run}"]
         out.append(f"checked: {self.checked} done samples, {len(self.damaged)} damaged")
         if self.repaired:
             out.append(f"repaired: {self.repaired} samples marked planned; re-run `factory generate` with the run's options to redo them")
@@ -104,11 +108,9 @@ def run_check(run: Path | None, repair: bool = False, progress: bool = True, thr
         if repair and summary.index_note is None:
             summary.index_note = store.rebuild_index()  # parts of files the status column did not show
         bad: list[tuple[int, str, str]] = []
-        console = Console(stderr=True)
-        bar = Progress(TextColumn("[bold]check"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, disable=not progress)
         workers = threads or min(16, (os.cpu_count() or 2) * 2)
-        with bar, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factory-check") as pool:
-            task = bar.add_task("check", total=total)
+        with Feedback("check", enabled=progress) as bar, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="factory-check") as pool:
+            task = bar.bar(total)
 
             def check_batch(batch: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
                 found = []
@@ -125,11 +127,11 @@ def run_check(run: Path | None, repair: bool = False, progress: bool = True, thr
                     size, fut = pending.pop(0)
                     bad.extend(fut.result())
                     summary.checked += size
-                    bar.update(task, advance=size)
+                    bar.advance(task, size)
             for size, fut in pending:
                 bad.extend(fut.result())
                 summary.checked += size
-                bar.update(task, advance=size)
+                bar.advance(task, size)
         bad.sort()
         summary.damaged = [(key, reason) for _, key, reason in bad]
         if repair and bad:

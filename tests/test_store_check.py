@@ -261,3 +261,29 @@ def test_plan_command_streams_with_the_same_rows(cli, small_manifest: Path, tmp_
     res = cli(["plan", "--manifest", small_manifest, "--n", 10])
     assert res.code == 0 and "per class: min 2, max 3" in res.out
     assert json.loads(json.dumps(summary.lines()))  # plain strings
+
+
+def test_check_bar_on_a_terminal_only_and_never_with_quiet(cli, tmp_path: Path, monkeypatch) -> None:
+    """Off a terminal (a log file, a pipe) and with -q, check prints its findings and no bar; with
+    -q the damaged samples are still printed (exit 1 alone would not say which)."""
+    import io
+
+    from rich.console import Console
+
+    import factory.feedback as feedback
+
+    store, _ = make_tiny_run(tmp_path, 4, 4)
+    res = cli(["check", "--run", store.root])
+    assert res.code == 0 and res.err == "" and "checked: 4 done samples, 0 damaged" in res.out
+    for flags, bar in (([], True), (["-q"], False)):
+        screen = io.StringIO()
+        monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=screen, force_terminal=True, width=120))
+        res = cli([*flags, "check", "--run", store.root])
+        assert res.code == 0 and res.err == ""
+        assert ("4/4" in screen.getvalue()) is bar, screen.getvalue()
+    rows = table_rows(store.plan())
+    (store.sample_path(1, rows[1].key, ".png")).write_bytes(b"")
+    res = cli(["-q", "check", "--run", store.root])
+    assert res.code == 1 and res.err == ""
+    assert res.out.splitlines() == [f"{rows[1].key}: corrupt image ({rows[1].key}.png: 0 bytes, the index says "
+                                    f"{store.index()['image_bytes'][1]})"]
