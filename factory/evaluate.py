@@ -1,6 +1,7 @@
 """`factory eval`: matting metrics of predicted mattes against ground truth, per image and mean.
 
-Files pair up by key, and both folders are read the same way (``matte_files``): ``KEY.alpha.png``
+Files pair up by key (or by a key that differs only in case, where that is the only one:
+``pair_by_key``), and both folders are read the same way (``matte_files``): ``KEY.alpha.png``
 is the matte of ``KEY``, and beside it ``KEY.png`` (the image) and ``KEY.fg.png`` (the foreground)
 are not mattes (the layout ``factory matte --out`` and ``factory toy-data`` write).
 Any other ``STEM.(png|jpg|jpeg|webp)`` is the matte of ``STEM``. The trimap, when a folder is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,24 +100,43 @@ def _key(name: str, suffix: str) -> str:
     return name[: len(name) - len(suffix)]
 
 
-def matte_files(folder: Path) -> dict[str, tuple[str, Path]]:
-    """The mattes of a folder: lower-cased key -> (key as written, path).
+def matte_files(folder: Path) -> dict[str, Path]:
+    """The mattes of a folder: key (as written) -> path.
 
     ``KEY.alpha.png`` is the matte of ``KEY``; beside it, ``KEY.<image suffix>`` (the image) and
     ``KEY.fg.<image suffix>`` (the foreground) are not mattes. Any other image file is the matte
-    of its stem (the first of ``IMAGE_SUFFIXES`` when a stem has several)."""
+    of its stem (the first of ``IMAGE_SUFFIXES`` when a stem has several). Suffixes are matched in
+    any case; keys that differ only in case (``a.png``, ``A.png``) are different keys."""
     files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
-    names = {p.name.lower(): p for p in files}
-    found = {_key(n, MATTE_SUFFIX): (_key(p.name, MATTE_SUFFIX), p) for n, p in names.items() if n.endswith(MATTE_SUFFIX)}
+    found = {_key(p.name, MATTE_SUFFIX): p for p in files if p.name.lower().endswith(MATTE_SUFFIX)}
+    beside = {key.lower() for key in found}
     for suffix in IMAGE_SUFFIXES:
-        for name, path in names.items():
+        for path in files:
+            name = path.name.lower()
             if not name.endswith(suffix) or name.endswith(MATTE_SUFFIX):
                 continue
-            key = _key(name, suffix)
-            if key in found or (key.endswith(FOREGROUND_TAG) and _key(key, FOREGROUND_TAG) in found):
+            key = _key(path.name, suffix)
+            folded = key.lower()
+            if key in found or folded in beside or (folded.endswith(FOREGROUND_TAG) and _key(folded, FOREGROUND_TAG) in beside):
                 continue
-            found[key] = (_key(path.name, suffix), path)
+            found[key] = path
     return found
+
+
+def pair_by_key(keys: list[str], mattes: dict[str, Path]) -> dict[str, Path]:
+    """The matte in ``mattes`` of each key that has one: the same key, else the one key that
+    differs only in case, when no other key on either side is spelt that way (``IMG_1`` pairs with
+    ``img_1``, but ``a`` and ``A`` each pair only with themselves)."""
+    pairs = {key: mattes[key] for key in keys if key in mattes}
+    ours = Counter(key.lower() for key in keys)
+    theirs: dict[str, list[str]] = {}
+    for key in mattes:
+        theirs.setdefault(key.lower(), []).append(key)
+    for key in keys:
+        same = theirs.get(key.lower(), [])
+        if key not in pairs and ours[key.lower()] == 1 and len(same) == 1:
+            pairs[key] = mattes[same[0]]
+    return pairs
 
 
 def _check_folder(path: Path | None, what: str) -> None:
@@ -147,19 +168,21 @@ def evaluate_folders(
     trimap = Path(trimap) if trimap is not None else None
     for path, what in ((pred, "prediction"), (gt, "ground-truth"), (trimap, "trimap")):
         _check_folder(path, what)
-    gt_mattes, pred_mattes = matte_files(gt), matte_files(pred)
-    trimaps = matte_files(trimap) if trimap is not None else {}
+    gt_mattes = matte_files(gt)
     if not gt_mattes:
         raise InputError(f"no ground-truth mattes ({', '.join(IMAGE_SUFFIXES)}) in {gt}")
+    keys = sorted(gt_mattes)
+    preds = pair_by_key(keys, matte_files(pred))
+    trimaps = pair_by_key(keys, matte_files(trimap)) if trimap is not None else {}
     jobs, issues = [], []
-    for key, (stem, gt_path) in sorted(gt_mattes.items(), key=lambda item: item[1][0]):
-        p, t = pred_mattes.get(key), trimaps.get(key)
+    for key in keys:
+        p, t = preds.get(key), trimaps.get(key)
         if p is None:
-            issues.append(f"missing prediction for {stem} in {pred}")
+            issues.append(f"missing prediction for {key} in {pred}")
         elif trimap is not None and t is None:
-            issues.append(f"missing trimap for {stem} in {trimap}")
+            issues.append(f"missing trimap for {key} in {trimap}")
         else:
-            jobs.append((stem, p[1], gt_path, t[1] if t is not None else None))
+            jobs.append((key, p, gt_mattes[key], t))
     if not jobs:
         raise InputError(f"no prediction in {pred} matches a ground truth in {gt} (by file stem)")
     n = min(workers or os.cpu_count() or 1, len(jobs))

@@ -354,3 +354,25 @@ def test_ctrl_c_stops_the_pool_and_keeps_the_rows_done(tmp_path: Path) -> None:
     rows = read_csv(out / "matte.csv")
     assert rows["0-broken.png"]["status"] == "skipped"
     assert {name.removesuffix(".png") for name, row in rows.items() if row["status"] == "ok"} <= matted
+
+
+def test_eval_keeps_keys_that_differ_only_in_case(cli, tmp_path: Path) -> None:
+    """a.png and A.png are two ground truths (factory matte writes a.alpha.png and A.alpha.png for
+    two such images): each pairs with its own prediction and neither is dropped. A key that differs
+    only in case from the one prediction spelt that way still pairs with it."""
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    gt.mkdir(), pred.mkdir()
+    ramp = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (24, 1))
+    for name in ("a.png", "A.png", "IMG_1.png"):
+        Image.fromarray(ramp).save(gt / name)
+    Image.fromarray(ramp).save(pred / "a.alpha.png")
+    Image.fromarray(255 - ramp).save(pred / "A.alpha.png")
+    Image.fromarray(ramp).save(pred / "img_1.alpha.png")
+    report = tmp_path / "metrics.json"
+    res = cli(["eval", "--pred", pred, "--gt", gt, "--json", report, "--workers", "1"])
+    assert res.code == 0 and res.err == "", res.err
+    data = json.loads(report.read_text())
+    by_image = {r["image"]: r for r in data["images"]}
+    assert data["count"] == 3 and set(by_image) == {"A", "IMG_1", "a"}
+    assert by_image["a"]["mad"] == 0 and by_image["IMG_1"]["mad"] == 0
+    assert by_image["A"]["mad"] == pytest.approx(np.abs(255 - 2 * ramp.astype(float)).mean() / 255)
