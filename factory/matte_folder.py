@@ -5,9 +5,10 @@ For every ``IN_DIR/STEM.(png|jpg|jpeg|webp)`` (suffix in any case) it writes ``O
 at the end ``OUT_DIR/matte.csv`` with one row per input: status, GSG, flags and timings.
 
 Rules: a file that cannot be read as an opaque RGB image (corrupt, RGBA, ...) is reported in one line
-and skipped; an image without a green board (all one non-green colour; any grey image, 8- or
-16-bit) gets the status ``no_board``, is reported in one line and gets no outputs; so is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
-same outputs) and anything named ``*.alpha.png`` / ``*.fg.png`` (this command's own outputs). Outputs
+and skipped, as is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
+same outputs); an image without a green board (all one non-green colour; any grey image, 8- or
+16-bit) gets the status ``no_board``, is reported in one line and gets no outputs. Files named
+``*.alpha.png`` / ``*.fg.png`` (this command's own outputs) are not inputs and are not listed. Outputs
 are written to a temporary name and renamed, so an interrupted run leaves no half-written file.
 
 The output folder may not be the input folder or lie inside it, and a folder already holding a name
