@@ -35,11 +35,17 @@ def to_rgb8(im: Image.Image) -> Image.Image:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8. Raises ``InputError`` naming the file if it is not one.
+    """Read an image file as RGB uint8, as stored. Raises ``InputError`` naming the file if it is not one.
 
     Grey and palette images are converted; images with transparency are rejected, because a
     green-screen image with an alpha channel is ambiguous (which colour is under the transparency?).
     """
+    return read_rgb_oriented(path)[0]
+
+
+def read_rgb_oriented(path: str | Path) -> tuple[np.ndarray, int]:
+    """:func:`read_rgb`, and the image's EXIF orientation (1 to 8; 1 when it has none): how a viewer
+    turns the stored pixels to show it (:func:`orient`)."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -48,11 +54,35 @@ def read_rgb(path: str | Path) -> np.ndarray:
                 raise InputError(f"{path}: has an alpha channel; give an opaque RGB image")
             if im.mode not in ("RGB", "L", "P", "I;16", "I", "CMYK", "YCbCr"):
                 raise InputError(f"{path}: unsupported image mode {im.mode}")
-            return np.asarray(to_rgb8(im), dtype=np.uint8).copy()
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            rgb = np.asarray(to_rgb8(im), dtype=np.uint8).copy()
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    return rgb, orientation if orientation in _ORIENT else 1
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores a turned photo's pixels unturned
+
+#: EXIF orientation -> how to turn an (H, W, ...) array the way a viewer shows the image (the
+#: same transposes as ``PIL.ImageOps.exif_transpose``).
+_ORIENT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.swapaxes(a[::-1, ::-1], 0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """``array`` (an image or matte as stored, (H, W) or (H, W, C)) turned as a viewer shows an
+    image of this EXIF orientation, contiguous."""
+    return np.ascontiguousarray(_ORIENT.get(orientation, _ORIENT[1])(array))
 
 
 def decode_rgb(data: bytes) -> np.ndarray:

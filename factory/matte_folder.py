@@ -1,8 +1,9 @@
 """`factory matte`: GreenPost and GSG over a folder of images, in parallel over CPU cores.
 
 For every ``IN_DIR/STEM.(png|jpg|jpeg|webp)`` (suffix in any case) it writes ``OUT_DIR/STEM.alpha.png``
-(single channel, 8- or 16-bit) and ``OUT_DIR/STEM.fg.png`` (RGB, the decontaminated foreground), and
-at the end ``OUT_DIR/matte.csv`` with one row per input: status, GSG, flags and timings.
+(single channel, 8- or 16-bit) and ``OUT_DIR/STEM.fg.png`` (RGB, the decontaminated foreground),
+turned as the image is shown when its EXIF orientation says so (a camera's portrait photo; GreenPost
+itself runs on the pixels as stored), and at the end ``OUT_DIR/matte.csv`` with one row per input: status, GSG, flags and timings.
 
 Rules: a file that cannot be read as an opaque RGB image (corrupt, RGBA, ...) is reported in one line
 and skipped, as is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
@@ -33,7 +34,7 @@ from typing import Any
 from factory.errors import FactoryError, InputError
 from factory.feedback import Feedback, plural
 from factory.fsutil import AtomicFile, atomic_write_bytes, check_writable_dir
-from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, read_rgb
+from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, orient, read_rgb_oriented
 from factory.matte.pipeline import GreenPostSettings, MatteResult, greenpost
 from factory.score import REFERENCE_GREEN, gsg
 
@@ -114,19 +115,20 @@ def matte_one(
     error a 'failed' row (one bad file never stops the folder)."""
     start = time.perf_counter()
     try:
-        image = read_rgb(path)
+        image, orientation = read_rgb_oriented(path)
         result = greenpost(image, None, settings)
         score = gsg(image, reference=reference)
+        alpha = orient(result.alpha, orientation)  # the outputs face the way the photo is shown
         if result.no_board:
-            return _no_board_row(path, result, score.score, start)
-        atomic_write_bytes(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(result.alpha, bits), fsync=False)
-        atomic_write_bytes(out_dir / f"{path.stem}.fg.png", encode_png(result.fg), fsync=False)
+            return _no_board_row(path, result, alpha.shape, score.score, start)
+        atomic_write_bytes(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(alpha, bits), fsync=False)
+        atomic_write_bytes(out_dir / f"{path.stem}.fg.png", encode_png(orient(result.fg, orientation)), fsync=False)
     except FactoryError as exc:
         return _row(path, STATUS_SKIPPED, str(exc).replace(f"{path}: ", ""))
     except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
         return _row(path, STATUS_FAILED, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
     row = _row(path, STATUS_OK)
-    h, w = result.alpha.shape
+    h, w = alpha.shape
     row.update(
         width=w,
         height=h,
@@ -144,7 +146,9 @@ def matte_one(
     return row
 
 
-def _no_board_row(path: Path, result: MatteResult, gsg_score: float, start: float) -> dict[str, Any]:
+def _no_board_row(
+    path: Path, result: MatteResult, shape: tuple[int, ...], gsg_score: float, start: float
+) -> dict[str, Any]:
     """The row of an image without a green board: reported, no outputs written (a matte of it
     would be all 0 or all 1 and mean nothing)."""
     canvas = "#{:02x}{:02x}{:02x}".format(*result.canvas_color)
@@ -153,7 +157,7 @@ def _no_board_row(path: Path, result: MatteResult, gsg_score: float, start: floa
         STATUS_NO_BOARD,
         f"no green board found (main colour {canvas}, {100 * result.board_fraction:.1f} % board pixels); not matted",
     )
-    h, w = result.alpha.shape
+    h, w = shape[:2]
     row.update(width=w, height=h, gsg=round(gsg_score, 6), canvas_color=canvas, chroma=result.chroma,
                seconds=round(time.perf_counter() - start, 4))  # fmt: skip
     return row

@@ -376,3 +376,42 @@ def test_eval_keeps_keys_that_differ_only_in_case(cli, tmp_path: Path) -> None:
     assert data["count"] == 3 and set(by_image) == {"A", "IMG_1", "a"}
     assert by_image["a"]["mad"] == 0 and by_image["IMG_1"]["mad"] == 0
     assert by_image["A"]["mad"] == pytest.approx(np.abs(255 - 2 * ramp.astype(float)).mean() / 255)
+
+
+def test_matte_outputs_face_the_way_an_exif_turned_photo_is_shown(tmp_path: Path) -> None:
+    """A camera stores a portrait photo's pixels sideways with an EXIF orientation; its alpha and
+    foreground are turned the same way, so they line up with the photo as viewers (and
+    ``PIL.ImageOps.exif_transpose``) show it. GreenPost runs on the stored pixels: the outputs are
+    exactly those of the unturned image, turned."""
+    from PIL import ImageOps
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    alpha = soft_disc(96, radius=20, center=(30, 60))  # off centre: every turn moves it
+    image = Image.fromarray(composite(alpha, (200, 80, 45), shaded_board(alpha))[:, :80])  # 80x96
+    image.save(src / "plain.png")
+    for orientation in range(2, 9):
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.save(src / f"turned{orientation}.png", exif=exif)
+    summary = matte_folder(src, out, workers=1, progress=False)
+    assert summary.processed == 8
+    rows = read_csv(out / "matte.csv")
+    plain = {kind: Image.open(out / f"plain.{kind}.png") for kind in ("alpha", "fg")}
+    for orientation in range(2, 9):
+        with Image.open(src / f"turned{orientation}.png") as im:
+            shown = ImageOps.exif_transpose(im)
+        for kind in ("alpha", "fg"):
+            with Image.open(out / f"turned{orientation}.{kind}.png") as im:
+                assert im.size == shown.size
+                expected = np.asarray(ImageOps.exif_transpose(_with_orientation(plain[kind], orientation)))
+                assert np.array_equal(np.asarray(im), expected)
+        row = rows[f"turned{orientation}.png"]
+        assert (int(row["width"]), int(row["height"])) == shown.size
+
+
+def _with_orientation(im: Image.Image, orientation: int) -> Image.Image:
+    """A copy of ``im`` whose EXIF says ``orientation``."""
+    copy = im.copy()
+    copy.getexif()[0x0112] = orientation
+    return copy
