@@ -107,7 +107,8 @@ def matte_files(folder: Path) -> dict[str, Path]:
     ``KEY.fg.<image suffix>`` (the foreground) are not mattes. Any other image file is the matte
     of its stem (the first of ``IMAGE_SUFFIXES`` when a stem has several). Suffixes are matched in
     any case; keys that differ only in case (``a.png``, ``A.png``) are different keys."""
-    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: p.name)
+    # A broken symbolic link is listed too: reading it fails, and that is reported, not skipped silently.
+    files = sorted((p for p in folder.iterdir() if p.is_file() or (p.is_symlink() and not p.is_dir())), key=lambda p: p.name)
     found = {_key(p.name, MATTE_SUFFIX): p for p in files if p.name.lower().endswith(MATTE_SUFFIX)}
     beside = {key.lower() for key in found}
     for suffix in IMAGE_SUFFIXES:

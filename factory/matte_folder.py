@@ -5,8 +5,8 @@ For every ``IN_DIR/STEM.(png|jpg|jpeg|webp)`` (suffix in any case) it writes ``O
 turned as the image is shown when its EXIF orientation says so (a camera's portrait photo; GreenPost
 itself runs on the pixels as stored), and at the end ``OUT_DIR/matte.csv`` with one row per input: status, GSG, flags and timings.
 
-Rules: a file that cannot be read as an opaque RGB image (corrupt, RGBA, ...) is reported in one line
-and skipped, as is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
+Rules: a file that cannot be read as an opaque RGB image (corrupt, RGBA, a link to nothing, ...) is
+reported in one line and skipped, as is a second file with a stem already seen (``a.png`` and ``a.jpg`` would write the
 same outputs); an image without a green board (all one non-green colour; any grey image, 8- or
 16-bit) gets the status ``no_board``, is reported in one line and gets no outputs. Files named
 ``*.alpha.png`` / ``*.fg.png`` (this command's own outputs) are not inputs and are not listed. Outputs
@@ -89,9 +89,12 @@ def list_inputs(in_dir: Path) -> tuple[list[Path], list[dict[str, Any]]]:
     images: list[Path] = []
     skipped: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
-    for path in sorted(p for p in in_dir.iterdir() if p.is_file()):
+    for path in sorted(p for p in in_dir.iterdir() if p.is_file() or p.is_symlink()):
         name = path.name.lower()
-        if not name.endswith(IMAGE_SUFFIXES) or name.endswith(OUTPUT_SUFFIXES):
+        if not name.endswith(IMAGE_SUFFIXES) or name.endswith(OUTPUT_SUFFIXES) or path.is_dir():
+            continue
+        if not path.is_file():
+            skipped.append(_row(path, STATUS_SKIPPED, "a symbolic link to nothing (its target is missing, or it loops)"))
             continue
         stem = path.stem
         if stem in seen:

@@ -415,3 +415,32 @@ def _with_orientation(im: Image.Image, orientation: int) -> Image.Image:
     copy = im.copy()
     copy.getexif()[0x0112] = orientation
     return copy
+
+
+def test_broken_symbolic_links_are_reported_not_ignored(cli, folders, tmp_path: Path) -> None:
+    """An image name that is a link to nothing (a missing target, a loop) is a file the user meant:
+    matte lists it as skipped, eval reports it; a link to an image is read through, a link to a
+    folder is a folder (not an image)."""
+    src, gt = tmp_path / "in", tmp_path / "gt"
+    src.mkdir(), gt.mkdir()
+    Image.open(folders["in"] / "disc.png").save(src / "disc.png")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "loop1.png").symlink_to("loop2.png")
+    (src / "loop2.png").symlink_to("loop1.png")
+    (src / "same.png").symlink_to("disc.png")
+    (src / "folder.png").symlink_to(tmp_path)
+    out = tmp_path / "out"
+    res = cli(["matte", src, "--out", out, "--workers", "1"])
+    assert res.code == 0, res.err
+    rows = read_csv(out / "matte.csv")
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "disc.png": "ok", "same.png": "ok", "gone.png": "skipped", "loop1.png": "skipped", "loop2.png": "skipped"
+    }  # fmt: skip
+    assert "skipped gone.png: a symbolic link to nothing" in res.err
+
+    Image.open(folders["gt"] / "disc.png").save(gt / "disc.png")
+    (gt / "hair.png").symlink_to(tmp_path / "nowhere.png")  # a ground truth that is not there
+    Image.open(folders["gt"] / "hair.png").save(out / "hair.alpha.png")
+    res = cli(["eval", "--pred", out, "--gt", gt, "--workers", "1"])
+    assert res.code == 0 and "1 image" in res.out
+    assert "skipped hair:" in res.err and "not a readable alpha matte" in res.err
