@@ -357,10 +357,11 @@ def eval_cmd(
     of the mean. A matte is 8- or 16-bit grey, RGB with equal channels, or RGBA (a cut-out: its
     alpha channel); a colour image is reported as not a matte.
     """
-    from factory.evaluate import evaluate_folders
+    from factory.evaluate import check_report_file, evaluate_folders
     from factory.fsutil import atomic_write_text, check_output_file
 
     if json_out is not None:
+        check_report_file(json_out, pred, gt, trimap)
         json_out = check_output_file(json_out)
     report = evaluate_folders(pred, gt, trimap, workers=workers)
     for line in report.issues:

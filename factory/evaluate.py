@@ -140,6 +140,17 @@ def pair_by_key(keys: list[str], mattes: dict[str, Path]) -> dict[str, Path]:
     return pairs
 
 
+def check_report_file(path: Path, *folders: Path | None) -> None:
+    """Refuse a ``--json`` path that names an image in a folder eval reads (a typo such as
+    ``--json gt/a.png`` would replace a ground truth with the report)."""
+    target = path.resolve()
+    if not target.name.lower().endswith(IMAGE_SUFFIXES):
+        return
+    for folder in folders:
+        if folder is not None and target.parent == folder.resolve():
+            raise InputError(f"--json {path} names an image in {folder}, which eval reads; give a .json file elsewhere")
+
+
 def _check_folder(path: Path | None, what: str) -> None:
     if path is None:
         return

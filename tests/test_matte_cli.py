@@ -114,11 +114,16 @@ def test_eval_reports_missing_predictions(cli, folders, tmp_path: Path) -> None:
         (["matte", "IN", "--out", "OUT", "--bits", "12"], "8 or 16"),
         (["matte", "IN", "--out", "OUT", "--reference", "0,255"], "R,G,B"),
         (["eval", "--pred", "MISSING", "--gt", "GT"], "does not exist"),
+        (["eval", "--pred", "GT", "--gt", "GT", "--json", "GT/disc.png"], "names an image in"),
+        (["eval", "--pred", "GT", "--gt", "GT", "--json", "GT/new.PNG"], "names an image in"),
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(cli, folders, tmp_path: Path, args, message) -> None:
     subst = {"IN": folders["in"], "OUT": tmp_path / "o", "GT": folders["gt"], "MISSING": tmp_path / "nope"}
-    res = cli([subst.get(a, a) for a in args])
+    head = lambda a: a.partition("/")[0]  # noqa: E731 - "GT/disc.png": a file in a substituted folder
+    before = _snapshot(folders["gt"])
+    res = cli([subst[head(a)] / a.partition("/")[2] if head(a) in subst and "/" in a else subst.get(a, a) for a in args])
+    assert _snapshot(folders["gt"]) == before  # --json naming a ground truth leaves it alone
     assert res.code == 2
     assert res.err.count("\n") == 1 and res.err.startswith("error:") and message in res.err
 
