@@ -165,6 +165,21 @@ def test_dim_layout_read_by_a_vitmatte_style_loader(run_dir: Path, tmp_path: Pat
     assert "CC-BY-4.0" in (out / "README.md").read_text()
 
 
+def test_backgrounds_in_symlinked_folders_are_found_and_a_link_loop_ends(tmp_path: Path) -> None:
+    from factory.composite.backgrounds import from_folder
+
+    data = make_backgrounds(tmp_path / "data")
+    bgs = tmp_path / "bgs"
+    bgs.mkdir()
+    (bgs / "linked").symlink_to(data)  # a folder of links to datasets
+    (bgs / "loop").symlink_to(bgs)
+    (bgs / "gone").symlink_to(tmp_path / "nowhere")
+    src = from_folder(bgs)
+    assert [r.id for r in src.refs] == ["linked/a.png", "linked/sub/b.jpg", "linked/sub/c.png"]
+    assert src.skipped == 1  # linked/broken.jpg
+    assert bgs / "linked" in src.roots
+
+
 def test_dim_gives_two_backgrounds_that_flatten_alike_two_files(run_dir: Path, tmp_path: Path, capsys) -> None:
     """``a/b.png`` flattened is ``a__b.png``, the name of another background at the top."""
     bgs = tmp_path / "bgs"

@@ -47,7 +47,7 @@ class BackgroundSource:
     kind: str  # folder, shards, procedural
     description: str
     skipped: int = 0  # unreadable files
-    roots: tuple[Path, ...] = ()  # the folder or shard files read (none for procedural)
+    roots: tuple[Path, ...] = ()  # the folder (and its symlinked sub-folders) or shard files read
 
     def by_id(self) -> dict[str, BackgroundRef]:
         if getattr(self, "_ids", None) is None:
@@ -110,20 +110,38 @@ def _per_image_licences(root: Path) -> dict[str, str]:
     return out
 
 
+def _image_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """The image files under ``root`` (hidden names left out), in sorted order, and the symlinked
+    folders walked. Symlinked folders are followed (a folder of links to datasets is a common
+    layout), each real folder once, so a link loop ends."""
+    seen: set[tuple[int, int]] = set()
+    found, linked = [], []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if folder != str(root) and os.path.islink(folder):
+            linked.append(Path(folder))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: which alias is kept is fixed
+        found += [Path(folder) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file()), linked
+
+
 def from_folder(root: Path) -> BackgroundSource:
     default = _licence_file(root) or "unknown (no LICENSE file)"
     per_image = _per_image_licences(root)
     refs, skipped = [], 0
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in p.relative_to(root).parts):
-            continue
+    files, linked = _image_files(root)
+    for p in files:
         size = _header_size(p)
         if size is None:
             skipped += 1
             continue
         rel = p.relative_to(root).as_posix()
         refs.append(BackgroundRef(rel, str(p), per_image.get(rel, default), size))
-    return BackgroundSource(refs, "folder", f"folder {root}", skipped, (root,))
+    return BackgroundSource(refs, "folder", f"folder {root}", skipped, (root, *linked))
 
 
 def from_shards(spec: str) -> BackgroundSource:
