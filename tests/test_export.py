@@ -344,6 +344,12 @@ def test_plan_order_split_rules() -> None:
     assert other["key"].to_pylist() != ordered["key"].to_pylist()
 
 
+def test_the_progress_bar_rate_shows_a_slow_export_in_a_unit_that_is_not_zero() -> None:
+    from factory.export.run import bar_rate
+
+    assert bar_rate(150e3) == "150 kB/s" and bar_rate(2.5e6) == "2.5 MB/s" and bar_rate(0.0) == "0 B/s"
+
+
 def test_option_parsing() -> None:
     assert parse_splits(["val=0.05", "test=0.1"]) == {"val": 0.05, "test": 0.1}
     assert parse_splits(["val=0.05,test=0.1"]) == {"val": 0.05, "test": 0.1}

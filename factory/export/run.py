@@ -100,6 +100,11 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{per_s:.0f} B/s"
 
 
+def bar_rate(bytes_per_s: float) -> str:
+    """The progress bar's rate, in the unit that shows a non-zero figure (``150 kB/s``, not ``0 MB/s``)."""
+    return _rate(bytes_per_s, 1.0)
+
+
 def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None = None) -> ExportSummary:
     """Export a run. ``on_problem`` receives each ``KEY: corrupt ...`` line as it is found."""
     start = time.perf_counter()
@@ -119,7 +124,7 @@ def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None 
         outdir.write_state(export_state(p, "writing", started=started))
         output = FORMATS[p.settings.format]
         try:
-            with rate_bar("export", p.ordered.num_rows, options.progress, lambda r: f"{r / 1e6:.0f} MB/s") as advance:
+            with rate_bar("export", p.ordered.num_rows, options.progress, bar_rate) as advance:
                 try:
                     result = output.write(p, outdir, advance, problems_cb)
                 except KeyboardInterrupt as exc:
