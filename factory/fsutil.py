@@ -273,6 +273,8 @@ def link_tree(src: Path, dst: Path) -> None:
 
 def check_writable_dir(path: Path, what: str = "output folder") -> None:
     """Create ``path`` if needed and prove it writable with a probe file; one-line error if not."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a folder ({what} expected)")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = temp_name(path / "probe")

@@ -113,6 +113,7 @@ def test_eval_reports_missing_predictions(cli, folders, tmp_path: Path) -> None:
         (["matte", "MISSING", "--out", "OUT"], "does not exist"),
         (["matte", "IN", "--out", "OUT", "--bits", "12"], "8 or 16"),
         (["matte", "IN", "--out", "OUT", "--reference", "0,255"], "R,G,B"),
+        (["matte", "IN", "--out", "GT/disc.png"], "gt/disc.png: exists and is not a folder"),
         (["eval", "--pred", "MISSING", "--gt", "GT"], "does not exist"),
         (["eval", "--pred", "GT", "--gt", "GT", "--json", "GT/disc.png"], "names an image in"),
         (["eval", "--pred", "GT", "--gt", "GT", "--json", "GT/new.PNG"], "names an image in"),
