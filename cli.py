@@ -688,8 +688,8 @@ def train_cmd(
     lr_scheduler: Annotated[Optional[str], typer.Option("--lr_scheduler", help="diffusers lr schedule name. Default: constant_with_warmup.")] = None,
     lr_warmup_steps: Annotated[Optional[int], typer.Option("--lr_warmup_steps", min=0, help="Warm-up steps of the lr schedule. Default: 100.")] = None,
     mixed_precision: Annotated[
-        Optional[str], typer.Option("--mixed_precision", help="no, fp16 or bf16 (autocast; trainable weights stay float32). "
-                                    "Default: bf16 on CUDA, no on CPU.")
+        Optional[str], typer.Option("--mixed_precision", help="no, fp16, bf16 (autocast; trainable weights stay float32) or auto. "
+                                    "Default: auto, which is bf16 on CUDA and no on CPU.")
     ] = None,
     checkpoint_every: Annotated[
         Optional[int], typer.Option("--checkpointing_steps", "--checkpoint-every", min=1,

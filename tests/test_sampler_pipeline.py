@@ -145,7 +145,7 @@ def test_noise_shift_changes_images_deterministically(sampler) -> None:
 def test_user_errors_are_one_line_input_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="dtype"):
         load_sampler(ModelSpec(source="tiny"), SETTINGS, CanvasSettings(), dtype="fp8")
-    with pytest.raises(InputError, match="safety checker"):
+    with pytest.raises(InputError, match=r"no safety checker; turn the safety checker off \(no --safety-checker, or model.safety_checker: false\)"):
         load_sampler(ModelSpec(source="tiny", safety_checker=True), SETTINGS, CanvasSettings())
     with pytest.raises(InputError, match="not found"):
         load_sampler(ModelSpec(source=str(tmp_path / "nope")), SETTINGS, CanvasSettings())

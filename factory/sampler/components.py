@@ -223,7 +223,7 @@ def load_diffusers_folder(
     check_weights(folder, allow_pickle)
     has_checker = isinstance(index.get("safety_checker"), list) and index["safety_checker"][0] is not None
     if safety_checker and not has_checker:
-        raise InputError(f"{folder}: the model has no safety checker; set model.safety_checker: false to run without one")
+        raise InputError(f"{folder}: the model has no safety checker; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
     kwargs: dict[str, Any] = {}
     if not (safety_checker and has_checker):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -201,7 +201,7 @@ def load_tiny(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> M
     from factory.sampler.tiny import TINY_NOTE, TINY_SAMPLE_SIZE, build_tiny_components
 
     if model.safety_checker:
-        raise InputError("the tiny model has no safety checker; set model.safety_checker: false")
+        raise InputError("the tiny model has no safety checker; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
     parts = build_tiny_components(src.seed)
     comps = ModelComponents(
         kind=TINY,
@@ -234,7 +234,7 @@ def load_diffumatting(src: ModelSource, model: ModelSpec, torch_dtype: torch.dty
 
     comps = load_checkpoint(src.path, torch_dtype=torch_dtype, resolve_base=resolve)
     if model.safety_checker and comps.safety_checker is None:
-        raise InputError(f"{src.ref}: the checkpoint's base has no safety checker; set model.safety_checker: false")
+        raise InputError(f"{src.ref}: the checkpoint's base has no safety checker; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
     return comps
 
 
@@ -360,7 +360,7 @@ def _single_file_safety_checker(config: Path, model: ModelSpec, torch_dtype: tor
 
     folder = config / "safety_checker"
     if not folder.is_dir() or not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
-        raise InputError(f"{config}: no safety checker weights for this single file; set model.safety_checker: false to run without one")
+        raise InputError(f"{config}: no safety checker weights for this single file; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
     check_flat_weights(folder, model.allow_pickle)
     try:
         checker = StableDiffusionSafetyChecker.from_pretrained(
