@@ -268,6 +268,22 @@ def test_objects_from_an_export_and_backgrounds_from_shards_with_licences(run_di
     assert "CC0 #" in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("fmt", ["webdataset", "folder"])
+def test_objects_from_an_unfinished_export_are_refused(run_dir: Path, tmp_path: Path, capsys, fmt: str) -> None:
+    """An interrupted export's finished shards (or files) would pass for the whole export."""
+    export = tmp_path / "export"
+    args = ["export", "--run", run_dir, "--all", "--split", "none", "--format", fmt, "-o", export]
+    assert cli(capsys, *args, *(["--maxcount", 2] if fmt == "webdataset" else []))[0] == 0
+    state = json.loads((export / "export.json").read_text())
+    (export / "export.json").write_text(json.dumps({**state, "state": "writing"}))  # as a killed export leaves it
+    specs = [export, *sorted(export.glob("*.tar"))[:1]]
+    for spec in specs:
+        out = tmp_path / "out"
+        code, _, err = cli(capsys, "composite", "--objects", spec, "-b", "procedural", "--size", 48, "-k", 1, "-o", out)
+        assert code == 2 and "an unfinished export" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 def _data_files(out: Path) -> dict[str, bytes]:
     skip = {"README.md", "composite.json", ".lock"}
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}

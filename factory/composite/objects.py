@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from factory.composite.placement import crop_to_alpha
-from factory.composite.shards import Member, index_shards, is_shards
+from factory.composite.shards import Member, index_shards, is_shards, shard_paths
 from factory.errors import InputError
 from factory.imageio import decode_alpha, decode_rgb
 
@@ -85,9 +85,29 @@ def from_run(run: Path | None, selection: str | None) -> ObjectSource:
     return ObjectSource(refs, f"run {store.root}: {src.description}")
 
 
+def _check_finished(spec: str) -> None:
+    """Refuse an export that ``factory export`` has not finished (interrupted, or being written):
+    its finished shards or files are a part of it that would pass for the whole."""
+    from factory.export.outdir import EXPORT_FILE, EXPORT_KIND
+
+    folder = Path(spec) if Path(spec).is_dir() else shard_paths(spec)[0].parent if is_shards(spec) else None
+    if folder is None or not (folder / EXPORT_FILE).is_file():
+        return
+    try:
+        state = json.loads((folder / EXPORT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(state, dict) and state.get("kind") == EXPORT_KIND and state.get("state") != "complete":
+        raise InputError(
+            f"--objects {spec}: an unfinished export ({EXPORT_FILE} says {state.get('state')!r}); "
+            "re-run its `factory export` command to finish it"
+        )
+
+
 def from_export(spec: str) -> ObjectSource:
     """An export: WebDataset shards (``KEY.fg.png``, ``KEY.alpha.png``, ``KEY.json``) or a folder
-    export (``SPLIT/fg/``, ``SPLIT/alpha/``, ``SPLIT/metadata.jsonl``)."""
+    export (``SPLIT/fg/``, ``SPLIT/alpha/``, ``SPLIT/metadata.jsonl``), finished."""
+    _check_finished(spec)
     if is_shards(spec):
         refs = []
         for key, members in sorted(index_shards(spec).items()):
