@@ -223,12 +223,25 @@ def test_run_folder_rules(toy: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ the command
 
 
-def test_cli_train_then_generate_uses_the_head(toy: Path, tmp_path: Path, cli) -> None:
+def test_cli_train_then_generate_uses_the_head(toy: Path, tmp_path: Path, cli, monkeypatch) -> None:
     """diffusers' option names; the run folder and its checkpoints load in diffusers as they are, and
-    in `factory generate --model` with the head; TensorBoard's reader reads the logged losses back."""
+    in `factory generate --model` with the head; TensorBoard's reader reads the logged losses back.
+    Checkpoints are written with transformers quiet (its shard bar, its image-processor notices)."""
     import numpy as np
     from diffusers import StableDiffusionPipeline
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.utils import logging as tlog
+
+    import factory.sampler
+
+    writes: list[tuple[int, bool]] = []
+    save = factory.sampler.save_checkpoint
+
+    def recording_save(*args, **kwargs):
+        writes.append((tlog.get_verbosity(), tlog.is_progress_bar_enabled()))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(factory.sampler, "save_checkpoint", recording_save)
 
     out = tmp_path / "C"
     cfg = tmp_path / "train.yaml"
@@ -237,6 +250,7 @@ def test_cli_train_then_generate_uses_the_head(toy: Path, tmp_path: Path, cli) -
              "--config", cfg, "--checkpointing_steps", "2", "--learning_rate", "1e-4", "--train_batch_size", "2",
              "--gradient_accumulation_steps", "1", "--mixed_precision", "no", "--report_to", "tensorboard"])  # fmt: skip
     assert r.code == 0, r.err
+    assert writes and all(level >= tlog.ERROR and not bars for level, bars in writes), writes
     assert "trained 3 steps (0 -> 3 of 3)" in r.out and f"factory generate --model {out.resolve()}" in r.out
     assert f"tensorboard --logdir {out.resolve() / 'logs'}" in r.out
     assert len(list((out / "validation/step-00000003").glob("*.alpha.png"))) == 4

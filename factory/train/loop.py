@@ -123,20 +123,6 @@ def _next_batch(loader: Any) -> dict[str, Any]:
         raise
 
 
-@contextlib.contextmanager
-def _no_progress_bars() -> Any:
-    """Silence transformers' "Writing model shards" bar while a checkpoint is written."""
-    from transformers.utils import logging as tlog
-
-    was = tlog.is_progress_bar_enabled()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tlog.enable_progress_bar()
-
-
 class Trainer:
     """One training process: models, optimizer, data, and the step/checkpoint/resume logic."""
 
@@ -476,6 +462,7 @@ class Trainer:
 
     def _write_checkpoint(self, ckpt: Path, rng: list[dict[str, Any]]) -> None:
         from factory.sampler import ModelComponents, save_checkpoint
+        from factory.sampler.components import quiet_transformers
 
         cfg, comps = self.cfg, self.components
         training = {
@@ -502,7 +489,9 @@ class Trainer:
             kind=comps.kind, ref=comps.ref, unet=self.unet, vae=vae, text_encoder=text_encoder, loras=comps.loras,
             tokenizer=comps.tokenizer, scheduler=comps.scheduler, head=self.head if self.head_trained else None, base=comps.base,
         )  # fmt: skip
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), _no_progress_bars():
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext(), quiet_transformers():
+            # quiet: the "Writing model shards" bar and the lazy image-processor import's
+            # "requires torchvision" notices
             save_checkpoint(ckpt, view, head=True, training=training, base_identity=self.job.base_identity, overwrite=True, parts_from=parts_from)
         self.parts_from = ckpt
         state = {
