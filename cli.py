@@ -305,7 +305,8 @@ def matte_cmd(
     despilled) and OUT/matte.csv (per file: status, GSG score and distance, canvas colour,
     background uniformity, key-colour flag, timings). A corrupt or non-RGB file is reported in one
     line and skipped; an image without a green board (all red, any grey image) is reported as
-    no_board and gets no outputs. Exit code: 0 if at least one image was matted, 1 if none could be, 2 for bad
+    no_board and gets no outputs. Exit code: 0 if at least one image was matted, 1 if none could be or
+    an output could not be written (a full disk stops the run), 2 for bad
     usage (missing folder, no images, unwritable output, an OUT that is IN_DIR or inside it, or one
     holding files of the same names that `factory matte` did not write).
     """

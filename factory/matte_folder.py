@@ -16,6 +16,8 @@ The output folder may not be the input folder or lie inside it, and a folder alr
 this run would write is refused unless it is a ``factory matte`` folder: ``matte.csv`` is written
 first (again at the end, complete, or at Ctrl-C with the files done so far) and marks it, so a
 rerun, even after a kill, may replace it. Ctrl-C stops after the few images queued for the workers.
+An output that cannot be written (a full disk, no permission) stops the run with one line and exit
+1, ``matte.csv`` holding the rows done so far.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def matte_one(
     path: Path, out_dir: Path, bits: int, settings: GreenPostSettings, reference: tuple[int, int, int]
 ) -> dict[str, Any]:
     """Matte one file and write its outputs; a bad input becomes a 'skipped' row, an unexpected
-    error a 'failed' row (one bad file never stops the folder)."""
+    error a 'failed' row (one bad file never stops the folder). An output that cannot be written
+    (a full disk, no permission) raises ``RunError``: the next image would fail the same way."""
     start = time.perf_counter()
     try:
         image, orientation = read_rgb_oriented(path)
@@ -124,12 +127,13 @@ def matte_one(
         alpha = orient(result.alpha, orientation)  # the outputs face the way the photo is shown
         if result.no_board:
             return _no_board_row(path, result, alpha.shape, score.score, start)
-        atomic_write_bytes(out_dir / f"{path.stem}.alpha.png", encode_alpha_png(alpha, bits), fsync=False)
-        atomic_write_bytes(out_dir / f"{path.stem}.fg.png", encode_png(orient(result.fg, orientation)), fsync=False)
+        files = {".alpha.png": encode_alpha_png(alpha, bits), ".fg.png": encode_png(orient(result.fg, orientation))}
     except FactoryError as exc:
         return _row(path, STATUS_SKIPPED, str(exc).replace(f"{path}: ", ""))
     except Exception as exc:  # noqa: BLE001 - reported per file, the run goes on
         return _row(path, STATUS_FAILED, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    for suffix, data in files.items():
+        atomic_write_bytes(out_dir / f"{path.stem}{suffix}", data, fsync=False)
     row = _row(path, STATUS_OK)
     h, w = alpha.shape
     row.update(

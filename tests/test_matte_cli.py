@@ -450,3 +450,30 @@ def test_broken_symbolic_links_are_reported_not_ignored(cli, folders, tmp_path: 
     res = cli(["eval", "--pred", out, "--gt", gt, "--workers", "1"])
     assert res.code == 0 and "1 image" in res.out
     assert "skipped hair:" in res.err and "not a readable alpha matte" in res.err
+
+
+def test_a_full_disk_stops_matte_with_one_line_and_keeps_the_rows_done(cli, folders, tmp_path: Path, monkeypatch) -> None:
+    """The first image's outputs are written, the disk is then full: the run stops there (exit 1,
+    one line), not marking every later image 'skipped' with exit 0; matte.csv keeps the first row."""
+    import errno
+
+    import factory.matte_folder as mf
+    from factory.fsutil import write_error
+
+    written: list[str] = []
+    real_write = mf.atomic_write_bytes
+
+    def filling_write(path: Path, data: bytes, fsync: bool = True) -> None:
+        if len(written) >= 2:  # the first image's alpha and foreground fit
+            raise write_error(OSError(errno.ENOSPC, "No space left on device"), path)
+        written.append(Path(path).name)
+        real_write(path, data, fsync=fsync)
+
+    monkeypatch.setattr(mf, "atomic_write_bytes", filling_write)
+    out = tmp_path / "o"
+    res = cli(["matte", folders["in"], "--out", out, "--workers", "1"])
+    assert res.code == 1 and res.err.count("error:") == 1 and "error: disk full while writing" in res.err, res.err
+    first = written[0].removesuffix(".alpha.png")
+    assert written == [f"{first}.alpha.png", f"{first}.fg.png"]
+    ok = [row for row in read_csv(out / "matte.csv").values() if row["status"] == "ok"]
+    assert [Path(row["file"]).stem for row in ok] == [first]
