@@ -360,6 +360,33 @@ class FileLock:
         self.release()
 
 
+class FolderLock:
+    """An exclusive advisory lock (``flock``) on a folder itself, for a command that writes into a
+    folder it does not own (``factory matte``'s output): no lock file is left among the user's."""
+
+    def __init__(self, folder: Path, busy_message: str) -> None:
+        self._fd: int | None = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self.release()
+            raise InputError(busy_message) from exc
+        except OSError:  # a file system without locks: run unlocked, as before locks existed
+            pass
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 # ------------------------------------------------------------------------------ owned output folders
 
 #: The lock file of an output folder a command owns (export, composite).

@@ -15,7 +15,8 @@ are written to a temporary name and renamed, so an interrupted run leaves no hal
 The output folder may not be the input folder or lie inside it, and a folder already holding a name
 this run would write is refused unless it is a ``factory matte`` folder: ``matte.csv`` is written
 first (again at the end, complete, or at Ctrl-C with the files done so far) and marks it, so a
-rerun, even after a kill, may replace it. Ctrl-C stops after the few images queued for the workers.
+rerun, even after a kill, may replace it (and removes the temporary files a killed run left). One
+run writes a folder at a time (a lock on the folder itself). Ctrl-C stops after the few images queued for the workers.
 An output that cannot be written (a full disk, no permission) stops the run with one line and exit
 1, ``matte.csv`` holding the rows done so far.
 """
@@ -35,7 +36,7 @@ from typing import Any
 
 from factory.errors import FactoryError, InputError
 from factory.feedback import Feedback, plural
-from factory.fsutil import AtomicFile, atomic_write_bytes, check_writable_dir
+from factory.fsutil import TMP_PREFIX, AtomicFile, FolderLock, atomic_write_bytes, check_writable_dir
 from factory.imageio import IMAGE_SUFFIXES, encode_alpha_png, encode_png, orient, read_rgb_oriented
 from factory.matte.pipeline import GreenPostSettings, MatteResult, greenpost
 from factory.score import REFERENCE_GREEN, gsg
@@ -254,6 +255,40 @@ def matte_folder(
         raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {in_dir}")
     check_out_dir(in_dir, out_dir, images)
     check_writable_dir(out_dir)  # created only once there is something to write
+    with FolderLock(out_dir, f"{out_dir}: another factory matte is writing here; wait for it or choose another --out"):
+        remove_stale_temporaries(out_dir)
+        return _matte_all(in_dir, out_dir, images, rows, bits, workers, settings, reference, progress, log, start)
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete the temporary files a killed run left in ``out_dir`` (call it holding the folder's
+    lock): only the names this command writes through a temporary, ``.tmp-STEM.alpha.png.*``,
+    ``.tmp-STEM.fg.png.*`` and ``.tmp-matte.csv.*``; anything else in the folder is the user's."""
+    removed = 0
+    for path in out_dir.glob(f"{TMP_PREFIX}*"):
+        final = path.name[len(TMP_PREFIX) :]
+        ours = any(f"{suffix}." in final for suffix in OUTPUT_SUFFIXES) or final.startswith(f"{SUMMARY_NAME}.")
+        if ours and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _matte_all(
+    in_dir: Path,
+    out_dir: Path,
+    images: list[Path],
+    rows: list[dict[str, Any]],
+    bits: int,
+    workers: int | None,
+    settings: GreenPostSettings | None,
+    reference: tuple[int, int, int],
+    progress: bool,
+    log: Callable[[str], None] | None,
+    start: float,
+) -> MatteFolderSummary:
+    """The run itself, the output folder locked."""
     summary_path = out_dir / SUMMARY_NAME
     write_summary(rows, summary_path)  # marks the folder as this command's before any output
     settings = settings or GreenPostSettings()

@@ -477,3 +477,21 @@ def test_a_full_disk_stops_matte_with_one_line_and_keeps_the_rows_done(cli, fold
     assert written == [f"{first}.alpha.png", f"{first}.fg.png"]
     ok = [row for row in read_csv(out / "matte.csv").values() if row["status"] == "ok"]
     assert [Path(row["file"]).stem for row in ok] == [first]
+
+
+def test_one_matte_run_per_output_folder_and_a_killed_runs_temporaries_are_removed(cli, folders, tmp_path: Path) -> None:
+    from factory.fsutil import FolderLock
+
+    out = tmp_path / "o"
+    assert cli(["matte", folders["in"], "--out", out, "--workers", "1"]).code == 0
+    killed = [out / ".tmp-disc.alpha.png.999.abcd1234", out / ".tmp-matte.csv.999.abcd1234"]
+    users = [out / ".tmp-notes.txt", out / "sub" / ".tmp-disc.alpha.png.1.a"]
+    (out / "sub").mkdir()
+    for path in killed + users:
+        path.write_bytes(b"x")
+    with FolderLock(out, "busy"):  # another run holds the folder
+        res = cli(["matte", folders["in"], "--out", out, "--workers", "1"])
+        assert res.code == 2 and res.err == f"error: {out}: another factory matte is writing here; wait for it or choose another --out\n"
+        assert all(path.exists() for path in killed)  # a live run's temporaries are left alone
+    assert cli(["matte", folders["in"], "--out", out, "--workers", "1"]).code == 0
+    assert not any(path.exists() for path in killed) and all(path.exists() for path in users)
