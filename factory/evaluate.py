@@ -9,8 +9,9 @@ given, is ``TRIMAP/KEY.<image suffix>`` (0 background, 255 foreground, any other
 A matte may be 8- or 16-bit grey, RGB with equal channels, or a cut-out whose alpha channel is the
 matte (RGBA); a colour image is not a matte and is reported (``factory.imageio.alpha_from_image``).
 
-A ground truth without a prediction (or trimap), or a pair whose sizes differ, is reported and left
-out of the mean; no pair at all is an error. Metric definitions: ``factory.metrics``.
+A ground truth without a prediction (or trimap), a pair whose sizes differ, or a trimap without an
+unknown pixel (a binary mask: its metrics would be a perfect 0) is reported and left out of the
+mean; no pair at all is an error. Metric definitions: ``factory.metrics``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from factory.errors import FactoryError, InputError
 from factory.feedback import plural
 from factory.imageio import IMAGE_SUFFIXES, read_alpha
-from factory.metrics import METRIC_NAMES, evaluate_pair
+from factory.metrics import METRIC_NAMES, evaluate_pair, unknown_region
 
 LABELS = {
     "sad": "SAD",
@@ -166,6 +167,9 @@ def _evaluate_one(stem: str, pred: Path, gt: Path, trimap: Path | None) -> dict[
         t = read_alpha(trimap) if trimap is not None else None
         if p.shape != g.shape:
             raise InputError(f"{pred.name} is {p.shape[1]}x{p.shape[0]}, ground truth {g.shape[1]}x{g.shape[0]}")
+        if t is not None and not unknown_region(t, g.shape).any():
+            # its metrics would be 0, a perfect score in the mean for an image never looked at
+            raise InputError(f"{trimap.name} has no unknown pixel (only 0 and 255: a mask, not a trimap?); nothing to score")
         return {"image": stem, **evaluate_pair(p, g, t)}
     except FactoryError as exc:
         return {"image": stem, "error": str(exc)}

@@ -495,3 +495,17 @@ def test_one_matte_run_per_output_folder_and_a_killed_runs_temporaries_are_remov
         assert all(path.exists() for path in killed)  # a live run's temporaries are left alone
     assert cli(["matte", folders["in"], "--out", out, "--workers", "1"]).code == 0
     assert not any(path.exists() for path in killed) and all(path.exists() for path in users)
+
+
+def test_eval_leaves_out_an_image_whose_trimap_has_no_unknown_pixel(cli, folders, tmp_path: Path) -> None:
+    """A binary mask passed as a trimap scores 0 (perfect) on an empty region: reported, not averaged."""
+    trimap = tmp_path / "trimap"
+    trimap.mkdir()
+    Image.open(folders["trimap"] / "hair.png").save(trimap / "hair.png")
+    mask = (np.asarray(Image.open(folders["gt"] / "disc.png").convert("L")) >= 128).astype(np.uint8) * 255
+    Image.fromarray(mask).save(trimap / "disc.png")
+    res = cli(["eval", "--pred", folders["gt"], "--gt", folders["gt"], "--trimap", trimap, "--json", tmp_path / "r.json"])
+    assert res.code == 0, res.err
+    assert "skipped disc: disc.png has no unknown pixel (only 0 and 255: a mask, not a trimap?)" in res.err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["count"] == 1 and [row["image"] for row in data["images"]] == ["hair"]
