@@ -287,3 +287,32 @@ def test_check_bar_on_a_terminal_only_and_never_with_quiet(cli, tmp_path: Path, 
     assert res.code == 1 and res.err == ""
     assert res.out.splitlines() == [f"{rows[1].key}: corrupt image ({rows[1].key}.png: 0 bytes, the index says "
                                     f"{store.index()['image_bytes'][1]})"]
+
+
+def test_a_row_rebuilt_from_json_has_every_score_of_the_committed_row(tmp_path: Path) -> None:
+    """A damaged index is rebuilt from the samples' JSON: each rebuilt row must carry what `filter`
+    reads, the matte's trust measures included (without them a sample with no board or an untrusted
+    matte passed every filter once its index had been rebuilt). Only what the JSON never records
+    (timings, the worker, the prompt's token count) may differ."""
+    from factory.finish import CONFIDENCE_FIELDS, FinishSettings, metadata
+    from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS
+    from factory.store.recover import row_from_metadata
+    from factory.store.tables import index_row
+
+    store, _ = make_tiny_run(tmp_path, 1, 0)
+    row = table_rows(store.plan())[0]
+    trust = dict(zip(CONFIDENCE_FIELDS, (True, 0.25, 20.5, 0.125, 0.5, 0.0625)))
+    res = sample_result(row, trust)
+    files = dict(res.files)
+    sizes = {suffix: len(files[suffix]) for suffix in (".png", ".alpha.png", ".fg.png")}
+    meta = json.loads(json.dumps(metadata(row, res.fields, sizes, FinishSettings(model="fake:1", canvas_color=(0, 255, 0)))))
+    files[".json"] = json.dumps(meta).encode()
+    file_sizes = {suffix: len(files[suffix]) for suffix in SAMPLE_SUFFIXES}
+    committed = index_row(res, {**res.fields, **{SIZE_COLUMNS[s]: n for s, n in file_sizes.items()}})
+    rebuilt = row_from_metadata(meta, store.plan_reader().take([0]).to_pylist()[0], file_sizes)
+
+    assert rebuilt is not None
+    not_in_json = {"t_sample_s", "t_post_s", "worker", "updated_at", "prompt_tokens"}
+    differ = {name: (committed[name], rebuilt.get(name)) for name in committed if name not in not_in_json and committed[name] != rebuilt.get(name)}
+    assert differ == {}
+    assert rebuilt["no_board"] is True and rebuilt["matte_residual"] == 20.5 and rebuilt["matte_confidence"] == 0.0625

@@ -23,8 +23,13 @@ from factory.plan import PLAN_SCHEMA
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE
 from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, SAMPLES_DIR
 
-#: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's).
-_SCORES = ("gsg", "gsg_distance", "bg_uniformity", "canvas_color", "alpha_coverage", "touches_border", "contains_key_color")
+#: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's): every
+#: score the index holds, the matte's trust measures included (``filter`` drops on ``no_board``,
+#: ``matte_residual`` and ``matte_confidence``; a row without them would pass those filters).
+_SCORES = (
+    "gsg", "gsg_distance", "bg_uniformity", "canvas_color", "alpha_coverage", "touches_border", "contains_key_color",
+    "no_board", "key_colored_fraction", "matte_residual", "matte_green_residue", "matte_ambiguous", "matte_confidence",
+)  # fmt: skip
 
 
 def set_aside(path: Path) -> Path:
