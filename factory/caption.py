@@ -306,12 +306,14 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
     empty = 0
     notes: list[str] = []
     caption_seconds = 0.0
-    # The model is loaded first, in this process or on every Ray actor: one that cannot load stops
-    # the command before a journal or a progress bar exists.
-    captioner = Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device) if todo and not opts.ray else None
     if todo:
-        actors = _RayCaptioners(opts, str(folder), out) if opts.ray else contextlib.nullcontext()
-        with actors as pool, journal_path(out).open("a", encoding="utf-8") as journal, Feedback("caption", enabled=opts.progress) as fb:
+        # The model is loaded first, in this process or on every Ray actor, under a status line: one
+        # that cannot load stops the command before a journal or a progress bar exists.
+        with (
+            Feedback("caption", enabled=opts.progress) as fb,
+            _loaded(opts, folder, out, fb) as (captioner, pool),
+            journal_path(out).open("a", encoding="utf-8") as journal,
+        ):
             bar = fb.bar(unique)  # on a terminal only, none with -q; the samples done before count as complete
             if done_before:
                 fb.advance(bar, done_before)
@@ -349,6 +351,21 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
         out=out, samples=unique, done_before=done_before, captioned=len(todo), empty=empty,
         seconds=time.perf_counter() - start, model=opts.model, engine=engine, notes=notes, caption_seconds=caption_seconds,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _loaded(
+    opts: CaptionOptions, folder: Path, out: Path, fb: Feedback
+) -> Iterator[tuple[Captioner | None, _RayCaptioners | None]]:
+    """The model loaded in this process (a captioner) or on ``opts.workers`` Ray actors (a pool),
+    with a status line while it loads (minutes for a large model)."""
+    if opts.ray:
+        fb.status(f"starting Ray, loading {folder.name} on {plural(opts.workers, 'actor')}")
+        with _RayCaptioners(opts, str(folder), out) as pool:
+            yield None, pool
+    else:
+        fb.status(f"loading {folder.name}")
+        yield Captioner(str(folder), opts.prompt, opts.max_new_tokens, opts.device), None
 
 
 class _RayCaptioners:

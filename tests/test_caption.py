@@ -70,6 +70,8 @@ def test_caption_bar_on_a_terminal_only_and_none_with_quiet(blip: Path, toy: Pat
         r = cli([*flags, "caption", "--data", toy, "--model", blip, "--out", tmp_path / f"on{len(flags)}.jsonl", "--batch-size", "2"])
         assert r.code == 0 and r.err == "", r.err
         assert ("5/5" in screen.getvalue()) is bar and ("caption" in screen.getvalue()) is bar, screen.getvalue()
+        # a status line while the model loads (large models take minutes), before the bar
+        assert (f"caption: loading {blip.name}" in screen.getvalue()) is bar, screen.getvalue()
 
 
 def test_caption_resumes_on_ray_and_errors(blip: Path, toy: Path, tmp_path: Path, cli) -> None:
