@@ -275,6 +275,12 @@ def check_writable_dir(path: Path, what: str = "output folder") -> None:
     """Create ``path`` if needed and prove it writable with a probe file; one-line error if not."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a folder ({what} expected)")
+    dangling = _dangling_link(path)
+    if dangling is not None:
+        raise InputError(
+            f"{dangling}: is a symlink to {os.readlink(dangling)}, which does not exist; create that folder or "
+            f"choose another {what}"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = temp_name(path / "probe")
@@ -282,6 +288,15 @@ def check_writable_dir(path: Path, what: str = "output folder") -> None:
         probe.unlink()
     except OSError as exc:
         raise InputError(f"{path}: {what} is not writable ({exc.strerror or exc})") from exc
+
+
+def _dangling_link(path: Path) -> Path | None:
+    """``path`` or the first of its parents that is a symlink to nothing (``mkdir`` fails there
+    with a bare 'File exists'), or None."""
+    for p in reversed((path, *path.parents)):
+        if p.is_symlink() and not p.exists():
+            return p
+    return None
 
 
 def check_output_file(path: Path) -> Path:

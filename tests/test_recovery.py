@@ -506,3 +506,15 @@ def test_ctrl_c_while_the_worker_side_is_imported_says_what_to_run(cli, fake_exe
     monkeypatch.undo()
     result = cli(gen_args(small_manifest, run))
     assert result.code == 0, result.err
+
+
+def test_out_through_a_dangling_symlink_says_so_in_one_line(cli, small_manifest: Path, tmp_path: Path) -> None:
+    """``--out`` a symlink to nothing (or inside one): it said 'output directory is not writable (File
+    exists)', which is neither; nothing is created through the link."""
+    link = tmp_path / "dang"
+    link.symlink_to(tmp_path / "gone" / "run")
+    for out in (link, link / "sub"):
+        res = cli(gen_args(small_manifest, out))
+        assert res.code == 2 and res.err.count("\n") == 1, res.err
+        assert f"{link}: is a symlink to {tmp_path / 'gone' / 'run'}, which does not exist" in res.err, res.err
+    assert not (tmp_path / "gone").exists() and link.is_symlink()
