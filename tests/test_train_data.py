@@ -166,3 +166,18 @@ def test_step_batches_partition_the_stream_and_resume_exactly() -> None:
     ranks = [[item for micro in StepBatches(7, seed=1, start_step=0, end_step=6, batch=1, accum=2, world=2, rank=r) for item in micro] for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1], key=lambda t: t[1]) == full  # two ranks of batch 1 = one of batch 2
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_an_unfinished_export_is_refused_as_training_data(tmp_path: Path) -> None:
+    """A killed `factory export` leaves export.json at 'writing': its finished shards would pass for
+    the whole set, by folder, by shard file and by pattern; a finished one trains."""
+    import json
+
+    shards = make_toy_shards(tmp_path / "wds", n=6, per_shard=4)
+    marker = tmp_path / "wds" / "export.json"
+    marker.write_text(json.dumps({"kind": "factory-export", "state": "writing"}))
+    for source in (tmp_path / "wds", shards[0], tmp_path / "wds" / "train-{000000..000001}.tar"):
+        with pytest.raises(InputError, match=r"an unfinished export \(export.json says 'writing'\); re-run its `factory export`"):
+            scan_sources([str(source)])
+    marker.write_text(json.dumps({"kind": "factory-export", "state": "complete"}))
+    assert len(scan_sources([str(tmp_path / "wds")])) == 6

@@ -86,22 +86,12 @@ def from_run(run: Path | None, selection: str | None) -> ObjectSource:
 
 
 def _check_finished(spec: str) -> None:
-    """Refuse an export that ``factory export`` has not finished (interrupted, or being written):
-    its finished shards or files are a part of it that would pass for the whole."""
-    from factory.export.outdir import EXPORT_FILE, EXPORT_KIND
+    """Refuse an export that ``factory export`` has not finished (see ``check_export_finished``)."""
+    from factory.export.outdir import check_export_finished
 
     folder = Path(spec) if Path(spec).is_dir() else shard_paths(spec)[0].parent if is_shards(spec) else None
-    if folder is None or not (folder / EXPORT_FILE).is_file():
-        return
-    try:
-        state = json.loads((folder / EXPORT_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return
-    if isinstance(state, dict) and state.get("kind") == EXPORT_KIND and state.get("state") != "complete":
-        raise InputError(
-            f"--objects {spec}: an unfinished export ({EXPORT_FILE} says {state.get('state')!r}); "
-            "re-run its `factory export` command to finish it"
-        )
+    if folder is not None:
+        check_export_finished(folder, f"--objects {spec}")
 
 
 def from_export(spec: str) -> ObjectSource:

@@ -11,6 +11,7 @@ from typing import Any
 from factory import __version__
 from factory.export.prepare import Prepared
 from factory.export.schema import public_model
+from factory.errors import InputError
 from factory.fsutil import FileLock, atomic_write_text, open_owned_folder, remove_temporaries
 
 EXPORT_FILE = "export.json"
@@ -60,3 +61,21 @@ def export_state(p: Prepared, state: str, **extra: Any) -> dict[str, Any]:
         "factory_version": __version__,
         **extra,
     }
+
+
+def check_export_finished(folder: Path, what: str) -> None:
+    """Refuse ``folder`` when ``factory export`` started it and has not finished (interrupted, or
+    being written): its finished shards or files are a part that would pass for the whole. ``what``
+    names it in the error (``--data X``). A folder without ``export.json`` is not an export: no test."""
+    marker = Path(folder) / EXPORT_FILE
+    if not marker.is_file():
+        return
+    try:
+        state = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(state, dict) and state.get("kind") == EXPORT_KIND and state.get("state") != "complete":
+        raise InputError(
+            f"{what}: an unfinished export ({EXPORT_FILE} says {state.get('state')!r}); "
+            "re-run its `factory export` command to finish it"
+        )

@@ -111,12 +111,16 @@ def scan_sources(sources: Sequence[str]) -> list[Record]:
 
 
 def _scan_one(source: str) -> list[Record]:
+    from factory.export.outdir import check_export_finished
+
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix == ".tar":
+            check_export_finished(path.parent, source)
             return _scan_shards([path], source)
         raise InputError(f"{source}: not a folder or a .tar shard")
     if path.is_dir():
+        check_export_finished(path, source)
         split = path / "train"
         if not _paired_dirs(path) and _paired_dirs(split):
             path = split
@@ -139,6 +143,8 @@ def _scan_one(source: str) -> list[Record]:
             raise InputError(f"{source}: shard {missing[0]} not found")
         if not shards:
             raise InputError(f"{source}: matches no shard")
+        for folder in sorted({p.parent for p in shards}):
+            check_export_finished(folder, source)
         return _scan_shards(shards, source)
     raise InputError(f"{source}: training data not found")
 
