@@ -624,6 +624,9 @@ def composite_cmd(
     steps: Annotated[Optional[int], typer.Option("--steps", help="generative: inpainting steps.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel parts as Ray CPU tasks (1: in this process); --generative adds painter actors, one per GPU.")] = 1,
     address: Annotated[Optional[str], typer.Option("--address", help="Join this Ray cluster (auto, HOST:PORT).")] = None,
+    ray_tmp: Annotated[
+        Optional[Path], typer.Option("--ray-tmp", help="With --workers 2 or more: Ray's temporary folder (local Ray only). Default: one in the system temp dir.")
+    ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="generative: torch device (cpu, cuda).")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard an earlier composite in --out and start over.")] = False,
 ) -> None:
@@ -645,7 +648,7 @@ def composite_cmd(
     }
     overrides["size"] = size
     summary = run_composite(CompositeOptions(run=run, selection=selection, objects=objects, out=out, overrides=overrides,
-                                             restart=restart, workers=workers, address=address, device=device))
+                                             restart=restart, workers=workers, address=address, ray_tmp=ray_tmp, device=device))
     for line in summary.lines():
         _echo(line)
 
@@ -806,6 +809,9 @@ def caption_cmd(
     ray: Annotated[bool, typer.Option("--ray", help="Caption on Ray actors (one model each, one GPU each where there are GPUs).")] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="With --ray: the number of actors.")] = 1,
     address: Annotated[Optional[str], typer.Option("--address", help="With --ray: join this Ray cluster.")] = None,
+    ray_tmp: Annotated[
+        Optional[Path], typer.Option("--ray-tmp", help="With --ray: Ray's temporary folder (local Ray only). Default: one in the system temp dir.")
+    ] = None,
 ) -> None:
     """Caption a training set with an image-to-text model, for `factory train --captions`.
 
@@ -815,7 +821,7 @@ def caption_cmd(
 
     summary = run_caption(
         CaptionOptions(data=data, out=out, model=model, batch_size=batch_size, prompt=prompt, class_prefix=class_prefix,
-                       max_new_tokens=max_new_tokens, device=device, ray=ray, workers=workers, address=address)
+                       max_new_tokens=max_new_tokens, device=device, ray=ray, workers=workers, address=address, ray_tmp=ray_tmp)
     )  # fmt: skip
     for line in summary.lines():
         _echo(line)

@@ -62,6 +62,7 @@ class CaptionOptions:
     ray: bool = False
     workers: int = 1
     address: str | None = None
+    ray_tmp: Path | None = None  # with ray: Ray's temporary folder (local Ray only); None: one in the temp dir
     progress: bool = True
 
 
@@ -288,6 +289,8 @@ def run_caption(opts: CaptionOptions, on_batch: Callable[[int], None] | None = N
         raise InputError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if opts.workers < 1:
         raise InputError(f"--workers must be at least 1, got {opts.workers}")
+    if not opts.ray and (opts.workers > 1 or opts.address is not None or opts.ray_tmp is not None):
+        raise InputError("--workers, --address and --ray-tmp are for --ray (captioning on Ray actors); add --ray")
     out = opts.out.expanduser().resolve()
     if out.suffix.lower() != ".jsonl":
         raise InputError(f"{out}: the captions file must be .jsonl (what factory train --captions reads with class names)")
@@ -381,7 +384,7 @@ class _RayCaptioners:
         from factory.ray_session import start_ray
 
         self.out = out
-        self.session = start_ray(Path(tempfile.gettempdir()) / "factory-caption", opts.address, None, None, opts.workers)
+        self.session = start_ray(Path(tempfile.gettempdir()) / "factory-caption", opts.address, opts.ray_tmp, None, opts.workers)
         try:
             gpus = ray.cluster_resources().get("GPU", 0) if opts.device != "cpu" else 0
             per_actor = 1 if gpus >= 1 else 0

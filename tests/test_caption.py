@@ -167,3 +167,24 @@ def test_caption_on_ray_with_a_model_that_cannot_load(blip: Path, toy: Path, tmp
     assert re.search(r"\(ray\), [0-9.]+ s, [0-9.]+ img/s$", r.out.splitlines()[0]), r.out
     assert "Token authentication" not in r.err and "WARNING" not in r.err, r.err
     assert sorted(read_captions(out)) == [f"toy-{i:03d}" for i in range(5)] and not journal_path(out).exists()
+
+
+def test_caption_ray_options_reach_ray_and_need_ray(blip: Path, toy: Path, tmp_path: Path, cli, monkeypatch) -> None:
+    import factory.ray_session as ray_session
+    from factory.errors import InputError
+
+    caps = tmp_path / "c.jsonl"
+    for extra in (["--workers", "2"], ["--address", "auto"], ["--ray-tmp", tmp_path / "rt"]):
+        r = cli(["caption", "--data", toy, "--model", blip, "--out", caps, *extra])
+        assert r.code == 2 and r.err == "error: --workers, --address and --ray-tmp are for --ray (captioning on Ray actors); add --ray\n", r.err
+    seen: list = []
+
+    def no_ray(run_dir, address, ray_tmp, gpus, workers):
+        seen.append((ray_tmp, workers))
+        raise InputError("no Ray in this test")
+
+    monkeypatch.setattr(ray_session, "start_ray", no_ray)
+    r = cli(["caption", "--data", toy, "--model", blip, "--out", caps, "--ray", "--workers", "2", "--ray-tmp", tmp_path / "rt"])
+    assert r.code == 2 and "no Ray in this test" in r.err and seen == [(tmp_path / "rt", 2)], r.err
+    assert not caps.exists() and not journal_path(caps).exists()
+

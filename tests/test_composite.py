@@ -557,3 +557,24 @@ def test_the_progress_bar_shows_on_a_terminal_and_never_with_quiet(monkeypatch) 
             feedback.set_verbosity(feedback.NORMAL)
         text = screen.getvalue()
         assert ("composite (scenes)" in text and "3/3" in text and "/s" in text) is shown, text
+
+
+def test_ray_tmp_reaches_ray_and_is_refused_without_it(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ray-tmp is Ray's temporary folder for the fan-out (--workers 2+); with one worker the parts
+    run in this process and the option would be ignored, so it is refused."""
+    from factory.composite import fanout
+    from factory.errors import RunError
+
+    run = make_run(tmp_path, 2).root
+    common = ["composite", "--run", run, "-b", "procedural", "--size", 48, "-k", 1]
+    code, _, err = cli(capsys, *common, "--ray-tmp", tmp_path / "rt", "-o", tmp_path / "one")
+    assert code == 2 and err == "error: --ray-tmp is for Ray (--workers 2 or more); with one worker the parts run in this process\n", err
+    seen: list = []
+
+    def no_ray(run_dir, address, ray_tmp, gpus, workers):
+        seen.append(ray_tmp)
+        raise RunError("no Ray in this test")
+
+    monkeypatch.setattr(fanout, "start_ray", no_ray)
+    code, _, err = cli(capsys, *common, "--workers", 2, "--ray-tmp", tmp_path / "rt", "-o", tmp_path / "two")
+    assert code == 1 and "no Ray in this test" in err and seen == [tmp_path / "rt"], err

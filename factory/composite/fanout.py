@@ -87,10 +87,12 @@ def start_painters(model: str, device: str | None) -> list[Any]:
     return actors
 
 
-def run_parts_on_ray(jobs: list[PartJob], workers: int, address: str | None) -> Iterator[dict[str, Any]]:
-    """Run the parts as Ray tasks (painters too with --generative); yields records as parts finish."""
-    # Ray's session files go to the temp dir, not into the dataset folder
-    session = start_ray(Path(tempfile.gettempdir()) / "factory-composite", address, None, None, workers)
+def run_parts_on_ray(
+    jobs: list[PartJob], workers: int, address: str | None, ray_tmp: Path | None = None
+) -> Iterator[dict[str, Any]]:
+    """Run the parts as Ray tasks (painters too with --generative); yields records as parts finish.
+    Ray's session files go to ``ray_tmp`` or the temp dir, not into the dataset folder."""
+    session = start_ray(Path(tempfile.gettempdir()) / "factory-composite", address, ray_tmp, None, workers)
     actors: list[Any] = []
     try:
         s = jobs[0].settings

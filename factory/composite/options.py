@@ -24,6 +24,7 @@ class CompositeOptions:
     restart: bool = False
     workers: int = 1
     address: str | None = None
+    ray_tmp: Path | None = None  # Ray's temporary folder (local Ray only); None: one in the temp dir
     device: str | None = None
     progress: bool = True
 
@@ -87,6 +88,8 @@ def resolve_settings(options: CompositeOptions, defaults: CompositeSettings) -> 
     if own_size:
         settings = settings.model_copy(update={"size": None})
     _check_used(options.overrides, settings)
+    if options.ray_tmp is not None and options.workers <= 1 and options.address is None:
+        raise InputError("--ray-tmp is for Ray (--workers 2 or more); with one worker the parts run in this process")
     if settings.size is not None and settings.size < settings.min_size:
         raise InputError(f"--size {settings.size} is smaller than --min-size {settings.min_size}")
     return settings

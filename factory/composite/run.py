@@ -204,7 +204,7 @@ def _execute(jobs: list[PartJob], options: CompositeOptions) -> Iterator[dict[st
         return
     from factory.composite.fanout import run_parts_on_ray
 
-    yield from run_parts_on_ray(jobs, max(1, options.workers), options.address)
+    yield from run_parts_on_ray(jobs, max(1, options.workers), options.address, options.ray_tmp)
 
 
 def _fold(
