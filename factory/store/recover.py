@@ -99,30 +99,48 @@ def recover_rows(root: Path, plan: Any, n: int, known: set[int]) -> list[dict[st
     for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit()):
         with os.scandir(folder) as entries:
             sizes = {e.name: e.stat().st_size for e in entries if e.is_file(follow_symlinks=False)}
-        wanted: list[tuple[int, str]] = []
-        for name in sizes:
-            if not name.endswith(".json"):
-                continue
-            key = name[: -len(".json")]
-            try:
-                index = int(key.split("-")[-2])
-            except (ValueError, IndexError):
-                continue
-            if index < n and index not in known and all(f"{key}{s}" in sizes for s in SAMPLE_SUFFIXES):
-                wanted.append((index, key))
-        if not wanted:
+        wanted = [(index, key) for index, key in complete_samples(sizes, n) if index not in known]
+        rows += rows_from_json(folder, sizes, wanted, plan)
+    return rows
+
+
+def complete_samples(sizes: dict[str, int], n: int) -> list[tuple[int, str]]:
+    """(plan index, key) of the samples of a folder listing (name -> size) that have all four files
+    and whose index is below ``n``."""
+    out = []
+    for name in sizes:
+        if not name.endswith(".json"):
             continue
-        plan_rows = plan.take([i for i, _ in wanted]).to_pylist()
-        for (index, key), plan_row in zip(wanted, plan_rows):
-            try:
-                meta = json.loads((folder / f"{key}.json").read_bytes())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(meta, dict):
-                continue
-            row = row_from_metadata(meta, plan_row, {s: sizes[f"{key}{s}"] for s in SAMPLE_SUFFIXES})
-            if row is not None:
-                rows.append(row)
+        key = name[: -len(".json")]
+        try:
+            index = int(key.split("-")[-2])
+        except (ValueError, IndexError):
+            continue
+        if index < n and all(f"{key}{s}" in sizes for s in SAMPLE_SUFFIXES):
+            out.append((index, key))
+    return out
+
+
+def rows_from_json(
+    folder: Path, sizes: dict[str, int], wanted: list[tuple[int, str]], plan: Any, model: str | None = None
+) -> list[dict[str, Any]]:
+    """Index rows for the ``wanted`` samples of ``folder`` from their JSON files (one that does not
+    read, does not match its plan row, or was made by another model than ``model`` when given, gives
+    none: the sample is redone)."""
+    if not wanted:
+        return []
+    rows: list[dict[str, Any]] = []
+    plan_rows = plan.take([i for i, _ in wanted]).to_pylist()
+    for (index, key), plan_row in zip(wanted, plan_rows):
+        try:
+            meta = json.loads((folder / f"{key}.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or (model is not None and meta.get("model") != model):
+            continue
+        row = row_from_metadata(meta, plan_row, {s: sizes[f"{key}{s}"] for s in SAMPLE_SUFFIXES})
+        if row is not None:
+            rows.append(row)
     return rows
 
 
