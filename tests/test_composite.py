@@ -500,28 +500,17 @@ def test_a_16_bit_grey_background_keeps_its_grey_levels(run_dir: Path, tmp_path:
 def test_a_full_disk_while_writing_a_shard_is_one_line_and_the_rerun_completes(
     run_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import errno
-
-    from factory.export import webdataset
+    from tests.full_disk import fill_disk_at_shard_add
 
     out = tmp_path / "baked"
     args = ["composite", "--run", run_dir, "-b", "procedural", "--size", 48, "-k", 2, "--maxcount", 4, "-o", out]
-    real_add = webdataset.TarShard.add
-    calls = []
-
-    def full_disk(self, members, scratch=None):
-        calls.append(1)
-        if len(calls) == 6:  # the second composite of the second part
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_add(self, members, scratch)
-
-    monkeypatch.setattr(webdataset.TarShard, "add", full_disk)
+    fill_disk_at_shard_add(monkeypatch, 6)  # the second composite of the second part
     code, _, err = cli(capsys, *args)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "disk full while writing" in err and "internal error" not in err
     assert sorted(p.name for p in out.glob("composite-*.tar")) == ["composite-000000.tar"]
     assert not list(out.rglob(".tmp*"))
-    monkeypatch.setattr(webdataset.TarShard, "add", real_add)
+    monkeypatch.undo()
     code, _, err = cli(capsys, *args)
     assert code == 0, err
     assert len(shard_samples(out)) == 10

@@ -231,28 +231,17 @@ def test_a_signal_while_the_plan_is_written_then_the_same_command_succeeds(sig, 
 
 
 def test_export_disk_full_is_one_line_and_the_same_command_resumes(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import errno
-
-    from factory.export import webdataset
+    from tests.full_disk import fill_disk_at_shard_add
 
     make_run(tmp_path, 6)
     out = tmp_path / "export"
     args = ["export", "--run", tmp_path / "run", "--all", "--out", out, "--split", "none", "--maxcount", 2]
-    real_add = webdataset.TarShard.add
-    calls = []
-
-    def full_disk(self, members, scratch=None):
-        calls.append(1)
-        if len(calls) == 3:  # the first sample of the second shard
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_add(self, members, scratch)
-
-    monkeypatch.setattr(webdataset.TarShard, "add", full_disk)
+    fill_disk_at_shard_add(monkeypatch, 3)  # the first sample of the second shard
     res = cli(args)
     assert res.code == 1 and res.err.count("\n") == 1, res.err
     assert "disk full while writing" in res.err and "re-run the same command to resume" in res.err
     assert (out / "train-000000.tar").is_file() and not list(out.glob(".tmp-*"))
-    monkeypatch.setattr(webdataset.TarShard, "add", real_add)
+    monkeypatch.undo()
     res = cli(args)
     assert res.code == 0, res.err
     assert "resumed: 2 samples already written were kept" in res.out
