@@ -318,7 +318,7 @@ def test_a_row_rebuilt_from_json_has_every_score_of_the_committed_row(tmp_path: 
     assert rebuilt["no_board"] is True and rebuilt["matte_residual"] == 20.5 and rebuilt["matte_confidence"] == 0.0625
 
 
-def test_a_deleted_index_file_costs_no_done_sample(tmp_path: Path) -> None:
+def test_a_deleted_index_file_costs_no_done_sample(cli, tmp_path: Path) -> None:
     """index.parquet (or a journal chunk) deleted: the samples whose four files are there are taken
     back from their JSON, with their scores, not made again (all of them were redone). One whose
     JSON names another model, or that lacks a file, is redone."""
@@ -335,6 +335,8 @@ def test_a_deleted_index_file_costs_no_done_sample(tmp_path: Path) -> None:
     before = store.index(columns=["key", "gsg", "phash"]).to_pylist()[:7]
     store.sample_path(6, rows[6].key, ".fg.png").unlink()
     (store.root / "index.parquet").unlink()
+    res = cli(["check", "--run", store.root])  # it said 'checked: 0 done samples, 0 damaged', exit 0
+    assert res.code == 1 and "not in the index: 6 samples whose four files are there" in res.out, res.out
 
     summary, executor = generate(manifest, 8, store.root)
     assert sorted(executor.rows) == [4, 6, 7]
@@ -343,3 +345,5 @@ def test_a_deleted_index_file_costs_no_done_sample(tmp_path: Path) -> None:
     assert index["status"].to_pylist() == ["done"] * 8
     assert index.select(["key", "gsg", "phash"]).to_pylist()[:4] == before[:4]  # the fake JSON's scores
     assert index["worker"].to_pylist()[:4] == ["rebuilt"] * 4
+    res = cli(["check", "--run", store.root])
+    assert res.code == 0 and "not in the index" not in res.out, res.out

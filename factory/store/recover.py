@@ -16,11 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.plan import PLAN_SCHEMA
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE
+from factory.fsutil import TMP_PREFIX
 from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, SAMPLES_DIR
 
 #: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's): every
@@ -142,6 +144,40 @@ def rows_from_json(
         if row is not None:
             rows.append(row)
     return rows
+
+
+def take_back(
+    folder: Path, listing: dict[str, int], n: int, known: np.ndarray, plan: Any, model: str | None
+) -> list[dict[str, Any]]:
+    """Index rows, from their JSON files, for the samples of a folder (``listing``: name -> size)
+    whose four files are there but which no committed row mentions (``known`` plan indices): their
+    index file was deleted, or the process was killed between writing them and committing their
+    row. Each file is written and fsynced under a temporary name and renamed into place whole, so
+    four files make a finished sample (of the run's ``model``, which its JSON names: a run whose
+    first model failed takes another); redoing it would only cost time."""
+    own = {name: size for name, size in listing.items() if not name.startswith(TMP_PREFIX)}
+    wanted = _unknown(complete_samples(own, n), known)
+    return rows_from_json(folder, own, wanted, plan, model)
+
+
+def count_unindexed(root: Path, n: int, known: np.ndarray) -> int:
+    """How many samples under ``root/samples`` :func:`take_back` would consider (every folder listed)."""
+    base = root / SAMPLES_DIR
+    if not base.is_dir():
+        return 0
+    count = 0
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit()):
+        with os.scandir(folder) as entries:
+            names = {e.name: 0 for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(TMP_PREFIX)}
+        count += len(_unknown(complete_samples(names, n), known))
+    return count
+
+
+def _unknown(found: list[tuple[int, str]], known: np.ndarray) -> list[tuple[int, str]]:
+    if not found:
+        return []
+    keep = np.isin(np.fromiter((i for i, _ in found), np.int64, len(found)), known, invert=True)
+    return [sample for sample, k in zip(found, keep.tolist()) if k]
 
 
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:

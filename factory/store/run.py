@@ -505,20 +505,15 @@ class RunStore:
         )
 
     def _take_back(self, bucket: int, listing: dict[str, int], n: int, known: np.ndarray) -> list[dict[str, Any]]:
-        """Index rows, from their JSON files, for the samples of a bucket whose four files are there
-        but which no committed row mentions: their index file was deleted, or the process was
-        killed between writing them and committing their row. Each file is written and fsynced
-        under a temporary name and renamed into place whole, so four files make a finished sample
-        (of this run's model, which its JSON names: a run whose first model failed takes another);
-        redoing it would only cost time."""
-        own = {name: size for name, size in listing.items() if not name.startswith(TMP_PREFIX)}
-        found = recover.complete_samples(own, n)
-        if not found:
-            return []
-        unknown = np.isin(np.fromiter((i for i, _ in found), np.int64, len(found)), known, invert=True)
-        wanted = [sample for sample, keep in zip(found, unknown.tolist()) if keep]
+        """Rows for the samples of a bucket that are complete but in no index row (:func:`recover.take_back`)."""
         folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
-        return recover.rows_from_json(folder, own, wanted, self.plan_reader(), self.info.get("model"))
+        return recover.take_back(folder, listing, n, known, self.plan_reader(), self.info.get("model"))
+
+    def unindexed_samples(self) -> int:
+        """How many samples of the plan have their four files in the run's folders but no index
+        row: what the next resume takes back. Lists every sample folder."""
+        parts = [part["index"].to_numpy() for part in self.committed(["index"])]
+        return recover.count_unindexed(self.root, self.plan_size(), np.concatenate(parts) if parts else np.empty(0, np.int64))
 
     def rebuild_index(self) -> str | None:
         """Set aside every unreadable index file and give its done samples their rows back from
