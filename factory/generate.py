@@ -437,9 +437,24 @@ def check_resize(out: Path, n: int, shrink: bool, manifest: Manifest) -> int:
 _PNG_SHARE = {"rgb": 0.4, "alpha": 0.1}
 
 
+def rendered_size(manifest: Manifest) -> tuple[int, int]:
+    """The size the samples will have: the manifest's, or the cap of a model known to render
+    smaller (tiny and toy draw at most 64 px), without loading it."""
+    from factory.sampler.tiny import TINY_SAMPLE_SIZE
+    from factory.toy import TOY_SAMPLE_SIZE
+
+    width, height = manifest.sampler.width, manifest.sampler.height
+    cap = {"tiny": TINY_SAMPLE_SIZE, "toy": TOY_SAMPLE_SIZE}.get(manifest.model.source)
+    if cap is None or (width <= cap and height <= cap):
+        return width, height
+    scale = min(cap / width, cap / height)  # as the sampler's render_size: aspect kept, multiples of 8
+    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
+
+
 def estimate_sample_bytes(manifest: Manifest) -> int:
     """About how many bytes one sample's four files take (image, alpha, foreground, JSON)."""
-    pixels = manifest.sampler.width * manifest.sampler.height
+    width, height = rendered_size(manifest)
+    pixels = width * height
     alpha_bytes = manifest.export.alpha_bits // 8
     return int(pixels * (2 * 3 * _PNG_SHARE["rgb"] + alpha_bytes * _PNG_SHARE["alpha"])) + 2000
 
@@ -458,9 +473,10 @@ def check_disk_space(out: Path, manifest: Manifest, todo: int) -> None:
     per = estimate_sample_bytes(manifest)
     need = per * todo
     if need > free:
+        width, height = rendered_size(manifest)
         raise InputError(
             f"--n: the {plural(todo, 'sample')} to make need about {human_bytes(need)} ({human_bytes(per)} each at "
-            f"{manifest.sampler.width}x{manifest.sampler.height}), but {where} has {human_bytes(free)} free; "
+            f"{width}x{height}), but {where} has {human_bytes(free)} free; "
             "free space, lower --n or choose another --out"
         )
 

@@ -388,6 +388,10 @@ def test_an_n_beyond_the_free_disk_space_is_refused_up_front(cli, fake_executor,
     assert "the 1000 samples to make need about" in res.err and "has 1.0 MB free" in res.err  # a unit that shows the figure
     assert not (tmp_path / "run").exists()
     assert cli(gen_args(small_manifest, tmp_path / "run", n=4)).code == 0  # what fits is not refused
+    # tiny (and toy) draw at most 64 px whatever --size asks: 40 samples fit in 1 MB at that size
+    res = cli([*gen_args(small_manifest, tmp_path / "run512", n=1000), "--size", "512"])
+    assert res.code == 2 and "each at 64x64" in res.err, res.err
+    assert cli([*gen_args(small_manifest, tmp_path / "run512", n=40), "--size", "512"]).code == 0
 
 
 # ------------------------------------------------------------------------------ 15.2 / 15.10 signals and Ray processes
