@@ -21,11 +21,10 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from factory.feedback import Feedback, plural
-from factory.fsutil import is_locked
+from factory.feedback import Feedback
 from factory.integrity import CorruptSample, checked_png, stored_metadata
 from factory.sample import SIZE_COLUMNS, STATUS_DONE
-from factory.store import LOCK_FILE, RunStore, resolve_run
+from factory.store import RunStore, resolve_run
 from factory.store.segments import DamagedIndex
 from factory.store.tables import planned_rows
 
@@ -41,23 +40,16 @@ class CheckSummary:
     index_note: str | None = None  # the damaged index file, or what the repair did with it
     repaired: int = 0
     repair: bool = False
-    unindexed: int = 0  # samples whose four files are there but no index row: generate takes them back
 
     @property
     def exit_code(self) -> int:
         if self.repair:
             return 0
-        return 1 if self.damaged or self.index_note or self.unindexed else 0
+        return 1 if self.damaged or self.index_note else 0
 
     def problems(self) -> list[str]:
         """One line per damaged sample, then the damaged index file (or what the repair did)."""
-        out = [f"{key}: {reason}" for key, reason in self.damaged] + ([self.index_note] if self.index_note else [])
-        if self.unindexed:
-            out.append(
-                f"not in the index: {plural(self.unindexed, 'sample')} whose four files are there (a deleted index file, "
-                "a killed run); re-run `factory generate` with the run's options to take them back"
-            )
-        return out
+        return [f"{key}: {reason}" for key, reason in self.damaged] + ([self.index_note] if self.index_note else [])
 
     def lines(self) -> list[str]:
         """The problems, then the run, the counts and what to do next."""
@@ -142,8 +134,6 @@ def run_check(run: Path | None, repair: bool = False, progress: bool = True, thr
                 bar.advance(task, size)
         bad.sort()
         summary.damaged = [(key, reason) for _, key, reason in bad]
-        if not is_locked(store.root / LOCK_FILE) or repair:  # a running generate has samples not committed yet
-            summary.unindexed = store.unindexed_samples()
         if repair and bad:
             plan = store.plan_reader().take([i for i, _, _ in bad])
             store.commit_table(planned_rows(plan))

@@ -262,11 +262,6 @@ def _drive(
     summary = GenerateSummary(run=store.root, planned=opts.n, skipped=state.done, damaged=state.damaged)
     if state.left_alone_line():
         summary.notes.append(state.left_alone_line())
-    if state.taken_back:
-        summary.notes.append(
-            f"taken back: {plural(state.taken_back, 'sample')} whose four files were there but no index row "
-            "(rows rebuilt from their JSON files)"
-        )
     if rebuilt:
         summary.notes.append(rebuilt)
         fb.warn(rebuilt)

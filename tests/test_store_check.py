@@ -316,34 +316,3 @@ def test_a_row_rebuilt_from_json_has_every_score_of_the_committed_row(tmp_path: 
     differ = {name: (committed[name], rebuilt.get(name)) for name in committed if name not in not_in_json and committed[name] != rebuilt.get(name)}
     assert differ == {}
     assert rebuilt["no_board"] is True and rebuilt["matte_residual"] == 20.5 and rebuilt["matte_confidence"] == 0.0625
-
-
-def test_a_deleted_index_file_costs_no_done_sample(cli, tmp_path: Path) -> None:
-    """index.parquet (or a journal chunk) deleted: the samples whose four files are there are taken
-    back from their JSON, with their scores, not made again (all of them were redone). One whose
-    JSON names another model, or that lacks a file, is redone."""
-    manifest = write_manifest(tmp_path, SMALL_MANIFEST, "small.yaml")
-    store = RunStore.prepare(tmp_path / "run", load_manifest(manifest), 8, tiny_identity())
-    try:
-        rows = table_rows(store.plan())
-        own = {"model": tiny_identity()}
-        store.save([sample_result(r, own) for r in rows[:4]] + [sample_result(rows[4])])  # 4: another model
-        store.save([sample_result(r, own) for r in rows[5:7]])
-        store.fold()
-    finally:
-        store.release_lock()
-    before = store.index(columns=["key", "gsg", "phash"]).to_pylist()[:7]
-    store.sample_path(6, rows[6].key, ".fg.png").unlink()
-    (store.root / "index.parquet").unlink()
-    res = cli(["check", "--run", store.root])  # it said 'checked: 0 done samples, 0 damaged', exit 0
-    assert res.code == 1 and "not in the index: 6 samples whose four files are there" in res.out, res.out
-
-    summary, executor = generate(manifest, 8, store.root)
-    assert sorted(executor.rows) == [4, 6, 7]
-    assert "taken back: 5 samples whose four files were there but no index row" in "\n".join(summary.lines())
-    index = store.index(columns=["key", "status", "gsg", "phash", "worker"])
-    assert index["status"].to_pylist() == ["done"] * 8
-    assert index.select(["key", "gsg", "phash"]).to_pylist()[:4] == before[:4]  # the fake JSON's scores
-    assert index["worker"].to_pylist()[:4] == ["rebuilt"] * 4
-    res = cli(["check", "--run", store.root])
-    assert res.code == 0 and "not in the index" not in res.out, res.out

@@ -16,13 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.plan import PLAN_SCHEMA
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE
-from factory.fsutil import TMP_PREFIX
 from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, SAMPLES_DIR
 
 #: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's): every
@@ -101,83 +99,31 @@ def recover_rows(root: Path, plan: Any, n: int, known: set[int]) -> list[dict[st
     for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit()):
         with os.scandir(folder) as entries:
             sizes = {e.name: e.stat().st_size for e in entries if e.is_file(follow_symlinks=False)}
-        wanted = [(index, key) for index, key in complete_samples(sizes, n) if index not in known]
-        rows += rows_from_json(folder, sizes, wanted, plan)
+        wanted: list[tuple[int, str]] = []
+        for name in sizes:
+            if not name.endswith(".json"):
+                continue
+            key = name[: -len(".json")]
+            try:
+                index = int(key.split("-")[-2])
+            except (ValueError, IndexError):
+                continue
+            if index < n and index not in known and all(f"{key}{s}" in sizes for s in SAMPLE_SUFFIXES):
+                wanted.append((index, key))
+        if not wanted:
+            continue
+        plan_rows = plan.take([i for i, _ in wanted]).to_pylist()
+        for (index, key), plan_row in zip(wanted, plan_rows):
+            try:
+                meta = json.loads((folder / f"{key}.json").read_bytes())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(meta, dict):
+                continue
+            row = row_from_metadata(meta, plan_row, {s: sizes[f"{key}{s}"] for s in SAMPLE_SUFFIXES})
+            if row is not None:
+                rows.append(row)
     return rows
-
-
-def complete_samples(sizes: dict[str, int], n: int) -> list[tuple[int, str]]:
-    """(plan index, key) of the samples of a folder listing (name -> size) that have all four files
-    and whose index is below ``n``."""
-    out = []
-    for name in sizes:
-        if not name.endswith(".json"):
-            continue
-        key = name[: -len(".json")]
-        try:
-            index = int(key.split("-")[-2])
-        except (ValueError, IndexError):
-            continue
-        if index < n and all(f"{key}{s}" in sizes for s in SAMPLE_SUFFIXES):
-            out.append((index, key))
-    return out
-
-
-def rows_from_json(
-    folder: Path, sizes: dict[str, int], wanted: list[tuple[int, str]], plan: Any, model: str | None = None
-) -> list[dict[str, Any]]:
-    """Index rows for the ``wanted`` samples of ``folder`` from their JSON files (one that does not
-    read, does not match its plan row, or was made by another model than ``model`` when given, gives
-    none: the sample is redone)."""
-    if not wanted:
-        return []
-    rows: list[dict[str, Any]] = []
-    plan_rows = plan.take([i for i, _ in wanted]).to_pylist()
-    for (index, key), plan_row in zip(wanted, plan_rows):
-        try:
-            meta = json.loads((folder / f"{key}.json").read_bytes())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict) or (model is not None and meta.get("model") != model):
-            continue
-        row = row_from_metadata(meta, plan_row, {s: sizes[f"{key}{s}"] for s in SAMPLE_SUFFIXES})
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-def take_back(
-    folder: Path, listing: dict[str, int], n: int, known: np.ndarray, plan: Any, model: str | None
-) -> list[dict[str, Any]]:
-    """Index rows, from their JSON files, for the samples of a folder (``listing``: name -> size)
-    whose four files are there but which no committed row mentions (``known`` plan indices): their
-    index file was deleted, or the process was killed between writing them and committing their
-    row. Each file is written and fsynced under a temporary name and renamed into place whole, so
-    four files make a finished sample (of the run's ``model``, which its JSON names: a run whose
-    first model failed takes another); redoing it would only cost time."""
-    own = {name: size for name, size in listing.items() if not name.startswith(TMP_PREFIX)}
-    wanted = _unknown(complete_samples(own, n), known)
-    return rows_from_json(folder, own, wanted, plan, model)
-
-
-def count_unindexed(root: Path, n: int, known: np.ndarray) -> int:
-    """How many samples under ``root/samples`` :func:`take_back` would consider (every folder listed)."""
-    base = root / SAMPLES_DIR
-    if not base.is_dir():
-        return 0
-    count = 0
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink() and p.name.isdigit()):
-        with os.scandir(folder) as entries:
-            names = {e.name: 0 for e in entries if e.is_file(follow_symlinks=False) and not e.name.startswith(TMP_PREFIX)}
-        count += len(_unknown(complete_samples(names, n), known))
-    return count
-
-
-def _unknown(found: list[tuple[int, str]], known: np.ndarray) -> list[tuple[int, str]]:
-    if not found:
-        return []
-    keep = np.isin(np.fromiter((i for i, _ in found), np.int64, len(found)), known, invert=True)
-    return [sample for sample, k in zip(found, keep.tolist()) if k]
 
 
 def rows_table(rows: list[dict[str, Any]]) -> pa.Table:

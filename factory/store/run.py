@@ -67,7 +67,6 @@ class ResumeState:
     done: int
     failed_before: int  # failed earlier, retried now
     damaged: int  # marked done but files missing or of the wrong size: redone
-    taken_back: int = 0  # complete on disk but in no index row (a deleted index file, a kill): rows from their JSON
     left_alone: list[str] = field(default_factory=list)  # symlinks and foreign files under samples/ (kept)
 
     def left_alone_line(self) -> str | None:
@@ -445,11 +444,9 @@ class RunStore:
         files, journal = self._index_sources(schema)
         recent = set((journal["index"].to_numpy() // layout.BUCKET_SIZE).tolist())
         done_parts: list[pa.Table] = []
-        known_parts: list[np.ndarray] = []  # every plan index a committed row mentions, whatever its status
         failed = 0
         for lo, parts in segments.committed_steps(files, journal, schema):
             rows = segments.pick_latest(lo, parts, keep_planned=True)
-            known_parts.append(rows["index"].to_numpy())
             status = rows["status"]
             in_plan = pc.less(rows["index"], n)
             failed += int(pc.sum(pc.and_(pc.equal(status, STATUS_FAILED), in_plan)).as_py() or 0)
@@ -468,8 +465,6 @@ class RunStore:
         to_list |= recent & existing
         if verify == "all":
             to_list |= set(np.unique(buckets).tolist()) & existing
-        known = np.concatenate(known_parts) if known_parts else np.empty(0, np.int64)
-        taken_back: list[dict[str, Any]] = []
         bad_index: list[int] = []
         order = np.argsort(buckets, kind="stable")
         starts = np.searchsorted(buckets[order], sorted(to_list))
@@ -480,20 +475,14 @@ class RunStore:
             bad = damaged_rows(rows, listing)
             bad_index.extend(rows["index"].to_numpy()[bad].tolist())
             good_keys = set(rows.filter(pa.array(~bad))["key"].to_pylist())
-            back = self._take_back(bucket, listing, n, known)
-            taken_back += back
-            good_keys |= {row["key"] for row in back}
             self._clean_bucket(bucket, listing, good_keys)
         gone = np.isin(buckets, np.fromiter(existing, np.int64, len(existing)), invert=True)
         bad_index.extend(done_index[gone].tolist())  # whole folders gone: their samples are redone
         self._clean_temporary()
-        if taken_back:
-            self._commit(taken_back)
         bad = np.asarray(bad_index, dtype=np.int64)
         todo_mask = np.ones(n, dtype=bool)
         todo_mask[done_index[done_index < n]] = False
         todo_mask[bad[bad < n]] = True
-        todo_mask[[row["index"] for row in taken_back]] = False
         todo = np.flatnonzero(todo_mask)
         return ResumeState(
             pending=PlanRows(self.plan_reader(), todo),
@@ -501,19 +490,7 @@ class RunStore:
             failed_before=failed,
             damaged=int(np.count_nonzero(bad < n)),
             left_alone=list(self._left_alone),
-            taken_back=len(taken_back),
         )
-
-    def _take_back(self, bucket: int, listing: dict[str, int], n: int, known: np.ndarray) -> list[dict[str, Any]]:
-        """Rows for the samples of a bucket that are complete but in no index row (:func:`recover.take_back`)."""
-        folder = self.root / SAMPLES_DIR / f"{bucket:05d}"
-        return recover.take_back(folder, listing, n, known, self.plan_reader(), self.info.get("model"))
-
-    def unindexed_samples(self) -> int:
-        """How many samples of the plan have their four files in the run's folders but no index
-        row: what the next resume takes back. Lists every sample folder."""
-        parts = [part["index"].to_numpy() for part in self.committed(["index"])]
-        return recover.count_unindexed(self.root, self.plan_size(), np.concatenate(parts) if parts else np.empty(0, np.int64))
 
     def rebuild_index(self) -> str | None:
         """Set aside every unreadable index file and give its done samples their rows back from

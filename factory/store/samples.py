@@ -20,8 +20,7 @@ def write_sample_files(root: Path, results: Sequence[SampleResult]) -> list[Samp
     fsynced once after, so the files are durable before the row that commits them. Called by the
     driver (``--writes driver``) or by the finishing task on the node that made the sample
     (``--writes workers``: the run directory is storage every node sees); either way nothing
-    exists until the driver commits the row; a resume takes back an uncommitted sample whose four
-    files are all there (its row rebuilt from its JSON) and deletes the files of the others.
+    exists until the driver commits the row, and a resume deletes files of uncommitted samples.
     A small thread pool does the writes: fsync waits on the disk, not the CPU.
     """
     writes: list[tuple[Path, bytes]] = []
