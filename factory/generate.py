@@ -433,17 +433,11 @@ _PNG_SHARE = {"rgb": 0.4, "alpha": 0.1}
 
 
 def rendered_size(manifest: Manifest) -> tuple[int, int]:
-    """The size the samples will have: the manifest's, or the cap of a model known to render
-    smaller (tiny and toy draw at most 64 px), without loading it."""
-    from factory.sampler.tiny import TINY_SAMPLE_SIZE
-    from factory.toy import TOY_SAMPLE_SIZE
+    """The size the samples will have: the manifest's, or the native size of a model known to
+    render smaller (tiny and toy draw at most 64 px), without loading it."""
+    from factory.sampler.sizes import NATIVE_BY_SOURCE, render_size
 
-    width, height = manifest.sampler.width, manifest.sampler.height
-    cap = {"tiny": TINY_SAMPLE_SIZE, "toy": TOY_SAMPLE_SIZE}.get(manifest.model.source)
-    if cap is None or (width <= cap and height <= cap):
-        return width, height
-    scale = min(cap / width, cap / height)  # as the sampler's render_size: aspect kept, multiples of 8
-    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
+    return render_size(manifest.sampler.width, manifest.sampler.height, NATIVE_BY_SOURCE.get(manifest.model.source))
 
 
 def estimate_sample_bytes(manifest: Manifest) -> int:

@@ -47,6 +47,7 @@ from factory.sampler.noise_shift import canvas_latent_mean, shift_noise
 from factory.sampler.components import ModelComponents, place, quiet_transformers
 from factory.sampler.head import decode
 from factory.sampler.schedulers import make_scheduler
+from factory.sampler.sizes import render_size
 from factory.sampler.sources import load_components, model_identity
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,6 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
     return _DTYPES[dtype]
-
-
-def render_size(width: int, height: int, native: tuple[int, int] | None) -> tuple[int, int]:
-    """The size actually rendered: as asked, or scaled down (aspect kept, multiples of 8) to fit ``native``."""
-    if native is None or (width <= native[0] and height <= native[1]):
-        return width, height
-    scale = min(native[0] / width, native[1] / height)
-    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)
 
 
 #: GPU memory per 512x512 image in a batch (bf16, guidance, VAE decode included): conservative.
