@@ -88,6 +88,10 @@ def place(module: torch.nn.Module, device: torch.device | str | None = None, dty
     return torch.nn.Module.to(module, **kwargs)
 
 
+#: What every "this model has no safety checker" refusal tells the user to do.
+NO_SAFETY_CHECKER_FIX = "turn the safety checker off (no --safety-checker, or model.safety_checker: false)"
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' import-time warnings (e.g. the torchvision fallback notice) and its
@@ -223,7 +227,7 @@ def load_diffusers_folder(
     check_weights(folder, allow_pickle)
     has_checker = isinstance(index.get("safety_checker"), list) and index["safety_checker"][0] is not None
     if safety_checker and not has_checker:
-        raise InputError(f"{folder}: the model has no safety checker; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
+        raise InputError(f"{folder}: the model has no safety checker; {NO_SAFETY_CHECKER_FIX}")
     kwargs: dict[str, Any] = {}
     if not (safety_checker and has_checker):
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

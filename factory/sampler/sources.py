@@ -197,11 +197,11 @@ def model_identity(model: ModelSpec) -> str:
 
 
 def load_tiny(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
-    from factory.sampler.components import ModelComponents, place
+    from factory.sampler.components import NO_SAFETY_CHECKER_FIX, ModelComponents, place
     from factory.sampler.tiny import TINY_NOTE, TINY_SAMPLE_SIZE, build_tiny_components
 
     if model.safety_checker:
-        raise InputError("the tiny model has no safety checker; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
+        raise InputError(f"the tiny model has no safety checker; {NO_SAFETY_CHECKER_FIX}")
     parts = build_tiny_components(src.seed)
     comps = ModelComponents(
         kind=TINY,
@@ -224,6 +224,7 @@ def load_diffusers(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype)
 
 def load_diffumatting(src: ModelSource, model: ModelSpec, torch_dtype: torch.dtype) -> ModelComponents:
     from factory.sampler.checkpoint import load_checkpoint
+    from factory.sampler.components import NO_SAFETY_CHECKER_FIX
 
     def resolve(base: dict[str, Any], dtype: torch.dtype) -> ModelComponents:
         ref = base.get("id") if base["kind"] == HUB else base.get("path")
@@ -234,7 +235,7 @@ def load_diffumatting(src: ModelSource, model: ModelSpec, torch_dtype: torch.dty
 
     comps = load_checkpoint(src.path, torch_dtype=torch_dtype, resolve_base=resolve)
     if model.safety_checker and comps.safety_checker is None:
-        raise InputError(f"{src.ref}: the checkpoint's base has no safety checker; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
+        raise InputError(f"{src.ref}: the checkpoint's base has no safety checker; {NO_SAFETY_CHECKER_FIX}")
     return comps
 
 
@@ -356,11 +357,11 @@ def _single_file_safety_checker(config: Path, model: ModelSpec, torch_dtype: tor
     """Pipeline kwargs with the safety checker and feature extractor of the config folder."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    from factory.sampler.components import check_flat_weights, choose_variant
+    from factory.sampler.components import NO_SAFETY_CHECKER_FIX, check_flat_weights, choose_variant
 
     folder = config / "safety_checker"
     if not folder.is_dir() or not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()):
-        raise InputError(f"{config}: no safety checker weights for this single file; turn the safety checker off (no --safety-checker, or model.safety_checker: false)")
+        raise InputError(f"{config}: no safety checker weights for this single file; {NO_SAFETY_CHECKER_FIX}")
     check_flat_weights(folder, model.allow_pickle)
     try:
         checker = StableDiffusionSafetyChecker.from_pretrained(
