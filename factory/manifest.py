@@ -18,10 +18,10 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.errors import InputError
 
@@ -37,6 +37,18 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 MAX_NAME_CHARS = 150
 
 
+def _not_blank(value: str) -> str:
+    """Text that goes into every prompt: all whitespace would leave a hole there (a blank class name
+    reads "an on green": the article takes the next word)."""
+    if value and not value.strip():
+        raise ValueError("is blank")
+    return value
+
+
+#: Prompt text that may be empty but not all whitespace.
+PromptText = Annotated[str, AfterValidator(_not_blank)]
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors: a typo must not be silently ignored."""
 
@@ -46,9 +58,9 @@ class _Strict(BaseModel):
 class ObjectClass(_Strict):
     """One object class of a class-list manifest."""
 
-    class_name: str = Field(min_length=1)
+    class_name: PromptText = Field(min_length=1)
     category: str = "object"
-    phrase: str = ""  # how the class reads in a prompt; empty means class_name
+    phrase: PromptText = ""  # how the class reads in a prompt; empty means class_name
 
     @property
     def prompt_phrase(self) -> str:
@@ -89,7 +101,7 @@ class PromptSource(_Strict):
 
     classes: list[ObjectClass] | None = None
     grid: GridSource | None = None
-    templates: list[str] = Field(min_length=1)
+    templates: list[Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]] = Field(min_length=1)
     slots: dict[str, list[str]] = {}
 
     @model_validator(mode="after")
@@ -363,6 +375,8 @@ def load_manifest(path: str | Path) -> Manifest:
     """Read, resolve and validate a manifest file. Every failure is a one-line ``InputError``."""
     path = Path(path)
     raw = _read_yaml(path, "manifest")
+    if raw is None:
+        raise InputError(f"{path}: the file is empty; a manifest is a YAML mapping (see manifests/)")
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a manifest must be a YAML mapping, got {type(raw).__name__}")
     raw = _resolve_sources(raw, path)

@@ -52,6 +52,20 @@ BAD = {
     "bad_name": (SMALL_MANIFEST.replace("name: small", "name: My Set"), "name: must be lowercase"),
     "missing_templates": ("name: t\nprompts:\n  classes: [{class_name: fox}]\n", "prompts.templates: required key is missing"),
     "width_not_multiple_of_8": (SMALL_MANIFEST.replace("width: 64", "width: 65"), "multiple of 8"),
+    # A blank class name or phrase would give the prompt "an on green" (the article takes the next word).
+    "blank_class_name": (
+        "name: b\nprompts:\n  classes: [{class_name: fox}, {class_name: '   '}]\n  templates: ['{a} {phrase} on green']\n",
+        "prompts.classes.1.class_name: is blank",
+    ),
+    "blank_phrase": (
+        "name: b\nprompts:\n  classes: [{class_name: fox, phrase: ' '}]\n  templates: ['{a} {phrase}']\n",
+        "prompts.classes.0.phrase: is blank",
+    ),
+    "blank_template": (
+        "name: b\nprompts:\n  classes: [{class_name: fox}]\n  templates: ['{a} {phrase}', '  ']\n",
+        "prompts.templates.1: is blank",
+    ),
+    "empty_file": ("", "the file is empty"),
 }
 
 
