@@ -275,12 +275,7 @@ def check_writable_dir(path: Path, what: str = "output folder") -> None:
     """Create ``path`` if needed and prove it writable with a probe file; one-line error if not."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is not a folder ({what} expected)")
-    dangling = _dangling_link(path)
-    if dangling is not None:
-        raise InputError(
-            f"{dangling}: is a symlink to {os.readlink(dangling)}, which does not exist; create that folder or "
-            f"choose another {what}"
-        )
+    refuse_dangling_link(path, f"another {what}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = temp_name(path / "probe")
@@ -288,6 +283,17 @@ def check_writable_dir(path: Path, what: str = "output folder") -> None:
         probe.unlink()
     except OSError as exc:
         raise InputError(f"{path}: {what} is not writable ({exc.strerror or exc})") from exc
+
+
+def refuse_dangling_link(path: Path, instead: str) -> None:
+    """A one-line error when ``path`` or a parent is a symlink to nothing, where ``mkdir`` would
+    fail with a bare 'File exists'; ``instead`` ends the advice ("another --out")."""
+    dangling = _dangling_link(path)
+    if dangling is not None:
+        raise InputError(
+            f"{dangling}: is a symlink to {os.readlink(dangling)}, which does not exist; create that folder or "
+            f"choose {instead}"
+        )
 
 
 def _dangling_link(path: Path) -> Path | None:
@@ -424,6 +430,7 @@ def open_owned_folder(root: Path, state_file: str, kind: str, what: str) -> tupl
     """
     if root.exists() and not root.is_dir():
         raise InputError(f"{root}: exists and is not a directory; choose another --out")
+    refuse_dangling_link(root, "another --out")
     previous: dict[str, Any] | None = None
     if (root / state_file).is_file():
         try:

@@ -540,3 +540,15 @@ def test_exported_files_name_no_local_path(cli, tmp_path: Path) -> None:
         assert json.loads(texts["export.json"])["run"] == "run" and json.loads(texts["stats.json"])["run"] == "run"
         assert "diffusers:sd15#0123456789abcdef +lora:style.safetensors@0.8#feedbeef" in texts["export.json"]
         assert "license: creativeml-openrail-m" in texts["README.md"]  # a Stable Diffusion model's licence
+
+
+def test_out_through_a_dangling_symlink_says_so_in_one_line(cli, run, tmp_path: Path) -> None:
+    """``--out`` a symlink to nothing (or inside one): it said 'cannot create the output folder (File
+    exists)'; nothing is created through the link."""
+    link = tmp_path / "dang"
+    link.symlink_to(tmp_path / "gone" / "export")
+    for out in (link, link / "sub"):
+        res = cli(["export", "--run", run.root, "--all", "--out", out])
+        assert res.code == 2 and res.err.count("\n") == 1, res.err
+        assert f"{link}: is a symlink to {tmp_path / 'gone' / 'export'}, which does not exist" in res.err, res.err
+    assert not (tmp_path / "gone").exists() and link.is_symlink()
