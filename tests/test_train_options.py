@@ -215,3 +215,28 @@ def test_train_help_states_the_config_defaults() -> None:
             assert float(stated.group(1)) == float(default), f"--{param.name}: help says {stated.group(1)}, TrainConfig {default}"
             checked.append(field)
     assert {"steps", "batch_size", "lr", "checkpoint_every", "keep_checkpoints"} <= set(checked)
+
+
+def test_the_progress_bar_shows_on_a_terminal_and_never_with_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train's bar: drawn on a terminal, nothing with -q (README: only warnings and errors), nothing
+    off a terminal (a log file gets no bar frames)."""
+    import io
+
+    from rich.console import Console
+
+    from factory import feedback
+    from factory.train import run as train_run
+    from factory.train.config import make_config
+
+    cfg = make_config({**FAST, "steps": 3})
+    for level, terminal, shown in ((feedback.NORMAL, True, True), (feedback.QUIET, True, False), (feedback.NORMAL, False, False)):
+        screen = io.StringIO()
+        monkeypatch.setattr(feedback, "stderr_console", lambda: Console(file=screen, force_terminal=terminal, width=120))
+        feedback.set_verbosity(level)
+        try:
+            with train_run._progress(True, cfg, 0, None) as show:
+                show({"step": 3, "stage": "joint", "loss": 0.5, "seconds": 0.1})
+        finally:
+            feedback.set_verbosity(feedback.NORMAL)
+        text = screen.getvalue()
+        assert ("train" in text and "3/3" in text) is shown, (level, terminal, text)

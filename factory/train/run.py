@@ -383,7 +383,8 @@ def _last_log(path: Path) -> dict[str, Any]:
 
 
 class _progress:
-    """A rich progress bar on stderr fed with each step's log record (a no-op when disabled)."""
+    """A rich progress bar on stderr fed with each step's log record: on a terminal only and never
+    with ``-q`` (as :func:`factory.feedback.rate_bar`); a no-op otherwise."""
 
     def __init__(self, enabled: bool, cfg: TrainConfig, start: int, stop_at: int | None) -> None:
         self.enabled = enabled
@@ -392,9 +393,11 @@ class _progress:
         self.progress: Any = None
 
     def __enter__(self) -> Callable[[dict[str, Any]], None]:
-        if not self.enabled:
+        from factory.feedback import QUIET, stderr_console, verbosity
+
+        console = stderr_console()
+        if not (self.enabled and console.is_terminal and verbosity() > QUIET):
             return lambda rec: None
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(
@@ -406,7 +409,7 @@ class _progress:
             TextColumn("{task.fields[rate]} s/step"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            console=Console(stderr=True),
+            console=console,
         )
         self.progress.__enter__()
         self.task = self.progress.add_task("train", total=self.total, completed=self.start, stage="-", loss="-", rate="-")
