@@ -132,7 +132,7 @@ def generate_cmd(
         typer.Option(
             "--model",
             help="Override the manifest's model: 'tiny' (random tiny model, non-photographic, for tests), "
-            "a diffusers folder, a .safetensors file, a DiffuMatting checkpoint folder, or a hub id "
+            "'toy' (the small shipped model of a toy world, 64 px, docs/toy-model.md), a diffusers folder, a .safetensors file, a DiffuMatting checkpoint folder, or a hub id "
             "(from the local cache only).",
         ),
     ] = None,

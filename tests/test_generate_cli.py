@@ -190,6 +190,8 @@ def test_version_and_a_clean_help(cli, monkeypatch) -> None:
     assert "Usage: factory matte [OPTIONS] IN_DIR" in matte and "{in_dir}" not in matte
     generate = cli(["generate", "--help"]).out
     assert all(option in generate for option in ("--steps", "--guidance", "--size", "--scheduler", "--negative-prompt"))
+    # --model names every kind of source the README's model table lists, the shipped toy model too
+    assert all(source in " ".join(generate.split()) for source in ("'tiny'", "'toy'", "diffusers folder", "DiffuMatting checkpoint", "hub id"))
 
 
 def test_an_eof_error_from_a_command_is_an_internal_error_not_an_abort(cli, tmp_path: Path, monkeypatch) -> None:
