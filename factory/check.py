@@ -25,7 +25,8 @@ from factory.feedback import Feedback
 from factory.integrity import CorruptSample, checked_png, stored_metadata
 from factory.sample import SIZE_COLUMNS, STATUS_DONE
 from factory.store import RunStore, resolve_run
-from factory.store.segments import DamagedIndex
+from factory.store import recover
+from factory.store.segments import DamagedIndex, index_read_error
 from factory.store.tables import planned_rows
 
 _COLUMNS = ["index", "key", "status", "width", "height", "alpha_bits", *SIZE_COLUMNS.values()]
@@ -97,6 +98,10 @@ def run_check(run: Path | None, repair: bool = False, progress: bool = True, thr
     if repair:
         store.acquire_lock("repaired")
     try:
+        if not repair:  # every column of every index file: the counts below read only a few
+            for path, exc in recover.damaged_files(store.root)[:1]:
+                summary.index_note = str(index_read_error(path, exc))
+                return summary
         try:
             total = sum(int(pc.sum(pc.equal(p["status"], STATUS_DONE)).as_py() or 0) for p in store.committed(["status"], only_plan=True))
         except DamagedIndex as exc:

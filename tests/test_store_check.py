@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -316,3 +317,55 @@ def test_a_row_rebuilt_from_json_has_every_score_of_the_committed_row(tmp_path: 
     differ = {name: (committed[name], rebuilt.get(name)) for name in committed if name not in not_in_json and committed[name] != rebuilt.get(name)}
     assert differ == {}
     assert rebuilt["no_board"] is True and rebuilt["matte_residual"] == 20.5 and rebuilt["matte_confidence"] == 0.0625
+
+
+def _column_chunk(path: Path, name: str) -> range:
+    """The byte range of column ``name``'s pages in the (one row group) Parquet file at ``path``."""
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == name)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    return range(start, start + col.total_compressed_size)
+
+
+def _silent_flips(path: Path, where: range, changed) -> list[int]:
+    """Offsets in ``where`` whose bit flip Parquet reads without an error (its page checksums not
+    verified, as a reader that does not ask) into a table for which ``changed(table)`` holds."""
+    data = path.read_bytes()
+    found = []
+    for offset in where:
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        try:
+            table = pq.read_table(pa.BufferReader(bytes(flipped)))
+        except (OSError, pa.ArrowException):
+            continue
+        if changed(table):
+            found.append(offset)
+    return found
+
+
+def test_a_bit_flip_that_still_decodes_is_damage_not_other_scores(cli, tmp_path: Path) -> None:
+    """A flip in a data page that zstd and Parquet still decode (into other gsg values) or in the
+    footer's schema (a renamed column, read as one this file lacks) is a damaged index for every
+    reader, and --repair gives the samples their scores back from their JSON files."""
+    store, _ = make_tiny_run(tmp_path, 4, 4)
+    index_file = store.root / "index.parquet"
+    original = index_file.read_bytes()
+    gsg = store.index()["gsg"].to_pylist()
+    in_data = _silent_flips(index_file, _column_chunk(index_file, "gsg"), lambda t: t["gsg"].to_pylist() != gsg)
+    footer = range(len(original) - 8 - int.from_bytes(original[-8:-4], "little"), len(original) - 8)
+    in_footer = _silent_flips(index_file, footer, lambda t: "gsg" not in t.column_names)
+    assert in_data and in_footer  # such flips exist: the reader has to catch them
+    for offset in (in_data[0], in_footer[0]):
+        flipped = bytearray(original)
+        flipped[offset] ^= 0x01
+        index_file.write_bytes(bytes(flipped))
+        res = cli(["check", "--run", store.root])
+        assert res.code == 1 and "index.parquet: damaged index file" in res.out, (offset, res.out)
+        res = cli(["filter", "--run", store.root, "--min-gsg", "0"])
+        assert res.code == 1 and "index.parquet: damaged index file" in res.err and "Traceback" not in res.err
+        res = cli(["check", "--run", store.root, "--repair"])
+        assert res.code == 0 and "index rebuilt" in res.out, res.out
+        assert store.index()["gsg"].to_pylist() == pytest.approx(gsg)
+        for aside in store.root.glob("index.parquet.damaged*"):
+            aside.unlink()

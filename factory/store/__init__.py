@@ -40,9 +40,10 @@ Rules (the "store's rules" other stages rely on):
   of the rows still in the journal (the last commits), checks their done samples' files for
   presence and size, and deletes temporary files and files of samples not done, inside the run.
   Failed, planned and damaged samples are (re)done. ``factory check`` checks everything in full.
-- A damaged index file (Parquet refuses it) is set aside as ``NAME.damaged`` and the rows it held
-  rebuilt from the samples' JSON files (:mod:`~factory.store.recover`): by ``generate`` on its own,
-  by ``factory check --repair``; ``filter`` and ``export`` name the file and say so.
+- A damaged index file (Parquet refuses it: every page has a CRC, verified on reading, and a
+  column of another name or type than ``INDEX_SCHEMA``'s is damage in the footer) is set aside
+  as ``NAME.damaged`` and the rows it held rebuilt from the samples' JSON files
+  (:mod:`~factory.store.recover`): by ``generate`` on its own, by ``factory check --repair``; ``filter`` and ``export`` name the file and say so.
 - One writer: a process holds ``.lock`` (an advisory ``flock``) while it writes.
 - Memory does not grow with N: plan.parquet is written and read a row group at a time; the index
   files are sorted by plan index and merged a step of buckets (``STEP_ROWS``) at a time.

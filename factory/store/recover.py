@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from factory.fsutil import open_parquet
 from factory.plan import PLAN_SCHEMA
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE
 from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, SAMPLES_DIR
+from factory.store.tables import check_index_schema
 
 #: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's): every
 #: score the index holds, the matte's trust measures included (``filter`` drops on ``no_board``,
@@ -45,18 +46,24 @@ def set_aside(path: Path) -> Path:
 
 def unreadable_files(root: Path) -> list[Path]:
     """The index files (base, segments, journal chunks) that do not read back whole."""
+    return [path for path, _ in damaged_files(root)]
+
+
+def damaged_files(root: Path) -> list[tuple[Path, Exception]]:
+    """The index files that do not read back whole, each with what reading it raised."""
     paths = [root / INDEX_FILE] if (root / INDEX_FILE).is_file() else []
     folder = root / JOURNAL_DIR
     if folder.is_dir():
         paths += sorted(folder.glob("seg-*.parquet")) + sorted(folder.glob("chunk-*.parquet"))
-    bad = []
+    bad: list[tuple[Path, Exception]] = []
     for path in paths:
-        try:  # every column of every row group: a bit flip anywhere makes Parquet refuse the file
-            file = pq.ParquetFile(path)
+        try:  # every column of every row group, pages' checksums and the schema verified
+            file = open_parquet(path)
+            check_index_schema(file.schema_arrow)
             for g in range(file.metadata.num_row_groups):
                 file.read_row_group(g)
-        except (OSError, pa.ArrowException):
-            bad.append(path)
+        except (OSError, pa.ArrowException) as exc:
+            bad.append((path, exc))
     return bad
 
 

@@ -53,6 +53,7 @@ from factory.store.layout import (
     bucket_name,
 )
 from factory.store.tables import (
+    check_index_schema,
     damaged_rows,
     index_row,
     planned_rows,
@@ -208,7 +209,7 @@ class RunStore:
         if self._journal():
             return True
         try:
-            status = pq.read_table(self.root / INDEX_FILE, columns=["status"])["status"]
+            status = pq.read_table(self.root / INDEX_FILE, columns=["status"], page_checksum_verification=True)["status"]
         except FileNotFoundError:
             return False
         except (OSError, pa.ArrowException):
@@ -409,7 +410,8 @@ class RunStore:
             live = segments.live_files(segments.all_files(self.root))
             if len(live) != 1 or not live[0].is_base:
                 return None
-            file = pq.ParquetFile(path, read_dictionary=encoded or None)
+            file = pq.ParquetFile(path, read_dictionary=encoded or None, page_checksum_verification=True)
+            check_index_schema(file.schema_arrow)
             if any(seq > live[0].hi for seq, _ in segments.journal_chunks(self.root)):
                 return None
             n_plan = self.plan_size()

@@ -131,7 +131,8 @@ def read_chunks(chunks: Sequence[tuple[int, Path]], schema: pa.Schema) -> pa.Tab
     parts = []
     for _, path in chunks:
         try:
-            parts.append(conform(pq.read_table(path, columns=readable_columns(path, schema)), schema))
+            columns = readable_columns(path, schema)
+            parts.append(conform(pq.read_table(path, columns=columns, page_checksum_verification=True), schema))
         except (OSError, pa.ArrowException) as exc:
             raise index_read_error(path, exc) from exc
     if not parts:

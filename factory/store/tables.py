@@ -15,15 +15,38 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.errors import RunError
+from factory.fsutil import open_parquet
 from factory.plan import PLAN_SCHEMA
 from factory.sample import SIZE_COLUMNS, STATUS_PLANNED, SampleResult
 from factory.store.layout import INDEX_SCHEMA, RESULT_NAMES
 
 
 def readable_columns(path: Path, schema: pa.Schema) -> list[str]:
-    """The columns of ``schema`` that the Parquet file at ``path`` has (older files may lack some)."""
-    have = set(pq.read_schema(path).names)
+    """The columns of ``schema`` that the index file at ``path`` has (older files may lack some).
+
+    Raises ``pa.ArrowInvalid`` for a file whose stored schema is damaged (checked by
+    :func:`check_index_schema`).
+    """
+    stored = pq.read_schema(path)
+    check_index_schema(stored)
+    have = set(stored.names)
     return [name for name in schema.names if name in have]
+
+
+def check_index_schema(stored: pa.Schema) -> None:
+    """Refuse an index file's schema that is not a part of ``INDEX_SCHEMA``: a column of another
+    name or type (columns were only ever added to the index, never renamed or retyped).
+
+    A bit flip in a Parquet file's footer (not covered by the page checksums) that still decodes
+    renames or retypes a column; read as "a column this older file lacks" it would become nulls
+    or be cast into other values. Raises ``pa.ArrowInvalid`` naming the column.
+    """
+    for f in stored:
+        if f.name not in INDEX_SCHEMA.names:
+            raise pa.ArrowInvalid(f"unknown column {f.name!r} in the file's schema")
+        kind = f.type.value_type if pa.types.is_dictionary(f.type) else f.type  # read_dictionary's
+        if not kind.equals(INDEX_SCHEMA.field(f.name).type):
+            raise pa.ArrowInvalid(f"column {f.name!r} is {kind}, the index's is {INDEX_SCHEMA.field(f.name).type}")
 
 
 def conform(table: pa.Table, schema: pa.Schema = INDEX_SCHEMA) -> pa.Table:
@@ -55,7 +78,7 @@ class SortedRows:
         self._groups: Iterator[pa.Table] | None = None
         if path.is_file():
             try:
-                self._groups = _row_groups(pq.ParquetFile(path), readable_columns(path, schema))
+                self._groups = _row_groups(open_parquet(path), readable_columns(path, schema))
             except (OSError, pa.ArrowException) as exc:
                 raise RunError(f"{path}: unreadable index ({exc}); the journal and samples are intact") from exc
 
