@@ -309,6 +309,10 @@ def _drive(
         ) from exc
     summary.seconds = time.perf_counter() - start
     summary.notes.extend(tokens.notes())
+    replaced = store.replace_damaged_plan(getattr(rows.reader, "damaged", []))
+    if replaced:
+        summary.notes.append(replaced)
+        fb.warn(replaced)
     wait_for_plan(store)
     fold_or_rebuild(store, summary)
     store.mark_updated(last_run={"done": summary.done, "failed": summary.failed, "seconds": round(summary.seconds, 2)})

@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory.errors import InputError
-from factory.fsutil import atomic_parquet_writer, atomic_write_parquet
+from factory.errors import InputError, RunError
+from factory.fsutil import atomic_parquet_writer, atomic_write_parquet, open_parquet
 from factory.manifest import Manifest
 
 PLAN_SCHEMA = pa.schema(
@@ -348,6 +348,17 @@ def write_plan(table: pa.Table, path: str | Path) -> None:
     atomic_write_parquet(table, Path(path))
 
 
+def plan_group(file: pq.ParquetFile, group: int) -> pa.Table:
+    """Row group ``group`` of a plan file as ``PLAN_SCHEMA`` rows. Raises (``OSError``,
+    ``KeyError``, ``pa.ArrowException``) when the file is damaged: a page whose checksum fails
+    (with ``open_parquet``), a plan column missing or of another type (a flip in the footer)."""
+    table = file.read_row_group(group)
+    for f in PLAN_SCHEMA:
+        if not table.schema.field(f.name).type.equals(f.type):
+            raise pa.ArrowInvalid(f"column {f.name!r} is {table.schema.field(f.name).type}, a plan's is {f.type}")
+    return table.select(PLAN_SCHEMA.names)
+
+
 class PlanReader:
     """Rows of a plan file by plan index, read one row group at a time.
 
@@ -356,15 +367,21 @@ class PlanReader:
     group (a few MB), not the plan; the last group read is kept for the next request.
     """
 
-    def __init__(self, paths: str | Path | Sequence[str | Path]) -> None:
+    def __init__(self, paths: str | Path | Sequence[str | Path], fallback: Callable[[], ManifestPlan] | None = None) -> None:
         self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        # A damaged row group (a page whose checksum fails, a plan column renamed or retyped in
+        # the footer) is made from the manifest by ``fallback`` (a plan row is a pure function of
+        # the manifest and its index) and its file noted in ``damaged``; without one it is an error.
+        self._fallback = fallback
+        self._manifest_plan: ManifestPlan | None = None
+        self.damaged: list[Path] = []
         self.path = self.paths[0]
         self._files: list[pq.ParquetFile] = []
         self._where: list[tuple[int, int]] = []  # row group -> (file, its row group in the file)
         sizes: list[int] = []
         for path in self.paths:  # files read in order as one plan (a run's plan and its extensions)
             try:
-                file = pq.ParquetFile(path)
+                file = open_parquet(path)
             except (OSError, pa.ArrowInvalid) as exc:
                 raise InputError(f"{path}: not a readable plan ({exc})") from exc
             meta = file.metadata
@@ -380,7 +397,16 @@ class PlanReader:
     def _group(self, g: int) -> pa.Table:
         if self._cached is None or self._cached[0] != g:
             f, local = self._where[g]
-            table = self._files[f].read_row_group(local).select(PLAN_SCHEMA.names).cast(PLAN_SCHEMA)
+            try:
+                table = plan_group(self._files[f], local)
+            except (OSError, KeyError, pa.ArrowException) as exc:
+                if self._fallback is None:
+                    raise RunError(f"{self.paths[f]}: damaged plan file ({type(exc).__name__}: {exc})") from exc
+                if self.paths[f] not in self.damaged:
+                    self.damaged.append(self.paths[f])
+                if self._manifest_plan is None:
+                    self._manifest_plan = self._fallback()
+                table = self._manifest_plan.take(np.arange(self._starts[g], self._starts[g + 1]))
             self._cached = (g, table)
         return self._cached[1]
 

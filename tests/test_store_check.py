@@ -369,3 +369,25 @@ def test_a_bit_flip_that_still_decodes_is_damage_not_other_scores(cli, tmp_path:
         assert store.index()["gsg"].to_pylist() == pytest.approx(gsg)
         for aside in store.root.glob("index.parquet.damaged*"):
             aside.unlink()
+
+
+def test_a_plan_file_that_decodes_into_other_seeds_is_set_aside_and_written_again(tmp_path: Path) -> None:
+    """plan.parquet is a cache of rows made from the manifest: a bit flip that Parquet still
+    decodes (into another seed) must not have a sample redone from it. generate makes the damaged
+    rows from the manifest, sets the file aside and writes the plan again, the same bytes."""
+    store, manifest = make_tiny_run(tmp_path, 6, 4)
+    plan_file = store.root / "plan.parquet"
+    original = plan_file.read_bytes()
+    seeds = pq.read_table(plan_file)["seed"].to_pylist()
+    flips = _silent_flips(plan_file, _column_chunk(plan_file, "seed"), lambda t: t["seed"].to_pylist()[4:] != seeds[4:])
+    assert flips
+    flipped = bytearray(original)
+    flipped[flips[0]] ^= 0x01
+    plan_file.write_bytes(bytes(flipped))
+
+    summary, executor = generate(manifest, 6, store.root)
+    assert sorted(executor.rows) == [4, 5]
+    assert store.index()["seed"].to_pylist() == seeds  # the redone samples were drawn from the manifest's seeds
+    assert any(line.startswith("plan written again from the manifest: damaged plan.parquet (set aside as plan.parquet.damaged)") for line in summary.lines())
+    assert (store.root / "plan.parquet.damaged").read_bytes() == bytes(flipped)
+    assert plan_file.read_bytes() == original

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from factory.manifest import Manifest
 from factory.plan import PLAN_ROW_GROUP, write_plan_file
 from factory.store.layout import PLAN_FILE
+from factory.store.recover import set_aside
 
 _PART_RE = re.compile(r"^plan-from-(\d{12})\.parquet$")
 
@@ -75,6 +76,15 @@ def chain_rows(root: Path) -> int | None:
     """Rows in the plan's chain of files, or None when there is no readable plan."""
     files = chain(root)
     return sum(_rows(p) or 0 for p in files) if files else None
+
+
+def set_aside_from(root: Path, damaged: Path) -> None:
+    """Rename ``damaged``, a file of the plan's chain, to ``NAME.damaged``, and the chain's files
+    after it too (they continue a plan that :func:`write` writes again from the damaged file on)."""
+    files = chain(root)
+    if damaged in files:
+        for path in files[files.index(damaged) :]:
+            set_aside(path)
 
 
 def remove_all(root: Path) -> None:

@@ -296,8 +296,20 @@ class RunStore:
         ``generate`` writes beside the run)."""
         n = self.plan_size()
         if self._plan_rows() == n:
-            return PlanReader(planfiles.chain(self.root))
+            return PlanReader(planfiles.chain(self.root), fallback=lambda: ManifestPlan(self.manifest(), n))
         return ManifestPlan(self.manifest(), n)
+
+    def replace_damaged_plan(self, damaged: Sequence[Path]) -> str | None:
+        """Set aside the plan files a reader found damaged (its rows were made from the manifest
+        instead) and write the plan again in the background (:meth:`start_plan_writer`). Returns
+        the line that says so, or None when nothing was damaged. Needs the writer lock."""
+        if not damaged:
+            return None
+        for path in damaged:
+            planfiles.set_aside_from(self.root, path)
+        self.start_plan_writer()
+        names = ", ".join(f"{p.name} (set aside as {p.name}.damaged)" for p in damaged)
+        return f"plan written again from the manifest: damaged {names}; the samples were made from the manifest's rows"
 
     def _index_sources(self, schema: pa.Schema) -> tuple[list[segments.IndexFile], pa.Table]:
         """The live base and segment files, oldest first, and the journal's rows not in them."""
