@@ -511,3 +511,24 @@ def test_out_through_a_dangling_symlink_says_so_in_one_line(cli, small_manifest:
         assert res.code == 2 and res.err.count("\n") == 1, res.err
         assert f"{link}: is a symlink to {tmp_path / 'gone' / 'run'}, which does not exist" in res.err, res.err
     assert not (tmp_path / "gone").exists() and link.is_symlink()
+
+
+@pytest.mark.parametrize("folder", ["samples", "index"])
+def test_a_samples_or_index_folder_that_is_a_symlink_is_refused_and_left_alone(
+    folder: str, cli, fake_executor, small_manifest: Path, tmp_path: Path
+) -> None:
+    """The run's samples/ (or index/) replaced by a link to a folder elsewhere: generate (a resume,
+    a --restart) and check --repair refuse it in one line and write or delete nothing there,
+    not even a file named as one of this run's samples."""
+    run = tmp_path / "run"
+    assert cli(gen_args(small_manifest, run)).code == 0
+    outside = tmp_path / "elsewhere"
+    (run / folder).rename(outside)
+    os.symlink(outside, run / folder)
+    stray = outside / ("00000/small-00000009-owl.png" if folder == "samples" else "chunk-000000099.parquet")
+    stray.write_bytes(b"named like this run's, not its")
+    before = sorted((p.relative_to(outside), p.read_bytes()) for p in outside.rglob("*") if p.is_file())
+    for args in (gen_args(small_manifest, run), [*gen_args(small_manifest, run), "--restart"], ["check", "--run", run, "--repair"]):
+        res = cli(args)
+        assert res.code == 2 and res.err.count("\n") == 1 and f"{run / folder}: is a symlink" in res.err, (args, res.err)
+        assert sorted((p.relative_to(outside), p.read_bytes()) for p in outside.rglob("*") if p.is_file()) == before

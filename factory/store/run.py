@@ -232,6 +232,23 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         unwritable = f"{self.root}: the run cannot be written" + ("" if purpose == "written" else f", so it cannot be {purpose}")
         self._lock = FileLock(self.root / LOCK_FILE, f"{self.root}: another factory process is writing this run", unwritable)
+        try:
+            self._refuse_linked_folders()
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _refuse_linked_folders(self) -> None:
+        """Refuse a run whose ``samples/`` or ``index/`` is a symlink: the store writes, and its
+        clean-ups delete, only in folders it makes (a resume deletes files named as this run's
+        uncommitted samples; a fold deletes journal chunks), never in a folder a link leads to."""
+        for name, what in ((SAMPLES_DIR, "keeps samples"), (JOURNAL_DIR, "keeps its index journal")):
+            path = self.root / name
+            if path.is_symlink():
+                raise InputError(
+                    f"{path}: is a symlink, where this run {what}; the store writes only into folders it makes: "
+                    "move the link away (or the real folder back) and re-run"
+                )
 
     def release_lock(self) -> None:
         self.finish_plan_writer(wait=False)
