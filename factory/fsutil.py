@@ -473,3 +473,15 @@ def remove_temporaries(root: Path) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def portable_path(spec: str, root: Path) -> str:
+    """How a dataset written in ``root`` names a source given as ``spec`` without a path of this
+    machine: relative to ``root`` when it lies inside it, else its last component only (a folder's
+    name, a shard pattern's file part). Callers pass paths only: a word such as ``procedural``
+    would be taken for a file in the current folder."""
+    here = Path(os.path.realpath(spec))  # realpath, not resolve: a missing name or a link loop is no error
+    top = Path(os.path.realpath(root))
+    if here == top or top in here.parents:
+        return here.relative_to(top).as_posix()
+    return Path(spec).name or spec

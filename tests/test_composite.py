@@ -268,6 +268,48 @@ def test_objects_from_an_export_and_backgrounds_from_shards_with_licences(run_di
     assert "CC0 #" in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("layout", ["dim", "baked", "scenes"])
+def test_no_written_file_names_a_path_of_this_machine(
+    run_dir: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys, layout: str
+) -> None:
+    """A dataset is moved and shared: its card, composite.json, COCO file, recipes and tables name
+    the sources by name (the run's folder, the export, the backgrounds), never by this machine's path."""
+    export = tmp_path / "export"
+    assert cli(capsys, "export", "--run", run_dir, "--all", "--split", "none", "-o", export)[0] == 0
+    bgs = make_backgrounds(tmp_path / "bgs")
+    out = tmp_path / "out"
+    size = [] if layout == "dim" else ["--size", 48]
+    for objects in (["--objects", export], ["--run", run_dir]):
+        code, stdout, err = cli(capsys, "composite", *objects, "-b", bgs, "--layout", layout, "-k", 1, *size, "-o", out)
+        assert code == 0, err
+        machine = str(tmp_path_factory.getbasetemp().resolve())
+        assert machine in stdout  # the terminal shows where things are
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            if path.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                data = json.dumps(pq.read_table(path).to_pylist()).encode()
+            assert machine.encode() not in data, path
+        state = json.loads((out / "composite.json").read_text())
+        assert state["backgrounds"] == "folder bgs" and state["settings"]["backgrounds"] == "bgs"
+        assert state["objects"] == ("export shards export" if objects[0] == "--objects" else f"run {run_dir.name}: all 5 done samples (the run has no selection; see `factory filter`)")
+        card = (out / "README.md").read_text()
+        assert f"- objects: {state['objects']} (5 objects)" in card and "- backgrounds: folder bgs (3 usable" in card
+
+
+def test_portable_names_of_sources_and_models(tmp_path: Path) -> None:
+    from factory.composite.generative import public_model
+    from factory.fsutil import portable_path
+
+    out = tmp_path / "out"
+    assert portable_path(str(out / "objects" / "export"), out) == "objects/export"  # inside: relative
+    assert portable_path(str(tmp_path / "data" / "BG-20k"), out) == "BG-20k"  # outside: the name only
+    assert portable_path(str(tmp_path / "bg-{000000..000009}.tar"), out) == "bg-{000000..000009}.tar"
+    assert portable_path("../x/bgs/", out) == "bgs"
+    assert public_model(str(tmp_path / "models" / "sd-inpaint")) == "sd-inpaint" and public_model("tiny") == "tiny"
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "folder"])
 def test_objects_from_an_unfinished_export_are_refused(run_dir: Path, tmp_path: Path, capsys, fmt: str) -> None:
     """An interrupted export's finished shards (or files) would pass for the whole export."""

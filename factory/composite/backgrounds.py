@@ -22,10 +22,12 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from factory.composite.shards import Member, index_shards, is_shards, shard_paths
 from factory.errors import InputError
+from factory.fsutil import portable_path
 from factory.imageio import IMAGE_SUFFIXES, to_rgb8
 
 PROCEDURAL = "procedural"
 PROCEDURAL_LICENCE = "procedural (drawn by factory; no licence needed)"
+PROCEDURAL_DESCRIPTION = "procedural (gradients, noise textures, random shapes; for demos and tests)"
 #: How many distinct procedural backgrounds exist (each is drawn from its number).
 PROCEDURAL_COUNT = 4096
 #: The side of a procedural background when composites take the background's own size (``--size 0``).
@@ -45,9 +47,18 @@ class BackgroundRef:
 class BackgroundSource:
     refs: list[BackgroundRef]
     kind: str  # folder, shards, procedural
-    description: str
+    location: str | None  # the folder or shards as given (a path of this machine); None: procedural
     skipped: int = 0  # unreadable files
     roots: tuple[Path, ...] = ()  # the folder (and its symlinked sub-folders) or shard files read
+
+    @property
+    def description(self) -> str:
+        """For the terminal: the kind of source and where it is, with this machine's path."""
+        return PROCEDURAL_DESCRIPTION if self.location is None else f"{self.kind} {self.location}"
+
+    def described(self, out: Path) -> str:
+        """For the files written in ``out``: the location as :func:`portable_path` names it."""
+        return PROCEDURAL_DESCRIPTION if self.location is None else f"{self.kind} {portable_path(self.location, out)}"
 
     def by_id(self) -> dict[str, BackgroundRef]:
         if getattr(self, "_ids", None) is None:
@@ -141,7 +152,7 @@ def from_folder(root: Path) -> BackgroundSource:
             continue
         rel = p.relative_to(root).as_posix()
         refs.append(BackgroundRef(rel, str(p), per_image.get(rel, default), size))
-    return BackgroundSource(refs, "folder", f"folder {root}", skipped, (root, *linked))
+    return BackgroundSource(refs, "folder", str(root), skipped, (root, *linked))
 
 
 def from_shards(spec: str) -> BackgroundSource:
@@ -164,7 +175,7 @@ def from_shards(spec: str) -> BackgroundSource:
                 pass
         refs.append(BackgroundRef(f"{Path(image.path).name}#{key}.{suffix}", image, lic, size))
     roots = (Path(spec),) if Path(spec).is_dir() else tuple(shard_paths(spec))
-    return BackgroundSource(refs, "shards", f"shards {spec}", skipped, roots)
+    return BackgroundSource(refs, "shards", spec, skipped, roots)
 
 
 def check_apart(out: Path, src: BackgroundSource) -> None:
@@ -180,7 +191,7 @@ def check_apart(out: Path, src: BackgroundSource) -> None:
 
 def procedural_source() -> BackgroundSource:
     refs = [BackgroundRef(f"{PROCEDURAL}:{i}", None, PROCEDURAL_LICENCE, None) for i in range(PROCEDURAL_COUNT)]
-    return BackgroundSource(refs, PROCEDURAL, "procedural (gradients, noise textures, random shapes; for demos and tests)")
+    return BackgroundSource(refs, PROCEDURAL, None)
 
 
 def load_backgrounds(spec: str | None, min_side: int, size: int | None) -> BackgroundSource:

@@ -13,18 +13,29 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from factory import __version__
-from factory.composite.backgrounds import BackgroundSource
+from factory.composite.backgrounds import PROCEDURAL, BackgroundSource
 from factory.composite.blend import composite
 from factory.composite.encode import encode
+from factory.composite.generative import public_model
 from factory.composite.objects import ObjectSource
 from factory.export.card import _font
 from factory.feedback import plural
-from factory.fsutil import atomic_write_bytes, atomic_write_text
+from factory.fsutil import atomic_write_bytes, atomic_write_text, portable_path
 from factory.imageio import decode_alpha, decode_rgb, to_rgb8
 from factory.manifest import CompositeSettings
 
 CONTACT_SHEET = "contact_sheet.png"
 README = "README.md"
+
+
+def public_settings(s: CompositeSettings, out: Path) -> dict[str, Any]:
+    """The settings as the files in ``out`` record them: no path of this machine (the backgrounds
+    by :func:`portable_path`, the model by :func:`public_model`); every other value as it is."""
+    settings = s.model_dump(mode="json")
+    if settings["backgrounds"] and settings["backgrounds"] != PROCEDURAL:
+        settings["backgrounds"] = portable_path(settings["backgrounds"], out)
+    settings["generative"] = public_model(settings["generative"])
+    return settings
 
 
 def _thumb(arr: np.ndarray, tile: int) -> Image.Image:
@@ -129,12 +140,12 @@ def write_card(
     md = [f"# Composites ({s.layout}): {plural(len(rows), what)}\n",
           f"Made by `factory composite` {__version__} on {datetime.now(UTC).isoformat(timespec='seconds')}: generated "
           "objects (foreground and matting-level alpha) pasted into backgrounds.\n", "## Sources\n",
-          f"- objects: {objects.description} ({plural(len(objects.refs), 'object')})",
-          f"- backgrounds: {backgrounds.description} ({len(backgrounds.refs)} usable"
+          f"- objects: {objects.described(out)} ({plural(len(objects.refs), 'object')})",
+          f"- backgrounds: {backgrounds.described(out)} ({len(backgrounds.refs)} usable"
           + (f", {plural(backgrounds.skipped, 'unreadable file')} skipped" if backgrounds.skipped else "") + ")"]
     if backgrounds.kind == "procedural":
         md.append("- **the backgrounds are procedural** (gradients, noise, shapes drawn in code): for demos and tests, not photographs")
-    md.append("- settings: " + ", ".join(f"{k}={v}" for k, v in s.model_dump(mode="json").items() if v is not None) + "\n")
+    md.append("- settings: " + ", ".join(f"{k}={v}" for k, v in public_settings(s, out).items() if v is not None) + "\n")
     md.append("## Counts\n")
     for title, column in (("label tier", "label"), ("background source", "bg_source"), ("licence", "licence"), ("class", "class_name")):
         counts = Counter(r[column] for r in rows)

@@ -23,6 +23,12 @@ TINY = "tiny"
 _PIPES: dict[tuple[str, str], Any] = {}
 
 
+def public_model(model: str | None) -> str | None:
+    """The model as a dataset's files record it (recipes, ``composite.json``, the card): a local
+    folder by its name, as ``factory export`` names a run's model; ``tiny`` as it is."""
+    return model if model is None else Path(model).name or model
+
+
 def check_inpainting_model(model: str) -> None:
     """Fail early (one line, exit 2) unless ``model`` is an inpainting model: a diffusers folder with
     ``model_index.json`` and a UNet of 9 input channels."""

@@ -18,6 +18,7 @@ import numpy as np
 from factory.composite.placement import crop_to_alpha
 from factory.composite.shards import Member, index_shards, is_shards, shard_paths
 from factory.errors import InputError
+from factory.fsutil import portable_path
 from factory.imageio import decode_alpha, decode_rgb
 
 
@@ -37,8 +38,19 @@ def read_bytes(where: str | Member) -> bytes:
 @dataclass
 class ObjectSource:
     refs: list[ObjectRef]
-    description: str
+    origin: str  # "run", "export shards", "export folder"
+    location: str  # the run folder or the export, as this machine names it
+    detail: str = ""  # what of it: the run's selection
     _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def description(self) -> str:
+        """For the terminal: where the objects come from, with this machine's path."""
+        return f"{self.origin} {self.location}{self.detail}"
+
+    def described(self, out: Path) -> str:
+        """For the files written in ``out``: the location as :func:`portable_path` names it."""
+        return f"{self.origin} {portable_path(self.location, out)}{self.detail}"
 
     def by_key(self) -> dict[str, ObjectRef]:
         if getattr(self, "_keys", None) is None:
@@ -63,7 +75,7 @@ class ObjectSource:
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"refs": self.refs, "description": self.description, "_cache": {}, "_keys": None}
+        return {**{k: v for k, v in self.__dict__.items() if k not in ("_cache", "_keys")}, "_cache": {}, "_keys": None}
 
 
 def from_run(run: Path | None, selection: str | None) -> ObjectSource:
@@ -82,7 +94,7 @@ def from_run(run: Path | None, selection: str | None) -> ObjectSource:
         )
         for rec in src.rows.select(["key", "index", "class_name"]).to_pylist()
     ]
-    return ObjectSource(refs, f"run {store.root}: {src.description}")
+    return ObjectSource(refs, "run", str(store.root), f": {src.description}")
 
 
 def _check_finished(spec: str) -> None:
@@ -105,7 +117,7 @@ def from_export(spec: str) -> ObjectSource:
                 continue
             meta = json.loads(members["json"].read()) if "json" in members else {}
             refs.append(ObjectRef(key.rsplit("/", 1)[-1], str(meta.get("class_name", "object")), members["fg.png"], members["alpha.png"]))
-        return ObjectSource(refs, f"export shards {spec}")
+        return ObjectSource(refs, "export shards", spec)
     root = Path(spec)
     if not root.is_dir():
         raise InputError(f"--objects {spec}: not an export (a folder export, or WebDataset shards)")
@@ -120,7 +132,7 @@ def from_export(spec: str) -> ObjectSource:
             refs.append(ObjectRef(str(row["key"]), str(row.get("class_name", "object")), str(fg), str(alpha)))
     if not refs and not list(root.glob("*/metadata.jsonl")):
         raise InputError(f"--objects {spec}: not an export (no SPLIT/metadata.jsonl and no .tar shards)")
-    return ObjectSource(refs, f"export folder {spec}")
+    return ObjectSource(refs, "export folder", spec)
 
 
 def load_objects(run: Path | None, selection: str | None, export: str | None) -> ObjectSource:

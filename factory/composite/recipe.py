@@ -13,6 +13,7 @@ import numpy as np
 
 from factory.composite.backgrounds import PROCEDURAL, BackgroundRef, BackgroundSource
 from factory.composite.blend import LABEL_APPROX, LABEL_EXACT
+from factory.composite.generative import public_model
 from factory.composite.objects import ObjectRef, ObjectSource
 from factory.composite.placement import Placement, draw_placement, place_object, rng_for
 from factory.composite.shadow import draw_shadow
@@ -66,7 +67,7 @@ def _finish(recipe: dict[str, Any], rng: np.random.Generator, s: CompositeSettin
     recipe["harmonize"] = round(s.harmonize, 4)
     recipe["shadow"] = draw_shadow(rng, s.shadow, 0.5 * min(frame)).to_dict() if s.shadow > 0 else None
     recipe["generative"] = (
-        {"model": s.generative, "prompt": s.prompt, "ring": s.ring, "steps": s.steps, "seed": int(rng.integers(2**31))}
+        {"model": public_model(s.generative), "prompt": s.prompt, "ring": s.ring, "steps": s.steps, "seed": int(rng.integers(2**31))}
         if s.generative
         else None
     )

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from factory import __version__
 from factory.composite.backgrounds import BackgroundSource, check_apart, load_backgrounds
-from factory.composite.card import write_card
+from factory.composite.card import public_settings, write_card
 from factory.composite.coco import coco_document
 from factory.composite.objects import ObjectSource, load_objects
 from factory.composite.options import CompositeOptions, resolve_settings
@@ -153,8 +153,8 @@ def run_composite(options: CompositeOptions) -> CompositeSummary:
             clean(out)
         remove_temporaries(out)
         state = {"kind": STATE_KIND, "version": 1, "state": "writing", "plan": plan, "layout": settings.layout,
-                 "settings": settings.model_dump(mode="json"), "objects": objects.description,
-                 "backgrounds": backgrounds.description, "units": len(units), "factory_version": __version__}
+                 "settings": public_settings(settings, out), "objects": objects.described(out),
+                 "backgrounds": backgrounds.described(out), "units": len(units), "factory_version": __version__}
         atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
         size = settings.maxcount
         jobs = [PartJob(out, n, units[lo : lo + size], settings, objects, backgrounds, options.device)
@@ -221,7 +221,7 @@ def _fold(
         writer.writerows(rows)
         atomic_write_text(out / PAIRS_FILE, buf.getvalue())
     if s.layout == "scenes":
-        doc = coco_document([sc for rec in records for sc in rec["scenes"]], f"factory composite scenes ({objects.description})")
+        doc = coco_document([sc for rec in records for sc in rec["scenes"]], f"factory composite scenes ({objects.described(out)})")
         atomic_write_text(out / COCO_FILE, json.dumps(doc, sort_keys=True) + "\n")
     if s.layout == "baked" and s.format == "webdataset":
         shards = [{"url": shard_name(rec["part"]), "nsamples": len(rec["rows"]), "filesize": (out / shard_name(rec["part"])).stat().st_size}
