@@ -634,7 +634,8 @@ def composite_cmd(
 
     Options left out take the manifest's `composite:` defaults. Every composite is drawn from
     (seed, object key, k) and re-renders byte for byte from its recipe; re-running the same command
-    resumes after the last committed part.
+    resumes after the last committed part. A damaged object (a truncated PNG, a file that is not one) is
+    named in one warning line and skipped (exit 0); none left is an error (exit 2).
     """
     from factory.composite import CompositeOptions, parse_range, run_composite
 
@@ -648,7 +649,8 @@ def composite_cmd(
     }
     overrides["size"] = size
     summary = run_composite(CompositeOptions(run=run, selection=selection, objects=objects, out=out, overrides=overrides,
-                                             restart=restart, workers=workers, address=address, ray_tmp=ray_tmp, device=device))
+                                             restart=restart, workers=workers, address=address, ray_tmp=ray_tmp, device=device),
+                            on_problem=lambda line: typer.echo(f"warning: {line}", err=True))
     for line in summary.lines():
         _echo(line)
 

@@ -310,6 +310,54 @@ def test_portable_names_of_sources_and_models(tmp_path: Path) -> None:
     assert public_model(str(tmp_path / "models" / "sd-inpaint")) == "sd-inpaint" and public_model("tiny") == "tiny"
 
 
+@pytest.fixture
+def damaged_export(run_dir: Path, tmp_path: Path, capsys) -> tuple[Path, list[str]]:
+    """A folder export of the 5 objects, one with a truncated foreground, one whose alpha is junk."""
+    export = tmp_path / "export"
+    assert cli(capsys, "export", "--run", run_dir, "--all", "--split", "none", "--format", "folder", "-o", export)[0] == 0
+    rows = [json.loads(line) for line in (export / "train" / "metadata.jsonl").read_text().splitlines()]
+    fg = export / "train" / rows[1]["fg_file_name"]
+    fg.write_bytes(fg.read_bytes()[: fg.stat().st_size // 2])
+    (export / "train" / rows[3]["alpha_file_name"]).write_bytes(b"not a png")
+    return export, [rows[1]["key"], rows[3]["key"]]
+
+
+@pytest.mark.parametrize("layout", ["dim", "baked", "scenes"])
+def test_a_damaged_object_is_skipped_named_and_counted(damaged_export: tuple[Path, list[str]], tmp_path: Path, capsys, layout: str) -> None:
+    """As factory matte skips a damaged image: the run goes on without the object, one warning line
+    names it, the summary, composite.json and the card count it; nothing written refers to it."""
+    export, bad = damaged_export
+    out = tmp_path / "out"
+    size = [] if layout == "dim" else ["--size", 48]
+    code, stdout, err = cli(capsys, "composite", "--objects", export, "-b", "procedural", "--layout", layout, "-k", 2, *size, "-o", out)
+    assert code == 0, err
+    warnings = err.strip().splitlines()
+    assert len(warnings) == 2 and "Traceback" not in err
+    assert warnings[0].startswith(f"warning: object {bad[0]}: corrupt foreground (truncated") and warnings[0].endswith("; skipped")
+    assert warnings[1].startswith(f"warning: object {bad[1]}: corrupt alpha (not a PNG")
+    assert "skipped 2 damaged objects (listed above and in composite.json)\n" in stdout
+    state = json.loads((out / "composite.json").read_text())
+    assert state["state"] == "complete" and [line.split(":")[0] for line in state["damaged_objects"]] == bad
+    assert "skipped 2 damaged objects" in (out / "README.md").read_text()
+    import pyarrow.parquet as pq
+
+    used = {r["object"] for r in pq.read_table(out / "samples.parquet").to_pylist()}
+    assert used and not used & set(bad)
+    assert not [p for p in out.rglob("*") if any(k in p.name for k in bad)]  # dim copied no damaged file
+    if layout == "scenes":
+        assert not [a for a in json.loads((out / "annotations.json").read_text())["annotations"] if a["object"] in bad]
+
+
+def test_objects_all_damaged_is_one_line_exit_2_and_writes_nothing(damaged_export: tuple[Path, list[str]], tmp_path: Path, capsys) -> None:
+    export, _ = damaged_export
+    for alpha in (export / "train" / "alpha").iterdir():
+        alpha.write_bytes(alpha.read_bytes()[:-1])  # the IEND chunk's CRC cut short
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "composite", "--objects", export, "-b", "procedural", "-o", out)
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines()[-1].startswith(f"error: no readable object: all 5 objects of export folder {export} are damaged (")
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "folder"])
 def test_objects_from_an_unfinished_export_are_refused(run_dir: Path, tmp_path: Path, capsys, fmt: str) -> None:
     """An interrupted export's finished shards (or files) would pass for the whole export."""

@@ -26,6 +26,8 @@ from factory.manifest import CompositeSettings
 
 CONTACT_SHEET = "contact_sheet.png"
 README = "README.md"
+#: How many damaged objects the card names (``composite.json`` lists them all).
+DAMAGED_LISTED = 20
 
 
 def public_settings(s: CompositeSettings, out: Path) -> dict[str, Any]:
@@ -143,6 +145,10 @@ def write_card(
           f"- objects: {objects.described(out)} ({plural(len(objects.refs), 'object')})",
           f"- backgrounds: {backgrounds.described(out)} ({len(backgrounds.refs)} usable"
           + (f", {plural(backgrounds.skipped, 'unreadable file')} skipped" if backgrounds.skipped else "") + ")"]
+    if objects.damaged:
+        shown = objects.damaged[:DAMAGED_LISTED]
+        md.append(f"- skipped {plural(len(objects.damaged), 'damaged object')} (left out before drawing; all in `composite.json`): "
+                  + "; ".join(f"`{line}`" for line in shown) + ("; ..." if len(objects.damaged) > len(shown) else ""))
     if backgrounds.kind == "procedural":
         md.append("- **the backgrounds are procedural** (gradients, noise, shapes drawn in code): for demos and tests, not photographs")
     md.append("- settings: " + ", ".join(f"{k}={v}" for k, v in public_settings(s, out).items() if v is not None) + "\n")

@@ -18,8 +18,10 @@ import numpy as np
 from factory.composite.placement import crop_to_alpha
 from factory.composite.shards import Member, index_shards, is_shards, shard_paths
 from factory.errors import InputError
+from factory.feedback import plural
 from factory.fsutil import portable_path
 from factory.imageio import decode_alpha, decode_rgb
+from factory.integrity import PngError, check_png
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ObjectSource:
     origin: str  # "run", "export shards", "export folder"
     location: str  # the run folder or the export, as this machine names it
     detail: str = ""  # what of it: the run's selection
+    damaged: list[str] = field(default_factory=list)  # "KEY: corrupt alpha (why)" of the objects left out
     _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -135,10 +138,40 @@ def from_export(spec: str) -> ObjectSource:
     return ObjectSource(refs, "export folder", spec)
 
 
+def damage(ref: ObjectRef) -> str | None:
+    """Why an object cannot be used (``corrupt alpha (truncated ...)``), or None: its foreground and
+    alpha are whole PNGs of one size. The check of ``factory export --verify crc`` (structure and
+    CRCs, nothing decoded): cheap enough to run on every object before anything is written."""
+    sizes = []
+    for what, where in (("foreground", ref.fg), ("alpha", ref.alpha)):
+        try:
+            info = check_png(read_bytes(where))
+        except PngError as exc:
+            return f"corrupt {what} ({exc})"
+        except OSError as exc:
+            return f"unreadable {what} ({exc.strerror or exc})"
+        sizes.append(f"{info.width}x{info.height}")
+    return None if sizes[0] == sizes[1] else f"foreground {sizes[0]} and alpha {sizes[1]} sizes differ"
+
+
 def load_objects(run: Path | None, selection: str | None, export: str | None) -> ObjectSource:
+    """The objects to paste; a damaged one (:func:`damage`) is left out and listed in ``damaged``,
+    as ``factory matte`` skips a damaged image and goes on. None left is an error."""
     if export is not None and (run is not None or selection is not None):
         raise InputError("give either --objects EXPORT or --run/--selection, not both")
     src = from_export(export) if export is not None else from_run(run, selection)
     if not src.refs:
         raise InputError(f"no objects: {src.description} is empty")
+    healthy = []
+    for ref in src.refs:
+        why = damage(ref)
+        if why is None:
+            healthy.append(ref)
+        else:
+            src.damaged.append(f"{ref.key}: {why}")
+    if not healthy:
+        which = "the only object" if len(src.refs) == 1 else f"all {plural(len(src.refs), 'object')}"
+        raise InputError(f"no readable object: {which} of {src.description} {'is' if len(src.refs) == 1 else 'are'} "
+                         f"damaged ({src.damaged[0]}{', ...' if len(src.damaged) > 1 else ''})")
+    src.refs = healthy
     return src

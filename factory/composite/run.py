@@ -15,7 +15,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ class CompositeSummary:
     objects: str
     backgrounds: str
     skipped_backgrounds: int
+    damaged_objects: list[str] = field(default_factory=list)
     resumed_parts: int = 0
     restarted: str | None = None
     seconds: float = 0.0
@@ -64,6 +65,8 @@ class CompositeSummary:
         out = [f"objects: {self.objects}", f"backgrounds: {self.backgrounds}"]
         if self.skipped_backgrounds:
             out.append(f"skipped {plural(self.skipped_backgrounds, 'unreadable background file')}")
+        if self.damaged_objects:
+            out.append(f"skipped {plural(len(self.damaged_objects), 'damaged object')} (listed above and in {STATE_FILE})")
         if self.restarted:
             out.append(f"restarted: {self.restarted}")
         if self.resumed_parts:
@@ -105,10 +108,15 @@ def _settings_defaults(options: CompositeOptions) -> CompositeSettings:
     return RunStore.open(resolve_run(options.run)).manifest().composite
 
 
-def prepare(options: CompositeOptions) -> tuple[CompositeSettings, ObjectSource, BackgroundSource, Path]:
-    """Everything checked before a file is written: settings, objects, backgrounds, model, output."""
+def prepare(
+    options: CompositeOptions, on_problem: Callable[[str], None] | None = None
+) -> tuple[CompositeSettings, ObjectSource, BackgroundSource, Path]:
+    """Everything checked before a file is written: settings, objects, backgrounds, model, output.
+    ``on_problem`` receives one line per damaged object left out."""
     settings = resolve_settings(options, _settings_defaults(options))
     objects = load_objects(options.run, options.selection, options.objects)
+    for line in objects.damaged:
+        (on_problem or (lambda _line: None))(f"object {line}; skipped")
     backgrounds = load_backgrounds(settings.backgrounds, settings.min_size, settings.size)
     if settings.generative:
         if settings.layout == "dim":
@@ -140,9 +148,11 @@ def clean(out: Path) -> None:
             path.unlink()
 
 
-def run_composite(options: CompositeOptions) -> CompositeSummary:
+def run_composite(options: CompositeOptions, on_problem: Callable[[str], None] | None = None) -> CompositeSummary:
+    """Run ``factory composite``. ``on_problem`` receives one line per damaged object left out
+    (``object KEY: corrupt alpha (...); skipped``), before anything is written."""
     start = time.perf_counter()
-    settings, objects, backgrounds, out = prepare(options)
+    settings, objects, backgrounds, out = prepare(options, on_problem)
     units = plan_units(settings, len(objects.refs))
     plan = fingerprint(settings, objects, backgrounds)
     lock, previous = open_owned_folder(out, STATE_FILE, STATE_KIND, "factory composite")
@@ -154,7 +164,8 @@ def run_composite(options: CompositeOptions) -> CompositeSummary:
         remove_temporaries(out)
         state = {"kind": STATE_KIND, "version": 1, "state": "writing", "plan": plan, "layout": settings.layout,
                  "settings": public_settings(settings, out), "objects": objects.described(out),
-                 "backgrounds": backgrounds.described(out), "units": len(units), "factory_version": __version__}
+                 "backgrounds": backgrounds.described(out), "units": len(units), "factory_version": __version__,
+                 "damaged_objects": objects.damaged}
         atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
         size = settings.maxcount
         jobs = [PartJob(out, n, units[lo : lo + size], settings, objects, backgrounds, options.device)
@@ -235,6 +246,6 @@ def _fold(
     state = {**state, "state": "complete", "rows": len(rows), "labels": labels}
     atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
     return CompositeSummary(out, s.layout, state["units"], len(rows), labels, objects.description,
-                            backgrounds.description, backgrounds.skipped)
+                            backgrounds.description, backgrounds.skipped, objects.damaged)
 
 
