@@ -54,13 +54,29 @@ def read_rgb_oriented(path: str | Path) -> tuple[np.ndarray, int]:
                 raise InputError(f"{path}: has an alpha channel; give an opaque RGB image")
             if im.mode not in ("RGB", "L", "P", "I;16", "I", "CMYK", "YCbCr"):
                 raise InputError(f"{path}: unsupported image mode {im.mode}")
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = exif_orientation(im)
             rgb = np.asarray(to_rgb8(im), dtype=np.uint8).copy()
     except InputError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
-    return rgb, orientation if orientation in _ORIENT else 1
+    return rgb, orientation
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """An opened image's EXIF orientation (1 to 8; 1 when it has none or an invalid one): how a
+    viewer turns its stored pixels (:func:`orient`). Before ``load()`` it decodes nothing: a PNG
+    then counts only an eXIf chunk ahead of its pixel data (where writers put it), as Pillow would
+    decode the whole image to look for one further on."""
+    if im.format == "PNG" and im.tile and "exif" not in im.info:
+        return 1
+    value = im.getexif().get(EXIF_ORIENTATION, 1)
+    return value if value in _ORIENT else 1
+
+
+def oriented_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """The (width, height) an image of stored ``size`` is shown at under this EXIF orientation."""
+    return (size[1], size[0]) if orientation >= 5 else size
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets when it stores a turned photo's pixels unturned

@@ -587,6 +587,55 @@ def test_a_16_bit_grey_background_keeps_its_grey_levels(run_dir: Path, tmp_path:
         assert (bg == 255).mean() < 0.5
 
 
+def turned_photo(path: Path, orientation: int) -> np.ndarray:
+    """A photo stored as a camera stores it (pixels unturned, EXIF ``orientation``); returns it as shown."""
+    from PIL import ImageOps
+
+    stored = np.zeros((60, 100, 3), np.uint8)
+    stored[:, :50], stored[:, 50:] = (250, 0, 0), (0, 0, 250)  # red left half, blue right half
+    stored[:30, :10] = (0, 250, 0)  # and a green corner: every turn and flip looks different
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, **({"quality": 100, "subsampling": 0} if path.suffix == ".jpg" else {}))
+    with Image.open(path) as saved:
+        return np.asarray(ImageOps.exif_transpose(saved).convert("RGB"))
+
+
+@pytest.mark.parametrize(("name", "orientation"), [("phone.jpg", 6), ("scan.png", 8), ("upside.jpg", 3)])
+def test_a_background_photo_is_used_as_its_exif_orientation_shows_it(
+    run_dir: Path, tmp_path: Path, capsys, name: str, orientation: int
+) -> None:
+    """A phone stores a portrait photo's pixels sideways with EXIF orientation 6; every layout uses it
+    upright, as factory matte does its inputs (and as PIL.ImageOps.exif_transpose shows it)."""
+    bgs = tmp_path / "bgs"
+    bgs.mkdir()
+    shown = turned_photo(bgs / name, orientation)
+    own = tmp_path / "own"  # --size 0: the composite takes the photo's own size, so its shape shows the turn
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--size", 0, "--min-size", 8, "--layers",
+                       "--format", "folder", "-k", 1, "-o", own)
+    assert code == 0, err
+    for path in sorted((own / "bg").glob("*.png")):
+        assert np.array_equal(decode_rgb(path.read_bytes()), shown), path
+    cropped = tmp_path / "cropped"  # scaled and cropped (a JPEG drafted at a reduced scale)
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--size", 16, "--min-size", 8, "--layers",
+                       "--format", "folder", "-k", 1, "-o", cropped)
+    assert code == 0, err
+    for path in sorted((cropped / "bg").glob("*.png")):
+        recipe = json.loads((cropped / "recipe" / f"{path.stem}.json").read_text())["background"]
+        rw, rh = recipe["resize"]
+        assert (rw, rh) == ((16, round(16 * 100 / 60)) if orientation >= 5 else (round(16 * 100 / 60), 16))
+        x, y = recipe["crop"]
+        expected = np.asarray(Image.fromarray(shown).resize((rw, rh), Image.Resampling.BILINEAR))[y : y + 16, x : x + 16]
+        assert np.abs(decode_rgb(path.read_bytes()).astype(int) - expected).max() <= 40, path  # resampling aside, the same picture
+    dim = tmp_path / "dim"  # the trainer reads bg/ with a plain Image.open: the file is written upright
+    code, _, err = cli(capsys, "composite", "--run", run_dir, "-b", bgs, "--layout", "dim", "-k", 1, "-o", dim)
+    assert code == 0, err
+    rows = list(csv.DictReader((dim / "pairs.csv").open()))
+    assert rows and {r["background"] for r in rows} == {name}
+    assert np.array_equal(np.asarray(Image.open(dim / rows[0]["bg"]).convert("RGB")), shown)
+
+
 def test_a_full_disk_while_writing_a_shard_is_one_line_and_the_rerun_completes(
     run_dir: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:

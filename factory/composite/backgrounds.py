@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from factory.composite.shards import Member, index_shards, is_shards, shard_paths
 from factory.errors import InputError
 from factory.fsutil import portable_path
-from factory.imageio import IMAGE_SUFFIXES, to_rgb8
+from factory.imageio import IMAGE_SUFFIXES, exif_orientation, orient, oriented_size, to_rgb8
 
 PROCEDURAL = "procedural"
 PROCEDURAL_LICENCE = "procedural (drawn by factory; no licence needed)"
@@ -40,7 +40,8 @@ class BackgroundRef:
     id: str  # relative path, shard#key, or procedural:N
     where: str | Member | None  # None: procedural
     licence: str
-    size: tuple[int, int] | None  # (width, height) from the header; None for procedural
+    size: tuple[int, int] | None  # (width, height) as shown (EXIF orientation applied), from the header; None for procedural
+    orientation: int = 1  # EXIF orientation of the stored pixels (factory.imageio.orient)
 
 
 @dataclass
@@ -72,25 +73,29 @@ class BackgroundSource:
         return np.asarray(self.open(ref), np.uint8)
 
     def open(self, ref: BackgroundRef, draft: tuple[int, int] | None = None) -> Image.Image:
-        """A file background as a decoded RGB Pillow image; ``draft``: a JPEG may be decoded at
-        1/2, 1/4 or 1/8 scale when that still covers this (width, height)."""
+        """A file background as a decoded RGB Pillow image, turned as its EXIF orientation says (a
+        phone's portrait photo stands upright); ``draft``: a JPEG may be decoded at 1/2, 1/4 or
+        1/8 scale when that still covers this (width, height)."""
         data = ref.where.read() if isinstance(ref.where, Member) else Path(str(ref.where)).read_bytes()
         try:
             im = Image.open(io.BytesIO(data))
             if draft is not None and im.format == "JPEG":
-                im.draft("RGB", draft)
+                im.draft("RGB", oriented_size(draft, ref.orientation))  # the stored pixels' (width, height)
             im.load()
-            return to_rgb8(im)
+            rgb = to_rgb8(im)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise InputError(f"background {ref.id}: not a readable image ({exc})") from exc
+        return rgb if ref.orientation == 1 else Image.fromarray(orient(np.asarray(rgb), ref.orientation))
 
 
-def _header_size(data_or_path: bytes | Path) -> tuple[int, int] | None:
+def _header(data_or_path: bytes | Path) -> tuple[tuple[int, int], int] | None:
+    """(size as shown, EXIF orientation) of a readable image, from its header; None otherwise."""
     try:
         src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
         with Image.open(src) as im:
+            orientation = exif_orientation(im)
             im.verify()
-            return im.size
+            return oriented_size(im.size, orientation), orientation
     except Exception:  # noqa: BLE001 - any failure means "not a readable image": skipped and counted
         return None
 
@@ -146,12 +151,12 @@ def from_folder(root: Path) -> BackgroundSource:
     refs, skipped = [], 0
     files, linked = _image_files(root)
     for p in files:
-        size = _header_size(p)
-        if size is None:
+        header = _header(p)
+        if header is None:
             skipped += 1
             continue
         rel = p.relative_to(root).as_posix()
-        refs.append(BackgroundRef(rel, str(p), per_image.get(rel, default), size))
+        refs.append(BackgroundRef(rel, str(p), per_image.get(rel, default), *header))
     return BackgroundSource(refs, "folder", str(root), skipped, (root, *linked))
 
 
@@ -162,8 +167,8 @@ def from_shards(spec: str) -> BackgroundSource:
         if suffix is None:
             continue
         image = members[suffix]
-        size = _header_size(image.read())
-        if size is None:
+        header = _header(image.read())
+        if header is None:
             skipped += 1
             continue
         lic = "unknown (no license field)"
@@ -173,7 +178,7 @@ def from_shards(spec: str) -> BackgroundSource:
                 lic = str(meta.get("license") or meta.get("licence") or lic)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 pass
-        refs.append(BackgroundRef(f"{Path(image.path).name}#{key}.{suffix}", image, lic, size))
+        refs.append(BackgroundRef(f"{Path(image.path).name}#{key}.{suffix}", image, lic, *header))
     roots = (Path(spec),) if Path(spec).is_dir() else tuple(shard_paths(spec))
     return BackgroundSource(refs, "shards", spec, skipped, roots)
 

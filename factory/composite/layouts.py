@@ -18,6 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from factory.composite.backgrounds import PROCEDURAL, BackgroundSource, procedural_background
 from factory.composite.blend import LABEL_EXACT
 from factory.composite.coco import instance_annotation
@@ -108,9 +110,12 @@ def dim_members(
         if bg["id"].startswith(PROCEDURAL + ":"):
             name = _bg_name(bg["id"], ".png")
             data = encode(procedural_background(int(bg["id"].split(":")[1]), s.size or 512))
+        elif (photo := backgrounds.by_id()[bg["id"]]).orientation != 1:  # stored turned: written as shown
+            name = _bg_name(bg["id"], ".png")
+            data = encode(np.asarray(backgrounds.open(photo)))
         else:
             name = _bg_name(bg["id"], Path(bg["id"]).suffix.lower())
-            data = read_bytes(backgrounds.by_id()[bg["id"]].where)
+            data = read_bytes(photo.where)
         files.append((name, data))
         rows.append({"key": f"{ref.key}-{k:03d}", "fg": f"fg/{ref.key}.png", "alpha": f"alpha/{ref.key}.png", "bg": name,
                      "k": k, "object": ref.key, "class_name": ref.class_name, "background": bg["id"],

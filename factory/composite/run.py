@@ -96,6 +96,8 @@ def fingerprint(settings: CompositeSettings, objects: ObjectSource, backgrounds:
     h.update(backgrounds.kind.encode())
     for b in backgrounds.refs:
         h.update(f"{b.id}\0{b.size}\0{b.licence}\0".encode())
+        if b.orientation != 1:  # a turned photo is drawn from as shown (unturned ones keep their plans)
+            h.update(f"orientation {b.orientation}\0".encode())
     return h.hexdigest()[:16]
 
 
