@@ -325,7 +325,10 @@ def matte_cmd(
         f"outputs and {summary.summary_path.name} in {out}"
     )
     if summary.processed == 0:
-        raise RunError(f"no image in {in_dir} could be matted ({summary.skipped} skipped, {summary.failed} failed)")
+        raise RunError(
+            f"no image in {in_dir} could be matted ({summary.skipped} skipped, "
+            f"{summary.no_board} without a green board, {summary.failed} failed)"
+        )
 
 
 @app.command("eval")

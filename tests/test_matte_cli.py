@@ -196,6 +196,8 @@ def test_images_without_a_green_board_are_reported_not_matted(cli, tmp_path: Pat
     Image.new("RGB", (64, 64), (200, 30, 30)).save(only_red / "red.png")
     none = cli(["matte", only_red, "--out", tmp_path / "o2", "--workers", "1"])
     assert none.code == 1 and "error: no image" in none.err
+    # the error line gives the reason: the one image had no green board
+    assert none.err.splitlines()[-1] == f"error: no image in {only_red} could be matted (0 skipped, 1 without a green board, 0 failed)"
 
 
 def _grey_alpha(size: int = 32) -> np.ndarray:
