@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from factory.feedback import Feedback
+from factory.feedback import Feedback, plural
 from factory.integrity import CorruptSample, checked_png, stored_metadata
 from factory.sample import SIZE_COLUMNS, STATUS_DONE
 from factory.store import RunStore, resolve_run
@@ -58,9 +58,9 @@ class CheckSummary:
 
     def report(self) -> list[str]:
         out = [f"run: {self.run}"]
-        out.append(f"checked: {self.checked} done samples, {len(self.damaged)} damaged")
+        out.append(f"checked: {plural(self.checked, 'done sample')}, {len(self.damaged)} damaged")
         if self.repaired:
-            out.append(f"repaired: {self.repaired} samples marked planned; re-run `factory generate` with the run's options to redo them")
+            out.append(f"repaired: {plural(self.repaired, 'sample')} marked planned; re-run `factory generate` with the run's options to redo them")
         elif self.damaged and not self.repair:
             out.append("run `factory check --repair` to mark them for the next `factory generate`")
         return out

@@ -58,7 +58,11 @@ def test_summary_lines_with_counts_of_one(tmp_path: Path) -> None:
     export = ExportSummary(tmp_path, "folder", "s", {}, {"train": {"samples": 1, "bytes": 10}}, resumed_samples=1).lines()
     assert "resumed: 1 sample already written was kept" in export
     assert "near-duplicate distance 1 bit;" in describe(FilterSettings(dedup_distance=1))
-    for text in (caption, toy, comp, export):
+    from factory.check import CheckSummary
+
+    check = CheckSummary(tmp_path, checked=1, damaged=[("k", "corrupt alpha")], repaired=1, repair=True).lines()
+    assert "checked: 1 done sample, 1 damaged" in check and any(line.startswith("repaired: 1 sample marked planned;") for line in check)
+    for text in (caption, toy, comp, export, check):
         _no_one_plural("\n".join(text))
 
 
