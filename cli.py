@@ -7,12 +7,28 @@ other exception is an internal error: one line too, and the traceback only with 
 
 from __future__ import annotations
 
-import inspect
+import signal
+
+from factory.errors import exit_on_ctrl_c_while_importing
+
+_imported = exit_on_ctrl_c_while_importing()  # Ctrl-C during the imports below: one line, exit 130
+
+import inspect  # noqa: E402
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from factory.errors import (
+    TERMINATED_EXIT,
+    FactoryError,
+    install_sigint_handler,
+    install_sigterm_handler,
+    was_interrupted,
+    was_terminated,
+)
+from factory.feedback import NORMAL, QUIET, VERBOSE, set_verbosity
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -918,12 +934,8 @@ def _internal_error(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning every error into one line and an exit code."""
-    from factory.errors import TERMINATED_EXIT, FactoryError, install_sigterm_handler, was_terminated
-    from factory.feedback import NORMAL, QUIET, VERBOSE, set_verbosity
-
-    import signal
-
-    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    install_sigint_handler()  # remembered: an interrupt a library turns into another error is still Ctrl-C
     install_sigterm_handler()  # SIGTERM takes Ctrl-C's path (commit, stop workers), then exits 143
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _DEBUG_FLAG in args
@@ -931,10 +943,10 @@ def main(argv: list[str] | None = None) -> None:
     verbose = any(a in _VERBOSE_FLAGS for a in args)
     args = [a for a in args if a not in (_DEBUG_FLAG, *_QUIET_FLAGS, *_VERBOSE_FLAGS)]
     set_verbosity(QUIET if quiet else VERBOSE if verbose else NORMAL)
-    command = typer.main.get_command(app)
-    _tidy_help(command)
-    _carry_eof_past_typer(command)
     try:
+        command = typer.main.get_command(app)
+        _tidy_help(command)
+        _carry_eof_past_typer(command)
         code = command.main(args=args, prog_name="factory", standalone_mode=False)
         if code == 130:  # typer turns a KeyboardInterrupt no command caught into a silent 130
             typer.echo("error: terminated (SIGTERM)" if was_terminated() else "error: interrupted", err=True)
@@ -966,17 +978,24 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        code = _internal_error(exc)
+        if was_interrupted() or was_terminated():  # a library caught the interrupt and failed in its own way
+            typer.echo("error: terminated (SIGTERM)" if was_terminated() else "error: interrupted", err=True)
+            code = 130
+        else:
+            code = _internal_error(exc)
     finally:
         set_verbosity(NORMAL)  # -q / -v hold for this command only (main may be called again in-process)
     code = code if isinstance(code, int) else 0
     if code == 130 and was_terminated():
         code = TERMINATED_EXIT
-    # The command is over: a SIGTERM now must not turn its exit into a traceback (the process
-    # ignores it while it exits); called in-process (tests), the caller's handler comes back.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN if argv is None else previous_sigterm)
+    # The command is over: a SIGTERM or Ctrl-C now must not turn its exit into a traceback (the
+    # process ignores them while it exits); called in-process (tests), the caller's handlers come back.
+    for sig, handler in previous.items():
+        signal.signal(sig, signal.SIG_IGN if argv is None else handler if handler is not None else signal.SIG_DFL)
     sys.exit(code)
 
+
+_imported()  # from here Ctrl-C raises KeyboardInterrupt again (main installs its own handler)
 
 if __name__ == "__main__":
     main()

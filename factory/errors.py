@@ -46,7 +46,7 @@ class Terminated(KeyboardInterrupt):
     the same path: what is finished is committed, workers are stopped, the command exits 143."""
 
 
-_signals = {"terminated": False, "finished": False}
+_signals = {"terminated": False, "finished": False, "interrupted": False}
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -71,6 +71,51 @@ def install_sigterm_handler() -> None:
     if threading.current_thread() is threading.main_thread():
         _signals["terminated"] = _signals["finished"] = False
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _signals["interrupted"] = True
+    raise KeyboardInterrupt
+
+
+def install_sigint_handler() -> None:
+    """Ctrl-C raises ``KeyboardInterrupt`` as Python's own handler does, and is remembered, so that
+    an interrupt a library catches and turns into an error of its own (pyarrow's compute functions
+    then raise a ``TypeError``) still ends the command as interrupted (:func:`was_interrupted`)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        _signals["interrupted"] = False
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
+def was_interrupted() -> bool:
+    """Whether this process received Ctrl-C (SIGINT) since :func:`install_sigint_handler`."""
+    return _signals["interrupted"]
+
+
+def exit_on_ctrl_c_while_importing():  # noqa: ANN201 - returns the function that undoes it
+    """Until the returned function is called, Ctrl-C ends the process at once with the one line
+    ``error: interrupted`` and exit 130, instead of a ``KeyboardInterrupt`` traceback from the
+    middle of an import. For the CLI's own imports, before any work: nothing is open to lose."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def exit_now(signum: int, frame: object) -> None:
+        os.write(2, b"error: interrupted\n")
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, exit_now)
+
+    def undo() -> None:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    return undo
 
 
 def terminated() -> Terminated:
