@@ -690,8 +690,8 @@ def train_cmd(
     ] = None,
     model: Annotated[
         Optional[str],
-        typer.Option("--pretrained_model_name_or_path", "--model", help="Base model: 'tiny' (random test model), a diffusers "
-                     "SD1.5 folder or cached hub id, or a DiffuMatting checkpoint to continue (its head too). Default: tiny."),
+        typer.Option("--pretrained_model_name_or_path", "--model", help="Base model: 'tiny' (random test model), 'toy' (the "
+                     "packaged toy-world model), a diffusers SD1.5 folder or cached hub id, or a DiffuMatting checkpoint to continue (its head too). Default: tiny."),
     ] = None,
     steps: Annotated[Optional[int], typer.Option("--max_train_steps", "--steps", min=1, help="Optimizer steps in total. Default: 10000.")] = None,
     stage: Annotated[

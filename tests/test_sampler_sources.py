@@ -43,7 +43,7 @@ def test_resolve_source_kinds(tmp_path: Path, tiny_folder: Path) -> None:
         (str(tmp_path / "empty"), "not a model folder"),
         (str(tmp_path / "missing"), "not found"),
         ("./missing/model.safetensors", "not found"),
-        ("just-a-word", "not 'tiny'"),
+        ("just-a-word", "not 'tiny', 'toy'"),  # every name it takes, the packaged toy model too
     ]:
         with pytest.raises(InputError, match=msg) as err:
             resolve_source(bad)

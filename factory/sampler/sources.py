@@ -102,7 +102,7 @@ def resolve_source(source: str) -> ModelSource:
         raise InputError(f"{source}: model path not found")
     if _HUB_RE.match(source):
         return ModelSource(HUB, source)
-    raise InputError(f"{source}: not 'tiny', an existing model path, or a hub id (owner/name)")
+    raise InputError(f"{source}: not 'tiny', 'toy', an existing model path, or a hub id (owner/name)")
 
 
 # ------------------------------------------------------------------------------ identities
