@@ -192,7 +192,7 @@ def generate_cmd(
         bool, typer.Option("--shrink", help="Allow a smaller --n than the run's: its samples beyond leave the plan.")
     ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 if any sample failed.")] = False,
-    device: Annotated[Optional[str], typer.Option("--device", help="torch device for --no-ray (cpu, cuda).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="torch device the model samples on (cpu, cuda, cuda:1). Default: CUDA where there is a GPU.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the UNet (GPU, fixed resolution).")] = False,
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**62, help="Override the manifest's base seed (0..2^62, as in a manifest).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps. Default: the manifest's sampler.steps.")] = None,

@@ -195,10 +195,13 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
     from then on a status line says what is happening until the progress bar takes over.
     """
     from factory.sampler import model_identity  # identities are cheap: no torch
+    from factory.sampler.devices import check_device_name
 
     check_n(opts.n)  # before anything slow
     if opts.writes not in ("auto", "workers", "driver"):
         raise InputError(f"--writes {opts.writes}: choose one of auto, workers, driver")
+    if opts.device is not None:
+        check_device_name(opts.device)
     if opts.address:
         cluster_endpoint(opts.address)  # a malformed address is refused now, an unreachable one when Ray starts
     manifest = resolve_manifest(opts)

@@ -72,6 +72,9 @@ def test_sampler_options_are_recorded_in_the_run_and_a_resume_with_others_is_ref
         (["--n", "4", "--size", "100"], "--size 100: must be a multiple of 8"),
         (["--n", "4", "--size", "big"], "--size big: give SIZE or WIDTHxHEIGHT"),
         (["--n", "4", "--scheduler", "fast"], "--scheduler 'fast': "),
+        # refused here, not by each sampler worker once Ray has started and is loading the model
+        (["--n", "4", "--device", "potato"], "--device potato: not a torch device"),
+        (["--n", "4", "--device", "cuda:x"], "--device cuda:x: not a torch device"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_heavy(cli, small_manifest: Path, tmp_path: Path, args, message) -> None:
