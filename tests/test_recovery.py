@@ -532,3 +532,31 @@ def test_a_samples_or_index_folder_that_is_a_symlink_is_refused_and_left_alone(
         res = cli(args)
         assert res.code == 2 and res.err.count("\n") == 1 and f"{run / folder}: is a symlink" in res.err, (args, res.err)
         assert sorted((p.relative_to(outside), p.read_bytes()) for p in outside.rglob("*") if p.is_file()) == before
+
+
+#: The command line, with a signal sent to itself while typer builds the command (the command's
+#: option annotations evaluated: a few hundred ms on a loaded machine, before any work starts).
+SIGNAL_WHILE_PARSING = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import typer.main
+
+real = typer.main.get_command
+def signalled(app):
+    os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+    return real(app)
+typer.main.get_command = signalled
+from cli import main
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize(("sig", "code", "line"), [("SIGTERM", 143, "error: terminated (SIGTERM)"), ("SIGINT", 130, "error: interrupted")])
+def test_a_signal_while_the_command_line_is_read_is_one_line(sig: str, code: int, line: str, tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_PARSING, str(REPO), sig, "toy-data", "--out", str(out), "--n", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=as_a_foreground_command,
+    )  # fmt: skip
+    assert proc.returncode == code and proc.stderr == line + "\n", proc.stderr
+    assert not out.exists()
