@@ -486,8 +486,8 @@ def filter_cmd(
 
     Options left out take the manifest's `filter:` defaults. Only done samples are candidates; each
     dropped sample is counted under the first reason that applies (low_gsg, empty_matte, full_matte,
-    touches_border, key_color, no_board, untrusted_matte, near_duplicate, class_cap). Re-running
-    overwrites the selection.
+    touches_border, key_color, no_board, untrusted_matte, near_duplicate, class_cap; corrupt with
+    --verify-files). Re-running overwrites the selection.
     """
     from factory.filter import run_filter
 
@@ -853,7 +853,7 @@ def toy_data_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (KEY.png, KEY.alpha.png, KEY.fg.png, KEY.json).")],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of samples.")] = 100,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**62, help="World seed (0..2^62): the same seed gives the same bytes.")] = 0,
-    size: Annotated[int, typer.Option("--size", min=16, help="Image size in pixels (a multiple of 8).")] = 64,
+    size: Annotated[int, typer.Option("--size", min=16, help="Image size in pixels: a multiple of 8, 16..1024.")] = 64,
     start: Annotated[int, typer.Option("--start", min=0, help="Index of the first sample (disjoint sets from one seed).")] = 0,
 ) -> None:
     """Render the toy world: procedural objects (fur, feathers, leaves, glass, nets, smoke, stars...)

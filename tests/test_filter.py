@@ -347,3 +347,9 @@ def test_untrusted_mattes_and_no_board_are_dropped() -> None:
     assert filter_settings(FilterSettings(), max_residual=5.5).max_residual == 5.5
     with pytest.raises(InputError, match="--max-residual"):
         filter_settings(FilterSettings(), max_residual=-1.0)
+
+
+def test_the_help_names_every_drop_reason(cli) -> None:
+    """The summary counts drops by these names; the help lists them all (``corrupt`` was missing)."""
+    text = " ".join(cli(["filter", "--help"]).out.split())
+    assert [reason for reason in REASONS if reason not in text] == []

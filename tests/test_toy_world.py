@@ -136,3 +136,10 @@ def test_toy_data_resume_renders_again_a_truncated_or_missing_file(cli, tmp_path
     res = cli(args)
     assert res.code == 0 and "3 samples written, 1 already there" in res.out, res.out
     assert {f.name: f.read_bytes() for f in out.iterdir()} == whole
+
+
+def test_toy_data_help_gives_the_size_range_it_enforces(cli, tmp_path) -> None:
+    text = " ".join(cli(["toy-data", "--help"]).out.split())
+    assert "16..1024" in text
+    res = cli(["toy-data", "--out", tmp_path / "t", "--n", "1", "--size", "1032"])
+    assert res.code == 2 and "between 16 and 1024" in res.err, res.err
