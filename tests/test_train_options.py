@@ -99,6 +99,27 @@ def test_wandb_offline_and_a_missing_tracker(toy: Path, tmp_path: Path, monkeypa
         run_train(TrainOptions(out=tmp_path / "x", overrides=over, progress=False))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_wandb_prints_nothing_with_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """-q leaves only warnings and errors (README): W&B's own banner and run summary are left out."""
+    from factory import feedback
+    from factory.train.report import WandbReporter
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    feedback.set_verbosity(feedback.QUIET)
+    try:
+        reporter = WandbReporter(tmp_path / "run", {"lr": 1.0})
+        reporter.log({"step": 1, "loss": 0.5})
+        reporter.close()
+    finally:
+        feedback.set_verbosity(feedback.NORMAL)
+    captured = capfd.readouterr()
+    shown = [line for line in (captured.out + captured.err).splitlines() if line.strip() and "WARNING" not in line]
+    assert not shown, shown
+    assert list((tmp_path / "run" / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 def _damage(path: Path) -> None:
     """Replace ``path`` by its first 100 bytes (a new file: its hard links elsewhere stay whole)."""
     head = path.read_bytes()[:100]

@@ -79,10 +79,16 @@ class WandbReporter(Reporter):
     def __init__(self, out: Path, config: dict[str, Any]) -> None:
         import wandb
 
+        from factory.feedback import QUIET, verbosity
+
         run_id = hashlib.sha256(str(out).encode()).hexdigest()[:16]
         (out / TB_DIR).mkdir(parents=True, exist_ok=True)
         self.wandb = wandb
-        self.run = wandb.init(project=WANDB_PROJECT, name=out.name, id=run_id, resume="allow", dir=str(out / TB_DIR), config=config)
+        # -q: W&B's banner and run summary are not warnings; its own warnings still show
+        settings = wandb.Settings(silent=True) if verbosity() <= QUIET else None
+        self.run = wandb.init(
+            project=WANDB_PROJECT, name=out.name, id=run_id, resume="allow", dir=str(out / TB_DIR), config=config, settings=settings
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         self.run.log(scalars(record), step=int(record["step"]))
