@@ -243,12 +243,9 @@ class RunStore:
         clean-ups delete, only in folders it makes (a resume deletes files named as this run's
         uncommitted samples; a fold deletes journal chunks), never in a folder a link leads to."""
         for name, what in ((SAMPLES_DIR, "keeps samples"), (JOURNAL_DIR, "keeps its index journal")):
-            path = self.root / name
-            if path.is_symlink():
-                raise InputError(
-                    f"{path}: is a symlink, where this run {what}; the store writes only into folders it makes: "
-                    "move the link away (or the real folder back) and re-run"
-                )
+            if (path := self.root / name).is_symlink():
+                moved = "move the link away (or the real folder back) and re-run"
+                raise InputError(f"{path}: is a symlink, where this run {what}; the store writes only into folders it makes: {moved}")
 
     def release_lock(self) -> None:
         self.finish_plan_writer(wait=False)
