@@ -98,6 +98,12 @@ def run_check(run: Path | None, repair: bool = False, progress: bool = True, thr
     if repair:
         store.acquire_lock("repaired")
     try:
+        if not repair and store.rebuild_pending():
+            summary.index_note = (
+                f"{store.root}: a rebuild of the index was stopped half way; re-run the same `factory generate` "
+                "command, or run `factory check --repair`"
+            )
+            return summary
         if not repair:  # every column of every index file: the counts below read only a few
             for path, exc in recover.damaged_files(store.root)[:1]:
                 summary.index_note = str(index_read_error(path, exc))

@@ -255,9 +255,10 @@ def _drive(
 ) -> GenerateSummary:
     lean_allocator()
     fb.status(f"checking the run ({plural(opts.n, 'planned sample')})")
+    # a rebuild a stopped run began is finished first: its samples are not uncommitted ones
+    rebuilt = store.rebuild_index() if store.rebuild_pending() else None
     try:
         state = store.resume()
-        rebuilt = None
     except DamagedIndex:  # rebuilt from the plan, the readable index files and the samples' JSON
         rebuilt = store.rebuild_index()
         state = store.resume()

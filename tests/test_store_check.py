@@ -391,3 +391,32 @@ def test_a_plan_file_that_decodes_into_other_seeds_is_set_aside_and_written_agai
     assert any(line.startswith("plan written again from the manifest: damaged plan.parquet (set aside as plan.parquet.damaged)") for line in summary.lines())
     assert (store.root / "plan.parquet.damaged").read_bytes() == bytes(flipped)
     assert plan_file.read_bytes() == original
+
+
+def test_a_rebuild_stopped_half_way_is_finished_by_the_next_run_and_nothing_is_redone(cli, tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C (or kill) while the index is rebuilt from the samples' JSON files, after the
+    damaged file was set aside: the next generate finishes the rebuild instead of taking the
+    samples that only the damaged file held for uncommitted ones (deleted and drawn again)."""
+    import factory.store.recover as recover
+
+    store, manifest = make_tiny_run(tmp_path, 6, 6)
+    before = {p.name: p.read_bytes() for p in (store.root / "samples").rglob("*") if p.is_file()}
+    index_file = store.root / "index.parquet"
+    index_file.write_bytes(index_file.read_bytes()[:100])
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(recover, "recover_rows", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            generate(manifest, 6, store.root)
+    assert (store.root / "index.parquet.damaged").exists()
+    res = cli(["check", "--run", store.root])
+    assert res.code == 1 and "a rebuild of the index was stopped half way" in res.out, res.out
+
+    summary, executor = generate(manifest, 6, store.root)
+    assert executor.rows == []
+    assert any(line.startswith("index rebuilt:") and "6 done samples recovered" in line for line in summary.lines()), summary.lines()
+    assert {p.name: p.read_bytes() for p in (store.root / "samples").rglob("*") if p.is_file()} == before
+    assert store.index()["status"].to_pylist() == ["done"] * 6

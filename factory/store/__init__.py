@@ -15,6 +15,7 @@ only read the same)::
     index.parquet          committed index rows (done, failed), sorted by plan index
     index/seg-LO-HI.parquet   committed rows of journal chunks LO..HI, sorted by plan index
     index/chunk-SEQ.parquet   the journal: one chunk per commit since the last fold
+    index/rebuild-pending     only while a damaged index is rebuilt (finished by the next run)
     selections/NAME.parquet   written by ``factory filter`` (factory.selection)
     .lock                  held by the one process writing the run
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
+from factory.errors import InputError
 from factory.plan import PLAN_SCHEMA
 
 RUN_FILE = "run.json"
@@ -13,6 +16,10 @@ MANIFEST_FILE = "manifest.yaml"
 PLAN_FILE = "plan.parquet"
 INDEX_FILE = "index.parquet"
 JOURNAL_DIR = "index"
+#: In ``index/`` while a rebuild is under way (from setting the damaged files aside until the
+#: recovered rows are committed): the damaged files' names, one a line. A run that finds it
+#: finishes the rebuild before anything else (see ``RunStore.rebuild_index``).
+REBUILD_MARKER = "rebuild-pending"
 SAMPLES_DIR = "samples"
 SELECTIONS_DIR = "selections"
 LOCK_FILE = ".lock"
@@ -65,3 +72,16 @@ RESULT_NAMES = [f.name for f in RESULT_FIELDS]
 def bucket_name(index: int) -> str:
     """The ``samples/`` sub-folder of plan index ``index``."""
     return f"{index // BUCKET_SIZE:05d}"
+
+
+def refuse_linked_folders(root: Path) -> None:
+    """Refuse a run whose ``samples/`` or ``index/`` is a symlink: the store writes, and its
+    clean-ups delete, only in folders it makes (a resume deletes files named as this run's
+    uncommitted samples; a fold deletes journal chunks), never in a folder a link leads to."""
+    for name, what in ((SAMPLES_DIR, "keeps samples"), (JOURNAL_DIR, "keeps its index journal")):
+        path = root / name
+        if path.is_symlink():
+            raise InputError(
+                f"{path}: is a symlink, where this run {what}; the store writes only into folders it makes: "
+                "move the link away (or the real folder back) and re-run"
+            )

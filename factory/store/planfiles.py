@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,18 @@ def chain_rows(root: Path) -> int | None:
     return sum(_rows(p) or 0 for p in files) if files else None
 
 
-def set_aside_from(root: Path, damaged: Path) -> None:
-    """Rename ``damaged``, a file of the plan's chain, to ``NAME.damaged``, and the chain's files
-    after it too (they continue a plan that :func:`write` writes again from the damaged file on)."""
-    files = chain(root)
-    if damaged in files:
-        for path in files[files.index(damaged) :]:
-            set_aside(path)
+def set_aside_damaged(root: Path, damaged: Sequence[Path]) -> str:
+    """Rename each of these damaged files of the plan's chain to ``NAME.damaged``, and the chain's
+    files after it too (they continue a plan that :func:`write` writes again from the damaged file
+    on). Returns the line that says so."""
+    asides: dict[Path, Path] = {}
+    for path in damaged:
+        files = chain(root)
+        if path in files:
+            for later in files[files.index(path) :]:
+                asides[later] = set_aside(later)
+    names = ", ".join(f"{p.name} (set aside as {asides[p].name})" for p in damaged if p in asides)
+    return f"plan written again from the manifest: damaged {names}; the samples were made from the manifest's rows"
 
 
 def remove_all(root: Path) -> None:

@@ -18,10 +18,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from factory.fsutil import open_parquet
+from factory.fsutil import atomic_write_text, fsync_path, open_parquet
 from factory.plan import PLAN_SCHEMA
 from factory.sample import SAMPLE_SUFFIXES, SIZE_COLUMNS, STATUS_DONE
-from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, SAMPLES_DIR
+from factory.store.layout import INDEX_FILE, INDEX_SCHEMA, JOURNAL_DIR, REBUILD_MARKER, SAMPLES_DIR
 from factory.store.tables import check_index_schema
 
 #: What a rebuilt row takes from ``KEY.json``'s ``scores`` (the rest of the row is the plan's): every
@@ -42,6 +42,32 @@ def set_aside(path: Path) -> Path:
         target = path.with_name(f"{path.name}.damaged-{k}")
     os.replace(path, target)
     return target
+
+
+def rebuild_pending(root: Path) -> bool:
+    """Whether a rebuild was stopped between :func:`begin_rebuild` and :func:`end_rebuild`."""
+    return (root / JOURNAL_DIR / REBUILD_MARKER).is_file()
+
+
+def begin_rebuild(root: Path, bad: list[Path]) -> list[Path]:
+    """Note the rebuild in its marker (the damaged files' names), then set ``bad`` aside; returns
+    their new paths. Until :func:`end_rebuild`, a run finishes the rebuild before anything else:
+    the samples only the set-aside files held must get their rows back, not look uncommitted."""
+    if bad:
+        marker = root / JOURNAL_DIR / REBUILD_MARKER
+        earlier = marker.read_text(encoding="utf-8") if marker.is_file() else ""
+        marker.parent.mkdir(exist_ok=True)
+        atomic_write_text(marker, earlier + "".join(f"{p.relative_to(root)}\n" for p in bad))
+        fsync_path(marker.parent)
+    return [set_aside(path) for path in bad]
+
+
+def end_rebuild(root: Path) -> None:
+    """The recovered rows are committed: the rebuild is over."""
+    marker = root / JOURNAL_DIR / REBUILD_MARKER
+    if marker.is_file():
+        marker.unlink()
+        fsync_path(marker.parent)
 
 
 def unreadable_files(root: Path) -> list[Path]:

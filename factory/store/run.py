@@ -233,19 +233,10 @@ class RunStore:
         unwritable = f"{self.root}: the run cannot be written" + ("" if purpose == "written" else f", so it cannot be {purpose}")
         self._lock = FileLock(self.root / LOCK_FILE, f"{self.root}: another factory process is writing this run", unwritable)
         try:
-            self._refuse_linked_folders()
+            layout.refuse_linked_folders(self.root)
         except BaseException:
             self.release_lock()
             raise
-
-    def _refuse_linked_folders(self) -> None:
-        """Refuse a run whose ``samples/`` or ``index/`` is a symlink: the store writes, and its
-        clean-ups delete, only in folders it makes (a resume deletes files named as this run's
-        uncommitted samples; a fold deletes journal chunks), never in a folder a link leads to."""
-        for name, what in ((SAMPLES_DIR, "keeps samples"), (JOURNAL_DIR, "keeps its index journal")):
-            if (path := self.root / name).is_symlink():
-                moved = "move the link away (or the real folder back) and re-run"
-                raise InputError(f"{path}: is a symlink, where this run {what}; the store writes only into folders it makes: {moved}")
 
     def release_lock(self) -> None:
         self.finish_plan_writer(wait=False)
@@ -314,16 +305,13 @@ class RunStore:
         return ManifestPlan(self.manifest(), n)
 
     def replace_damaged_plan(self, damaged: Sequence[Path]) -> str | None:
-        """Set aside the plan files a reader found damaged (its rows were made from the manifest
-        instead) and write the plan again in the background (:meth:`start_plan_writer`). Returns
-        the line that says so, or None when nothing was damaged. Needs the writer lock."""
+        """Set aside the plan files a reader found damaged (their rows were made from the manifest)
+        and write the plan again in the background; the line that says so, or None. Needs the lock."""
         if not damaged:
             return None
-        for path in damaged:
-            planfiles.set_aside_from(self.root, path)
+        note = planfiles.set_aside_damaged(self.root, damaged)
         self.start_plan_writer()
-        names = ", ".join(f"{p.name} (set aside as {p.name}.damaged)" for p in damaged)
-        return f"plan written again from the manifest: damaged {names}; the samples were made from the manifest's rows"
+        return note
 
     def _index_sources(self, schema: pa.Schema) -> tuple[list[segments.IndexFile], pa.Table]:
         """The live base and segment files, oldest first, and the journal's rows not in them."""
@@ -523,11 +511,13 @@ class RunStore:
     def rebuild_index(self) -> str | None:
         """Set aside every unreadable index file and give its done samples their rows back from
         their JSON files (:mod:`factory.store.recover`). Returns the one line that says what was
-        done, or None when nothing was damaged. Needs the writer lock."""
+        done, or None when nothing was damaged. Needs the writer lock. A rebuild stopped half way
+        (Ctrl-C, a kill) is finished by the next call (:func:`~factory.store.recover.begin_rebuild`).
+        """
         bad = recover.unreadable_files(self.root)
-        if not bad:
+        if not bad and not self.rebuild_pending():
             return None
-        asides = [recover.set_aside(path) for path in bad]
+        asides = recover.begin_rebuild(self.root, bad)
         known: set[int] = set()
         for part in self.committed(["index"]):
             known.update(part["index"].to_pylist())
@@ -535,8 +525,15 @@ class RunStore:
         self._seq = None
         if rows:
             self._commit(rows)
-        names = ", ".join(f"{p.relative_to(self.root)} (set aside as {a.name})" for p, a in zip(bad, asides))
-        return f"index rebuilt: damaged {names}; {len(rows)} done samples recovered from their JSON files"
+        recover.end_rebuild(self.root)
+        if bad:
+            names = ", ".join(f"{p.relative_to(self.root)} (set aside as {a.name})" for p, a in zip(bad, asides))
+            return f"index rebuilt: damaged {names}; {len(rows)} done samples recovered from their JSON files"
+        return f"index rebuilt: finished the rebuild a stopped run began; {len(rows)} done samples recovered from their JSON files"
+
+    def rebuild_pending(self) -> bool:
+        """Whether a rebuild of the index was stopped half way (:meth:`rebuild_index` finishes it)."""
+        return recover.rebuild_pending(self.root)
 
     def _bucket_numbers(self) -> set[int]:
         base = self.root / SAMPLES_DIR
