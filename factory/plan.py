@@ -156,10 +156,21 @@ class _Cells:
         return len(self.items)
 
 
+#: The most rows a plan has: a key holds its row's index in KEY_INDEX_WIDTH digits.
+MAX_N = 10**KEY_INDEX_WIDTH
+
+
 def check_n(n: int) -> int:
-    """N, the number of samples of a plan or run: a positive integer, or a one-line error."""
+    """N, the number of samples of a plan or run: a positive integer up to :data:`MAX_N`, or a
+    one-line error (row ``MAX_N`` would get a longer key, which the store and export take for a
+    file that is not a sample's)."""
     if n <= 0:
         raise InputError(f"--n must be a positive integer, got {n}")
+    if n > MAX_N:
+        raise InputError(
+            f"--n {n}: at most {MAX_N} samples per plan (a key's index has {KEY_INDEX_WIDTH} digits); "
+            "make several runs, each with its own manifest name"
+        )
     return n
 
 

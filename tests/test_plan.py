@@ -130,7 +130,13 @@ def test_plan_command(cli, small_manifest: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "n, expected",
-    [("0", "--n must be a positive integer"), ("-3", "--n must be a positive integer"), ("abc", "Invalid value for '--n'")],
+    [
+        ("0", "--n must be a positive integer"),
+        ("-3", "--n must be a positive integer"),
+        ("abc", "Invalid value for '--n'"),
+        # a key's index has 8 digits: row 100,000,000 would get a 9-digit key that the store and export take for a foreign file
+        ("100000001", "--n 100000001: at most 100000000 samples"),
+    ],
 )
 def test_plan_bad_n(cli, small_manifest: Path, tmp_path: Path, n: str, expected: str) -> None:
     out = tmp_path / "p.parquet"
