@@ -80,6 +80,9 @@ def test_captions_precedence_and_missing_caption(tmp_path: Path) -> None:
     assert got["toy-001"][0] == "blue square, on a green background"  # falls back to the class name
     assert _prompts(recs, read_captions(tmp_path / "c.tsv"))["toy-001"][0] == "a green frog"
     assert _prompts(recs, read_captions(tmp_path / "c.json"))["toy-000"][0] == "a cup, on a green background"
+    (data / "metadata.jsonl").write_bytes(b'{"key": "toy-000", "caption": "caf\xc3')  # torn in a character
+    with pytest.raises(InputError, match="metadata.jsonl: cannot read"):
+        scan_sources([str(data)])
     (data / "metadata.jsonl").unlink()
     bare = scan_sources([str(data)])
     with pytest.raises(InputError, match="toy-000.*no caption"):
@@ -88,6 +91,9 @@ def test_captions_precedence_and_missing_caption(tmp_path: Path) -> None:
     (tmp_path / "bad.tsv").write_text("no tab here\n")
     with pytest.raises(InputError, match="bad.tsv:1"):
         read_captions(tmp_path / "bad.tsv")
+    (tmp_path / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xd0\xcf")  # it was a UnicodeDecodeError
+    with pytest.raises(InputError, match=r"binary.jsonl: cannot read the captions file \(not UTF-8 text"):
+        read_captions(tmp_path / "binary.jsonl")
 
 
 def test_augment_keeps_image_alpha_and_foreground_aligned() -> None:

@@ -45,6 +45,10 @@ def test_resume_without_a_run_and_config_file_errors(toy: Path, tmp_path: Path, 
     assert r.code == 2 and r.err.startswith(f"error: {bad}: learning_rate: Extra inputs are not permitted"), r.err
     r = cli(["train", "--data", toy, "--out", tmp_path / "o", "--mixed_precision", "fp8"])
     assert r.code == 2 and r.err.startswith("error: command line: mixed_precision: Input should be"), r.err
+    bad.write_bytes(b"\x7fELF\x02\x01\x01\x00\xd0\xcf")  # not text: it was an internal error (UnicodeDecodeError)
+    r = cli(["train", "--data", toy, "--out", tmp_path / "o", "--config", bad])
+    assert r.code == 2 and r.err.startswith(f"error: {bad}: cannot read the training config (not UTF-8 text"), r.err
+    assert r.err.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
 

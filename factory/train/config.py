@@ -264,6 +264,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"{path}: cannot read the training config ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: cannot read the training config (not UTF-8 text: {exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from exc
     if data is None:

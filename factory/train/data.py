@@ -192,7 +192,11 @@ def _read_metadata_jsonl(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
     out: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -280,6 +284,8 @@ def read_captions(path: str | Path) -> dict[str, dict[str, str]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"{path}: cannot read the captions file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: cannot read the captions file (not UTF-8 text: {exc.reason} at byte {exc.start})") from exc
     out: dict[str, dict[str, str]] = {}
     suffix = path.suffix.lower()
     if suffix == ".json":
