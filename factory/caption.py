@@ -244,11 +244,11 @@ def read_done(out: Path) -> dict[str, dict[str, Any]]:
     for path, strict in ((out, True), (journal_path(out), False)):
         if not path.is_file():
             continue
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):  # bytes: a kill can tear a character
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line)  # a line that is not UTF-8 is a ValueError (UnicodeDecodeError)
                 key, caption = row["key"], row["caption"]
                 if not isinstance(key, str) or not isinstance(caption, str):
                     raise TypeError

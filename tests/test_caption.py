@@ -188,3 +188,18 @@ def test_caption_ray_options_reach_ray_and_need_ray(blip: Path, toy: Path, tmp_p
     assert r.code == 2 and "no Ray in this test" in r.err and seen == [(tmp_path / "rt", 2)], r.err
     assert not caps.exists() and not journal_path(caps).exists()
 
+
+
+def test_a_journal_torn_inside_a_character_resumes(tmp_path: Path) -> None:
+    """A kill can tear the journal's last line inside a multi-byte character ("café"): that line is
+    skipped like any torn one (it was a UnicodeDecodeError, and the run could not resume)."""
+    from factory.caption import read_done
+    from factory.errors import InputError
+
+    out = tmp_path / "c.jsonl"
+    good = '{"key": "toy-000", "caption": "a café table"}\n'
+    journal_path(out).write_bytes(good.encode() + '{"key": "toy-001", "caption": "a café'.encode()[:-1])
+    assert list(read_done(out)) == ["toy-000"]
+    out.write_bytes(b'{"key": "toy-000", "caption": "caf\xc3"}\n')
+    with pytest.raises(InputError, match=r"c.jsonl:1: not a captions line"):
+        read_done(out)
