@@ -104,13 +104,13 @@ def plan_cmd(
     """
     from factory.fsutil import check_output_file
     from factory.manifest import load_manifest
-    from factory.plan import check_n, summarize_manifest, write_plan_file
+    from factory.plan import check_n, check_plan_out, summarize_manifest, write_plan_file
 
     check_n(n)
     m = load_manifest(manifest)
     if seed is not None:
         m = m.model_copy(update={"seed": seed})
-    target = check_output_file(out) if out is not None else None
+    target = check_plan_out(check_output_file(out)) if out is not None else None
     summary = write_plan_file(m, n, target) if target is not None else summarize_manifest(m, n)
     for line in summary.lines():
         _echo(line)

@@ -290,6 +290,21 @@ def plan_chunks(manifest: Manifest, n: int, size: int = PLAN_ROW_GROUP, start: i
         yield rows_to_table(maker.rows(range(lo, min(n, lo + size))))
 
 
+def check_plan_out(path: Path) -> Path:
+    """``plan --out``: a new file, an empty one, or a Parquet file (a plan written before) is
+    replaced; any other file (the manifest itself, a class list) is refused in one line."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it to check what it is ({exc.strerror or exc})") from exc
+    if head and head != b"PAR1":
+        raise InputError(f"{path}: exists and is not a Parquet file (the plan would replace it); choose another --out")
+    return path
+
+
 def write_plan_file(
     manifest: Manifest,
     n: int,

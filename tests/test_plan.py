@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -150,7 +151,7 @@ def test_plan_out_through_a_symbolic_link_keeps_the_link(cli, small_manifest: Pa
     (tmp_path / "keep").mkdir()
     link, dangling = tmp_path / "link.parquet", tmp_path / "dangling.parquet"
     link.symlink_to(tmp_path / "keep" / "old.parquet")
-    (tmp_path / "keep" / "old.parquet").write_bytes(b"old")
+    pq.write_table(pa.table({"old": [1]}), tmp_path / "keep" / "old.parquet")  # a Parquet file: replaced
     dangling.symlink_to(tmp_path / "keep" / "new.parquet")
     for path, target in ((link, "old.parquet"), (dangling, "new.parquet")):
         assert cli(["plan", "--manifest", small_manifest, "--n", 3, "--out", path]).code == 0
@@ -172,3 +173,22 @@ def test_plan_unwritable_output(cli, small_manifest: Path, tmp_path: Path) -> No
     blocker.write_text("x")
     res = cli(["plan", "--manifest", small_manifest, "--n", 5, "--out", blocker / "sub" / "p.parquet"])
     assert res.code == 2 and "is not writable" in res.err and res.err.count("\n") == 1
+
+
+def test_plan_out_never_overwrites_a_file_that_is_not_a_plan(cli, small_manifest: Path, tmp_path: Path) -> None:
+    """``--out`` the manifest itself (a slip of the shell's completion) replaced it with Parquet;
+    any existing file that is not Parquet is refused, a plan written before is replaced."""
+    before = small_manifest.read_bytes()
+    notes = tmp_path / "notes.csv"
+    notes.write_text("class_name\nfox\n")
+    for target in (small_manifest, notes):
+        res = cli(["plan", "--manifest", small_manifest, "--n", 3, "--out", target])
+        assert res.code == 2 and res.err.count("\n") == 1, res.err
+        assert f"{target}: exists and is not a Parquet file" in res.err, res.err
+    assert small_manifest.read_bytes() == before and notes.read_text() == "class_name\nfox\n"
+    plan = tmp_path / "plan.parquet"
+    assert cli(["plan", "--manifest", small_manifest, "--n", 3, "--out", plan]).code == 0
+    assert cli(["plan", "--manifest", small_manifest, "--n", 5, "--out", plan]).code == 0
+    assert pq.read_table(plan).num_rows == 5
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    assert cli(["plan", "--manifest", small_manifest, "--n", 2, "--out", tmp_path / "empty.parquet"]).code == 0
