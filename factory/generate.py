@@ -34,7 +34,7 @@ from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest
 from factory.plan import PlanRow, check_n
 from factory.ray_session import cluster_endpoint
 from factory.sample import PROMPT_TOKEN_LIMIT, STATUS_DONE, SampleResult
-from factory.store import RUN_FILE, RunStore, remember_latest_run
+from factory.store import RUN_FILE, RunStore, latest_run_pointer, remember_latest_run, restore_latest_run
 from factory.store.run import run_mismatch
 from factory.store.segments import DamagedIndex
 
@@ -217,11 +217,16 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
         # plan.parquet is written in the background once the run has resumed (RunStore.start_plan_writer).
         fb.status(f"planning {plural(opts.n, 'sample')}")
         store = RunStore.prepare(out, manifest, opts.n, identity, restart=opts.restart, write_plan=False)
+        previous_latest = latest_run_pointer()
         try:
             remember_latest_run(store.root)
             summary = _drive(store, manifest, identity, opts, executor_factory, fb)
             work_finished()  # committed, workers stopped: a SIGTERM now leaves the exit code at 0
             return summary
+        except BaseException:
+            if not store.has_commits():  # nothing made (the model did not load): not the latest run
+                restore_latest_run(previous_latest)
+            raise
         finally:
             store.release_lock()
 

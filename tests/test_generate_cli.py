@@ -217,3 +217,48 @@ def test_an_eof_error_from_a_command_is_an_internal_error_not_an_abort(cli, tmp_
     monkeypatch.setattr(toy_dataset, "write_toy_set", raises(KeyboardInterrupt()))
     res = cli(["toy-data", "--out", tmp_path / "toy"])
     assert res.code == 130 and res.err == "error: interrupted\n", res.err
+
+
+def test_a_run_that_fails_before_its_first_sample_does_not_become_the_latest_run(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    from factory.errors import RunError
+    from factory.store import resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    run_generate(_opts(small_manifest, tmp_path / "good"), executor_factory=fake_executor)
+    assert resolve_run(None) == (tmp_path / "good").resolve()
+
+    class ModelFails(FakeExecutor):
+        def run(self, rows):
+            raise RunError("the model did not load")
+
+    with pytest.raises(RunError):
+        run_generate(_opts(small_manifest, tmp_path / "broken"), executor_factory=lambda spec, o: ModelFails(spec, o))
+    assert (tmp_path / "broken").is_dir()  # the folder is there, to be taken over by a corrected command
+    assert resolve_run(None) == (tmp_path / "good").resolve()  # filter and export still default to the good run
+
+    class DiesAfterOneBatch(FakeExecutor):
+        def run(self, rows):
+            yield from list(super().run(rows))[:1]
+            raise RunError("a worker died")
+
+    with pytest.raises(RunError):
+        run_generate(_opts(small_manifest, tmp_path / "partial"), executor_factory=lambda spec, o: DiesAfterOneBatch(spec, o))
+    assert resolve_run(None) == (tmp_path / "partial").resolve()  # it made samples: resume it, filter it
+
+
+def test_without_a_pointer_the_newest_run_that_made_samples_is_the_default(small_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    from factory.errors import RunError
+    from factory.store import LATEST_RUN_FILE, resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    run_generate(_opts(small_manifest, Path("runs/good")), executor_factory=fake_executor)
+    (tmp_path / LATEST_RUN_FILE).unlink()
+
+    class ModelFails(FakeExecutor):
+        def run(self, rows):
+            raise RunError("the model did not load")
+
+    with pytest.raises(RunError):
+        run_generate(_opts(small_manifest, Path("runs/broken")), executor_factory=lambda spec, o: ModelFails(spec, o))
+    assert not (tmp_path / LATEST_RUN_FILE).exists()
+    assert resolve_run(None) == (tmp_path / "runs/good").resolve()

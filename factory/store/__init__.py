@@ -60,7 +60,7 @@ of the index), :mod:`~factory.store.segments` (the index's files), :mod:`~factor
 :mod:`~factory.store.latest` (which run a command defaults to).
 """
 
-from factory.store.latest import LATEST_RUN_FILE, remember_latest_run, resolve_run
+from factory.store.latest import LATEST_RUN_FILE, latest_run_pointer, remember_latest_run, resolve_run, restore_latest_run
 from factory.store.layout import (
     BUCKET_SIZE,
     INDEX_FILE,
@@ -98,5 +98,7 @@ __all__ = [
     "ResumeState",
     "RunStore",
     "remember_latest_run",
+    "latest_run_pointer",
+    "restore_latest_run",
     "resolve_run",
 ]

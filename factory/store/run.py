@@ -130,7 +130,7 @@ class RunStore:
             raise InputError(f"{root}: exists and is not a run directory; choose another --out")
         if existing is not None and not restart:
             problem = run_mismatch(existing, manifest, model_identity)
-            if problem and not run_mismatch(existing, manifest, existing.get("model", "")) and not store._has_commits():
+            if problem and not run_mismatch(existing, manifest, existing.get("model", "")) and not store.has_commits():
                 problem = None  # no sample made yet (its model failed to load): the run takes the new one
             if problem:
                 raise InputError(f"{root}: {problem}; pass --restart to start this run over, or choose another --out")
@@ -203,7 +203,7 @@ class RunStore:
         readable plan."""
         return planfiles.chain_rows(self.root)
 
-    def _has_commits(self) -> bool:
+    def has_commits(self) -> bool:
         """Whether any sample was committed (done or failed): a journal chunk, or a row of
         index.parquet that is not ``planned``."""
         if self._journal():
