@@ -265,3 +265,13 @@ def test_the_progress_bar_shows_on_a_terminal_and_never_with_quiet(monkeypatch: 
             feedback.set_verbosity(feedback.NORMAL)
         text = screen.getvalue()
         assert ("train" in text and "3/3" in text) is shown, (level, terminal, text)
+
+
+def test_out_inside_the_training_data_is_refused(toy: Path, tmp_path: Path, cli) -> None:
+    """A run folder inside a flat data folder: its validation images (NN.png + NN.alpha.png) became
+    training samples of the next run on that folder, and a resume found the data changed."""
+    out = toy / "model"
+    r = cli(["train", "--data", toy, "--out", out, "--steps", "1"])
+    assert r.code == 2 and r.err.count("\n") == 1, r.err
+    assert f"--out {out.resolve()}: inside the training data {toy}" in r.err, r.err
+    assert not out.exists()

@@ -153,6 +153,17 @@ def native_resolution(model: str) -> int:
     return sample * scale
 
 
+def check_out_outside_data(out: Path, data: list[str]) -> None:
+    """The run folder may not lie in a --data folder: a folder is scanned recursively, so the run's
+    validation images (NN.png + NN.alpha.png) would be trained on next time, and a resume would
+    find its data changed."""
+    where = out.expanduser().resolve()
+    for source in data:
+        folder = Path(source).expanduser()
+        if folder.is_dir() and where.is_relative_to(folder.resolve()):
+            raise InputError(f"--out {where}: inside the training data {source}; choose a folder outside it")
+
+
 def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any], dict[str, Any] | None, list[str]]:
     """Settings, records with prompts, data summary, the saved run (when resuming one), notes."""
     out = opts.out
@@ -205,6 +216,7 @@ def prepare(opts: TrainOptions) -> tuple[TrainConfig, list[Any], dict[str, Any],
         cfg = cfg.model_copy(update={"resolution": native_resolution(cfg.model)})
     if opts.stop_at is not None and opts.stop_at < 1:
         raise InputError(f"--stop-at must be a positive step, got {opts.stop_at}")
+    check_out_outside_data(out, cfg.data)
     from factory.train.report import check_available
 
     check_available(cfg.report_to)
