@@ -163,7 +163,7 @@ def _no_board_row(
     row = _row(
         path,
         STATUS_NO_BOARD,
-        f"no green board found (main colour {canvas}, {100 * result.board_fraction:.1f} % board pixels); not matted",
+        f"no green board found ({result.no_board_reason}); not matted",
     )
     h, w = shape[:2]
     row.update(width=w, height=h, gsg=round(gsg_score, 6), canvas_color=canvas, chroma=result.chroma,

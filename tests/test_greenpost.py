@@ -144,6 +144,14 @@ def test_an_image_without_a_green_board_is_reported(color) -> None:
     assert not greenpost(composite(soft_disc(), (190, 70, 50), shaded_board(soft_disc()))).no_board
 
 
+def test_the_no_board_report_says_why() -> None:
+    red = greenpost(flat((200, 30, 30)))
+    assert red.no_board_reason == "the image's main colour #c81e1e is not a green"
+    given = greenpost(flat((200, 30, 30)), settings=GreenPostSettings(key_color=(0, 255, 0)))
+    assert given.no_board and given.no_board_reason.startswith("only 0.0 % of the image is board")
+    assert greenpost(composite(soft_disc(), (190, 70, 50), shaded_board(soft_disc()))).no_board_reason == ""
+
+
 def test_coarse_alpha_keeps_a_green_object_solid() -> None:
     alpha = soft_disc()
     image = composite(alpha, (120, 200, 40), shaded_board(alpha))

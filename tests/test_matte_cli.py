@@ -186,6 +186,7 @@ def test_images_without_a_green_board_are_reported_not_matted(cli, tmp_path: Pat
     rows = read_csv(out / "matte.csv")
     for name in ("red.png", "grey.png", "grey16.png"):
         assert rows[name]["status"] == "no_board" and "no green board" in rows[name]["message"]
+        assert "is not a green" in rows[name]["message"] and "% board" not in rows[name]["message"]
         assert not (out / name.replace(".png", ".alpha.png")).exists()
         assert sum(f"no_board {name}:" in line for line in res.err.splitlines()) == 1
     assert rows["deep.png"]["status"] == "ok"

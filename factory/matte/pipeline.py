@@ -147,6 +147,7 @@ class MatteResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
     key_colored: np.ndarray | None = None  # bool (H, W): the key-coloured object region
     no_board: bool = False  # no green board found: nothing was matted (alpha 0, fg the image)
+    no_board_reason: str = ""  # why, in words: the main colour is not green, or too little of the image is board
     board_fraction: float = 0.0  # share of the image that is board for sure
     plate: np.ndarray | None = None  # float32 (H, W, 3): the board's colour behind every pixel
     fg_guess: np.ndarray | None = None  # float32 (H, W, 3): the object's colour from its core
@@ -259,8 +260,9 @@ def greenpost(
     img = restore_chroma(img, layout)
     clock.lap("chroma")
     board = strict_canvas(img, key_color, s.hue_tolerance_deg, s.strict_deg)
-    if not _board_found(key_color, board, s):
-        return _no_board_result(img, key_color, board, layout.name, clock)
+    reason = _no_board_reason(key_color, board, s)
+    if reason:
+        return _no_board_result(img, key_color, board, layout.name, clock, reason)
     if obj is not None and (board & ~obj).sum() >= 0.25 * board.sum():  # ignore a mask that covers it all
         board &= ~obj
     plate = background_plate(img, key_color, board, s.plate_block)
@@ -351,16 +353,20 @@ def _clip_black(
     return float(np.clip(3.0 * spread / max(signal, 1.0), 0.004, s.clip_black))
 
 
-def _board_found(key_color: tuple[int, int, int], board: np.ndarray, s: GreenPostSettings) -> bool:
-    """A green board is there: the canvas colour is green (unless the key colour was given) and
-    enough pixels are board for sure. An all-red or a grey image has none."""
+def _no_board_reason(key_color: tuple[int, int, int], board: np.ndarray, s: GreenPostSettings) -> str:
+    """Why there is no green board, or "" when there is one: the canvas colour must be green
+    (unless the key colour was given) and enough pixels board for sure. An all-red or a grey image
+    has none."""
+    canvas = "#{:02x}{:02x}{:02x}".format(*key_color)
     if s.key_color is None and float(key_excess(np.asarray(key_color, np.float32), (0, 255, 0))) < s.min_board_excess:
-        return False
-    return float(board.mean()) >= s.min_board_fraction
+        return f"the image's main colour {canvas} is not a green"
+    if float(board.mean()) < s.min_board_fraction:
+        return f"only {100 * float(board.mean()):.1f} % of the image is board of colour {canvas} (at least {100 * s.min_board_fraction:g} % needed)"
+    return ""
 
 
 def _no_board_result(
-    img: np.ndarray, key_color: tuple[int, int, int], board: np.ndarray, chroma_name: str, clock: _Clock
+    img: np.ndarray, key_color: tuple[int, int, int], board: np.ndarray, chroma_name: str, clock: _Clock, reason: str
 ) -> MatteResult:
     """What an image without a green board gets: no matte (alpha 0), the image as foreground, and
     ``no_board`` set, so that callers report it instead of writing a meaningless matte."""
@@ -373,5 +379,6 @@ def _no_board_result(
         chroma=chroma_name,
         timings=clock.times,
         no_board=True,
+        no_board_reason=reason,
         board_fraction=float(board.mean()),
     )
