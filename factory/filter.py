@@ -52,7 +52,7 @@ from factory.fsutil import is_locked
 from factory.integrity import CorruptSample, check_sample_files
 from factory.manifest import FilterSettings, with_overrides
 from factory.sample import SIZE_COLUMNS, STATUS_DONE, STATUS_FAILED, STATUS_PLANNED
-from factory.selection import DEFAULT_SELECTION, SELECTION_COLUMNS, check_selection_name, save_selection
+from factory.selection import DEFAULT_SELECTION, SELECTION_COLUMNS, check_new_selection_name, save_selection
 from factory.store import LOCK_FILE, RunStore, resolve_run
 
 #: Drop reasons, in the order they are tested. Code 0 means kept; reason ``i`` has code ``i + 1``.
@@ -338,7 +338,7 @@ def run_filter(
     ``overrides`` are :class:`~factory.manifest.FilterSettings` fields; ``None`` means the manifest's default.
     """
     start = time.perf_counter()
-    check_selection_name(name)
+    check_new_selection_name(name)
     store = RunStore.open(resolve_run(run))
     params = filter_settings(store.manifest().filter, **overrides)
     columns = list(_NEEDED) + list(_OPTIONAL) + (_SIZE_COLUMNS if verify_files else [])

@@ -40,9 +40,25 @@ class Selection:
     meta: dict[str, Any]
 
 
+#: What ``factory export`` calls every done sample (``--all``, or a run with no selection): its
+#: default folder is RUN/export/all-FORMAT, so no selection may take this name.
+ALL_DONE = "all"
+
+
 def check_selection_name(name: str) -> str:
     if not _NAME_RE.match(name):
         raise InputError(f"selection name {name!r}: use lowercase letters, digits, '-' or '_' (at most 64)")
+    return name
+
+
+def check_new_selection_name(name: str) -> str:
+    """A name ``factory filter`` may write: a valid one that is not :data:`ALL_DONE` (its export would
+    share RUN/export/all-FORMAT with the export of every done sample, each replacing the other)."""
+    if check_selection_name(name) == ALL_DONE:
+        raise InputError(
+            f"selection name {name!r}: reserved for every done sample (`factory export --all` writes "
+            f"RUN/export/{ALL_DONE}-FORMAT); choose another name"
+        )
     return name
 
 

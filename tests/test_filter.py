@@ -353,3 +353,13 @@ def test_the_help_names_every_drop_reason(cli) -> None:
     """The summary counts drops by these names; the help lists them all (``corrupt`` was missing)."""
     text = " ".join(cli(["filter", "--help"]).out.split())
     assert [reason for reason in REASONS if reason not in text] == []
+
+
+def test_a_selection_cannot_be_named_all(cli, run) -> None:
+    """Its export's default folder, RUN/export/all-FORMAT, is the one `export --all` writes: the one
+    export silently replaced the other ("restarted: the folder held an export of another plan")."""
+    res = cli(["filter", "--run", run.root, "--name", "all", "--min-gsg", "0"])
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "selection name 'all': reserved" in res.err, res.err
+    assert not (run.root / "selections" / "all.parquet").exists()
+    assert cli(["filter", "--run", run.root, "--name", "all-good", "--min-gsg", "0"]).code == 0

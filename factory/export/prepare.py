@@ -15,7 +15,7 @@ from factory.export.ordering import plan_fingerprint, plan_order
 from factory.export.schema import attribute_keys
 from factory.manifest import ExportSettings, Manifest
 from factory.sample import STATUS_DONE
-from factory.selection import Selection, list_selections, load_selection
+from factory.selection import ALL_DONE, Selection, list_selections, load_selection
 from factory.store import RunStore, resolve_run
 
 
@@ -89,7 +89,7 @@ def prepare(options: ExportOptions) -> Prepared:
             hint += "; re-run `factory filter` with looser options, or export every done sample with --all"
         raise InputError(f"{store.root}: nothing to export: {source.description}{hint}")
     ordered = plan_order(source.rows, settings.split, settings.shuffle_seed)
-    name = source.selection.name if source.selection is not None else "all"
+    name = source.selection.name if source.selection is not None else ALL_DONE
     out = Path(options.out) if options.out is not None else store.root / "export" / f"{name}-{settings.format}"
     fingerprint = plan_fingerprint(ordered, settings, store)
     return Prepared(store, manifest, settings, source, ordered, out, fingerprint, options, attribute_keys(ordered))
