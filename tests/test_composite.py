@@ -394,6 +394,21 @@ def test_resume_after_kill_9_gives_the_same_bytes(run_dir: Path, tmp_path: Path,
     assert _data_files(tmp_path / "a") == _data_files(tmp_path / "b")
 
 
+def test_a_truncated_shard_is_written_again_on_resume(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """A committed part whose shard lost its tail (a copy cut short, a damaged disk) is redone, as
+    toy-data renders a truncated file again; the others are kept."""
+    args = ["composite", "--run", str(run_dir), "-b", "procedural", "--size", "48", "--per-object", "2", "--maxcount", "3"]
+    assert cli(capsys, *args, "-o", tmp_path / "a")[0] == 0
+    assert cli(capsys, *args, "-o", tmp_path / "b")[0] == 0
+    shard = tmp_path / "a" / "composite-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    code, stdout, err = cli(capsys, *args, "-o", tmp_path / "a")
+    assert code == 0, err
+    parts = len(list((tmp_path / "a" / "parts").iterdir()))
+    assert f"resumed: {parts - 1} parts" in stdout, stdout
+    assert _data_files(tmp_path / "a") == _data_files(tmp_path / "b")
+
+
 def test_a_start_killed_before_its_first_state_write_is_taken_over(run_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -202,7 +202,10 @@ def run_composite(options: CompositeOptions, on_problem: Callable[[str], None] |
 
 def _part_files_exist(out: Path, settings: CompositeSettings, rec: dict[str, Any]) -> bool:
     if settings.layout == "baked" and settings.format == "webdataset":
-        return (out / shard_name(rec["part"])).is_file() or not rec["rows"]
+        if not rec["rows"]:
+            return True
+        shard = out / shard_name(rec["part"])  # the part's one file: its size is the record's bytes
+        return shard.is_file() and rec.get("bytes") in (None, shard.stat().st_size)
     names = [r[c] for r in rec["rows"] for c in ("file", "fg", "alpha", "bg") if c in r]
     return all((out / name).is_file() for name in names)
 
