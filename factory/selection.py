@@ -100,7 +100,7 @@ def load_selection(run_root: Path, name: str) -> Selection:
         known = ", ".join(p.stem for p in list_selections(run_root)) or "none"
         raise InputError(f"{run_root}: no selection named '{name}' (selections: {known}); make one with `factory filter`")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)  # a bit flip: damaged, not other keys
         raw = (table.schema.metadata or {}).get(SELECTION_META_KEY.encode(), b"{}")
         meta = json.loads(raw)
     except (OSError, pa.ArrowException, json.JSONDecodeError) as exc:

@@ -363,3 +363,28 @@ def test_a_selection_cannot_be_named_all(cli, run) -> None:
     assert "selection name 'all': reserved" in res.err, res.err
     assert not (run.root / "selections" / "all.parquet").exists()
     assert cli(["filter", "--run", run.root, "--name", "all-good", "--min-gsg", "0"]).code == 0
+
+
+def test_a_selection_with_a_bit_flip_that_still_decodes_is_damaged(cli, run) -> None:
+    """A flip in a selection's key column that Parquet decodes without error (into another key)
+    is a damaged selection, not a selection of other samples."""
+    assert cli(["filter", "--run", run.root, "--min-gsg", "0"]).code == 0
+    path = list_selections(run.root)[0]
+    data = path.read_bytes()
+    keys = pq.read_table(path)["key"].to_pylist()
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "key")
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    for offset in range(start, start + col.total_compressed_size):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        try:
+            if pq.read_table(pa.BufferReader(bytes(flipped)))["key"].to_pylist() != keys:
+                break
+        except (OSError, pa.ArrowException):
+            continue
+    else:
+        pytest.fail("no flip of the key column decodes")
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(InputError, match="unreadable selection"):
+        load_selection(run.root, path.stem)
