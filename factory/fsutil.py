@@ -317,6 +317,16 @@ def _dangling_link(path: Path) -> Path | None:
     return None
 
 
+def check_utf8_path(path: Path, option: str) -> None:
+    """Refuse a path that is not valid UTF-8 (its bytes came from another encoding): the index and
+    run.json record it as text, and Parquet's writer fails on it after the run has started."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise InputError(f"{option} {shown}: the path is not valid UTF-8; choose a name in UTF-8") from exc
+
+
 def check_output_file(path: Path) -> Path:
     """Check, before any work, that a file can be written at ``path`` (its folder is created), and
     return where to write it: ``path``, or the target of ``path`` when it is a symbolic link (the

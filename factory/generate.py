@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from factory.errors import InputError, Interrupted, RunError, work_finished
 from factory.feedback import Feedback, human_bytes, plural
+from factory.fsutil import check_utf8_path
 from factory.manifest import Manifest, ModelSpec, SamplerSettings, load_manifest, with_overrides
 from factory.plan import PlanRow, check_n
 from factory.ray_session import cluster_endpoint
@@ -229,7 +230,6 @@ def run_generate(opts: GenerateOptions, executor_factory: Any = None) -> Generat
             raise
         finally:
             store.release_lock()
-
 
 
 def _work_spec(manifest: Manifest, identity: str, opts: GenerateOptions) -> Any:
@@ -481,16 +481,6 @@ def check_disk_space(out: Path, manifest: Manifest, todo: int) -> None:
             f"{width}x{height}), but {where} has {human_bytes(free)} free; "
             "free space, lower --n or choose another --out"
         )
-
-
-def check_utf8_path(path: Path, option: str) -> None:
-    """Refuse a path that is not valid UTF-8 (its bytes came from another encoding): the index and
-    run.json record it as text, and Parquet's writer fails on it after the run has started."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        raise InputError(f"{option} {shown}: the path is not valid UTF-8; choose a name in UTF-8") from exc
 
 
 def wait_for_plan(store: RunStore) -> None:

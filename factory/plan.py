@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.errors import InputError, RunError
-from factory.fsutil import atomic_parquet_writer, atomic_write_parquet, open_parquet
+from factory.fsutil import atomic_parquet_writer, atomic_write_parquet, check_utf8_path, open_parquet
 from factory.manifest import Manifest
 
 PLAN_SCHEMA = pa.schema(
@@ -292,7 +292,9 @@ def plan_chunks(manifest: Manifest, n: int, size: int = PLAN_ROW_GROUP, start: i
 
 def check_plan_out(path: Path) -> Path:
     """``plan --out``: a new file, an empty one, or a Parquet file (a plan written before) is
-    replaced; any other file (the manifest itself, a class list) is refused in one line."""
+    replaced; any other file (the manifest itself, a class list) is refused in one line, and so is
+    a path that is not UTF-8 (Parquet's writer cannot open it)."""
+    check_utf8_path(path, "--out")
     try:
         with path.open("rb") as fh:
             head = fh.read(4)

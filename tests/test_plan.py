@@ -192,3 +192,14 @@ def test_plan_out_never_overwrites_a_file_that_is_not_a_plan(cli, small_manifest
     assert pq.read_table(plan).num_rows == 5
     (tmp_path / "empty.parquet").write_bytes(b"")
     assert cli(["plan", "--manifest", small_manifest, "--n", 2, "--out", tmp_path / "empty.parquet"]).code == 0
+
+
+def test_plan_out_whose_name_is_not_utf8_is_a_one_line_error(cli, small_manifest: Path, tmp_path: Path) -> None:
+    """Parquet's writer cannot open such a path: it was an internal error (UnicodeEncodeError)."""
+    import os
+
+    out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/plan-\xff.parquet"))
+    res = cli(["plan", "--manifest", small_manifest, "--n", 2, "--out", out])
+    assert res.code == 2 and res.err.count("\n") == 1, res.err
+    assert "the path is not valid UTF-8" in res.err, res.err
+    assert [p.name for p in tmp_path.iterdir()] == [small_manifest.name]  # nothing written
