@@ -498,21 +498,37 @@ def _rel(base: Path, ref: str) -> Path:
 
 
 def _read_classes(path: Path, manifest: Path) -> list[dict[str, str]]:
-    if not path.is_file():
+    """The rows of a class-list CSV. A UTF-8 BOM (a spreadsheet's "CSV UTF-8") is dropped; a row
+    whose quoted field runs over several lines is refused, since a quote left open takes every
+    later row into one class name."""
+    if not path.exists():
         raise InputError(f"{manifest}: prompts.classes: class list {path} not found")
+    if not path.is_file():
+        raise InputError(f"{manifest}: prompts.classes: class list {path} is not a file")
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, strict=True)
             if reader.fieldnames is None or "class_name" not in reader.fieldnames:
                 raise InputError(f"{path}: a class list is a CSV with a 'class_name' column")
             rows = []
-            for row in reader:
+            while True:
+                first = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return rows
+                except csv.Error as exc:
+                    raise InputError(f"{path}: line {first}: {exc} (a quote left open?)") from exc
+                if reader.line_num > first:
+                    raise InputError(
+                        f"{path}: line {first}: a quoted field runs over lines {first}-{reader.line_num} "
+                        "(a quote left open?)"
+                    )
                 item = {k: (v or "").strip() for k, v in row.items() if k in ("class_name", "category", "phrase")}
                 if not item.get("class_name"):
                     raise InputError(f"{path}: line {reader.line_num}: empty class_name")
                 if not item.get("category"):
                     item.pop("category", None)
                 rows.append(item)
-            return rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path}: cannot read class list ({exc})") from exc

@@ -109,3 +109,20 @@ def test_shipped_manifests_load() -> None:
     assert set(grid.cells) >= {"age_group", "gender", "ethnicity"}
     assert {"nationality", "hair_style", "clothing"} <= set(grid.cells) | set(grid.extra)
     assert portrait.negative_prompt and gom.negative_prompt
+
+
+def test_class_list_csv_from_a_spreadsheet_and_stray_quotes(tmp_path: Path) -> None:
+    """A UTF-8 BOM (Excel's "CSV UTF-8") is not part of the first column's name; a quote left open
+    swallowed every later row into one class name, silently: it is an error naming the line."""
+    path = write_manifest(tmp_path, "name: x\nprompts:\n  classes: c.csv\n  templates: ['{a} {phrase}']\n")
+    csv_path = tmp_path / "c.csv"
+    csv_path.write_bytes("\ufeffclass_name,phrase\nfox,red fox\nowl,\n".encode())
+    assert [c.class_name for c in load_manifest(path).prompts.classes] == ["fox", "owl"]
+    for text, line in (
+        ('class_name,phrase\nfox,"red fox\nowl,snowy owl\nbee,a bee\n', 2),  # never closed
+        ('class_name,phrase\nfox,"red fox\nowl,snowy" owl\nbee,a bee\n', 2),  # closed on a later line
+    ):
+        csv_path.write_text(text)
+        with pytest.raises(InputError, match=f"c.csv: line {line}: .*quote") as info:
+            load_manifest(path)
+        assert "\n" not in str(info.value)
