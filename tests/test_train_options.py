@@ -275,3 +275,15 @@ def test_out_inside_the_training_data_is_refused(toy: Path, tmp_path: Path, cli)
     assert r.code == 2 and r.err.count("\n") == 1, r.err
     assert f"--out {out.resolve()}: inside the training data {toy}" in r.err, r.err
     assert not out.exists()
+
+
+def test_out_through_a_symlink_to_nothing_says_so_and_creates_nothing(toy: Path, tmp_path: Path, cli) -> None:
+    """The run folder was resolved through the link first, so its target (and every missing parent)
+    was created, against docs/recovery.md: 'nothing is created through the link'."""
+    link = tmp_path / "dang"
+    link.symlink_to(tmp_path / "gone" / "run")
+    for out in (link, link / "sub"):
+        r = cli(["train", "--data", toy, "--out", out, "--steps", "1"])
+        assert r.code == 2 and r.err.count("\n") == 1, r.err
+        assert f"{link}: is a symlink to {tmp_path / 'gone' / 'run'}, which does not exist" in r.err, r.err
+    assert not (tmp_path / "gone").exists() and link.is_symlink()

@@ -22,7 +22,7 @@ from typing import Any
 from factory import __version__
 from factory.errors import FactoryError, InputError, RunError
 from factory.feedback import plural
-from factory.fsutil import atomic_write_text, check_writable_dir, read_json_object
+from factory.fsutil import atomic_write_text, check_writable_dir, read_json_object, refuse_dangling_link
 from factory.train import run_folder
 from factory.train.config import TrainConfig, make_config, read_config_file, resume_config
 from factory.train.data import assign_prompts, data_summary, read_captions, scan_sources
@@ -278,6 +278,7 @@ def run_train(opts: TrainOptions, on_step: Callable[[dict[str, Any]], None] | No
     """
     from factory.train import distributed
 
+    refuse_dangling_link(opts.out.expanduser(), "another --out")  # resolving would follow it and create its target
     opts = TrainOptions(**{**opts.__dict__, "out": opts.out.expanduser().resolve()})
     if opts.workers < 1:
         raise InputError(f"--workers must be at least 1, got {opts.workers}")
