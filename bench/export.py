@@ -303,8 +303,16 @@ def make_index_run(root: Path, rows: int) -> RunStore:
         "t_post_s": col(rng.random(rows).astype(np.float32), pa.float32()),
         "worker": col(np.full(rows, "w0", object), pa.string()),
         "updated_at": pa.array(np.full(rows, 1_700_000_000_000, "datetime64[ms]"), pa.timestamp("ms", tz="UTC")),
+        "prompt_tokens": col(rng.integers(12, 90, rows).astype(np.int32), pa.int32()),
+        # the matte's trust measures (docs/matting.md): 0.5 % without a board, residual ~ 1-8 levels
+        "no_board": col(rng.random(rows) < 0.005, pa.bool_()),
+        "key_colored_fraction": col((rng.random(rows) < 0.05) * rng.random(rows).astype(np.float32) * 0.02, pa.float32()),
+        "matte_residual": col(rng.gamma(2.0, 1.5, rows).astype(np.float32), pa.float32()),
+        "matte_green_residue": col(rng.gamma(1.0, 0.5, rows).astype(np.float32), pa.float32()),
+        "matte_ambiguous": col(rng.beta(2, 12, rows).astype(np.float32), pa.float32()),
+        "matte_confidence": col(rng.beta(6, 2.5, rows).astype(np.float32), pa.float32()),
     }
-    index = pa.Table.from_arrays([*plan.columns, *result.values()], schema=INDEX_SCHEMA)
+    index = pa.Table.from_arrays([*plan.columns, *(result[f.name] for f in INDEX_SCHEMA if f.name not in PLAN_SCHEMA.names)], schema=INDEX_SCHEMA)
     store_mod.atomic_write_parquet(plan, root / PLAN_FILE)
     store_mod.atomic_write_parquet(index, root / INDEX_FILE, metadata={"covers": "0"})
     info = store.info
