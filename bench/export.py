@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from factory.store import run as store_mod  # noqa: E402
+from factory.store import samples as samples_mod  # noqa: E402
 from factory.export import ExportOptions, run_export  # noqa: E402
 from factory.filter import run_filter, select  # noqa: E402
 from factory.manifest import FilterSettings  # noqa: E402
@@ -92,8 +93,8 @@ def make_sample_run(root: Path, n: int, variants: int = 48) -> RunStore:
     manifest = manifest_from_dict(MANIFEST)
     pool = [_variant(v) for v in range(variants)]
     # bench only: skip the per-file fsync of the store (8 fsyncs per sample would dominate set-up)
-    original = store_mod.atomic_write_bytes
-    store_mod.atomic_write_bytes = lambda path, data, fsync=True: original(path, data, fsync=False)
+    original = samples_mod.atomic_write_bytes
+    samples_mod.atomic_write_bytes = lambda path, data, fsync=True: original(path, data, fsync=False)
     try:
         store = RunStore.prepare(root, manifest, n, "bench:synthetic")
         plan = store.plan().to_pylist()
@@ -120,7 +121,7 @@ def make_sample_run(root: Path, n: int, variants: int = 48) -> RunStore:
         store.save(batch)
         store.fold()
     finally:
-        store_mod.atomic_write_bytes = original
+        samples_mod.atomic_write_bytes = original
         store.release_lock()
     return store
 
