@@ -318,15 +318,16 @@ def seed_store(manifest_path: Path, out: Path, n: int, work: int) -> float:
     import functools
 
     import factory.store.run as store_module
+    import factory.store.samples as samples_module
 
     t0 = time.perf_counter()
     manifest = resolve_manifest(GenerateOptions(manifest=manifest_path, n=n, model="tiny"))
     identity = model_identity(manifest.model)
     store = RunStore.prepare(out, manifest, n, identity)
     # Canned samples need no durability: skip the fsyncs (tens of thousands of files).
-    original = store_module.atomic_write_bytes, store_module.fsync_path
-    store_module.atomic_write_bytes = functools.partial(original[0], fsync=False)
-    store_module.fsync_path = lambda path: None
+    original = samples_module.atomic_write_bytes, samples_module.fsync_path, store_module.fsync_path
+    samples_module.atomic_write_bytes = functools.partial(original[0], fsync=False)
+    samples_module.fsync_path = store_module.fsync_path = lambda path: None
     try:
         rows = store.resume().pending[0 : n - work]
         rng = np.random.default_rng(0)
@@ -343,7 +344,7 @@ def seed_store(manifest_path: Path, out: Path, n: int, work: int) -> float:
             store.save(batch)
         store.fold()
     finally:
-        store_module.atomic_write_bytes, store_module.fsync_path = original
+        samples_module.atomic_write_bytes, samples_module.fsync_path, store_module.fsync_path = original
         store.release_lock()
     return time.perf_counter() - t0
 
