@@ -311,6 +311,23 @@ def test_filter_while_generate_writes_the_run_says_so(cli, tmp_path: Path) -> No
     assert "is being written" not in cli(["filter", "--run", tmp_path / "run"]).err
 
 
+def test_export_all_while_generate_writes_the_run_says_so_a_selection_does_not(cli, tmp_path: Path) -> None:
+    make_run(tmp_path, 4)
+    assert cli(["filter", "--run", tmp_path / "run"]).code == 0
+    lock = FileLock(tmp_path / "run" / ".lock", "held")  # as a running generate holds it
+    try:
+        every = cli(["export", "--run", tmp_path / "run", "--all", "--out", tmp_path / "all"])
+        chosen = cli(["export", "--run", tmp_path / "run", "--out", tmp_path / "chosen"])
+    finally:
+        lock.release()
+    assert every.code == 0 and chosen.code == 0, every.err + chosen.err
+    warning = [ln for ln in every.err.splitlines() if "is being written" in ln]
+    assert len(warning) == 1 and "holds the 4 samples done so far" in warning[0], every.err
+    assert "is being written" not in chosen.err  # a selection is what it is, however the run goes on
+    again = cli(["export", "--run", tmp_path / "run", "--all", "--out", tmp_path / "all"])
+    assert again.code == 0 and "is being written" not in again.err
+
+
 def test_seed_minus_one_is_refused_on_the_command_line_as_in_a_manifest(cli, fake_executor, small_manifest: Path, tmp_path: Path) -> None:
     for command in (["plan", "--manifest", small_manifest, "--n", 2], gen_args(small_manifest, tmp_path / "run")):
         res = cli([*command, "--seed", -1])

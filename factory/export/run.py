@@ -38,7 +38,8 @@ from factory.export.outdir import OutDir, export_state
 from factory.export.prepare import Prepared, prepare
 from factory.export.records import WriteResult
 from factory.export.webdataset import WebDatasetFormat
-from factory.fsutil import atomic_write_parquet, atomic_write_text, write_error
+from factory.store import LOCK_FILE
+from factory.fsutil import atomic_write_parquet, atomic_write_text, is_locked, write_error
 
 #: The output formats by name (the manifest's ``export.format`` values). A format writes the
 #: planned samples into the output folder, resuming its own finished work (``write``), adds its
@@ -106,12 +107,18 @@ def bar_rate(bytes_per_s: float) -> str:
 
 
 def run_export(options: ExportOptions, on_problem: Callable[[str], None] | None = None) -> ExportSummary:
-    """Export a run. ``on_problem`` receives each ``KEY: corrupt ...`` line as it is found."""
+    """Export a run. ``on_problem`` receives each ``KEY: corrupt ...`` line as it is found, and the
+    warning that the run's done samples are still being added to (a ``generate`` holds the run)."""
     start = time.perf_counter()
     p = prepare(options)
     outdir = OutDir(p.out)
     previous = outdir.open()
     problems_cb = on_problem or (lambda _line: None)
+    if p.source.selection is None and is_locked(p.store.root / LOCK_FILE):  # a selection is fixed; the run is not
+        problems_cb(
+            f"{p.store.root} is being written (a `factory generate` is running): this export holds the "
+            f"{plural(p.source.rows.num_rows, 'sample')} done so far; export again when the run has finished"
+        )
     try:
         restarted = None
         if previous is not None and (options.restart or previous.get("plan") != p.fingerprint):
