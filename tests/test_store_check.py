@@ -420,3 +420,23 @@ def test_a_rebuild_stopped_half_way_is_finished_by_the_next_run_and_nothing_is_r
     assert any(line.startswith("index rebuilt:") and "6 done samples recovered" in line for line in summary.lines()), summary.lines()
     assert {p.name: p.read_bytes() for p in (store.root / "samples").rglob("*") if p.is_file()} == before
     assert store.index()["status"].to_pylist() == ["done"] * 6
+
+
+def test_reading_a_plan_that_decodes_into_other_seeds_is_an_error_not_other_rows(tmp_path: Path) -> None:
+    """`read_plan` (a plan written by `factory plan`) and `RunStore.plan()` verify the pages'
+    checksums: the bit flip of the test above is refused in one line, never read as other seeds."""
+    from factory.errors import InputError
+    from factory.plan import read_plan
+
+    store, _ = make_tiny_run(tmp_path, 6, 4)
+    plan_file = store.root / "plan.parquet"
+    seeds = pq.read_table(plan_file)["seed"].to_pylist()
+    flips = _silent_flips(plan_file, _column_chunk(plan_file, "seed"), lambda t: t["seed"].to_pylist() != seeds)
+    assert flips
+    flipped = bytearray(plan_file.read_bytes())
+    flipped[flips[0]] ^= 0x01
+    plan_file.write_bytes(bytes(flipped))
+    with pytest.raises(InputError, match="not a readable plan"):
+        read_plan(plan_file)
+    with pytest.raises(OSError):
+        store.plan()

@@ -31,6 +31,7 @@ from factory.fsutil import (
     atomic_write_text,
     check_writable_dir,
     fsync_path,
+    open_parquet,
     read_json_object,
 )
 from factory.manifest import Manifest, manifest_from_dict
@@ -273,7 +274,7 @@ class RunStore:
 
     def plan(self) -> pa.Table:
         files = planfiles.chain(self.root) or [self.root / PLAN_FILE]
-        return pa.concat_tables([pq.read_table(p).cast(PLAN_SCHEMA) for p in files])
+        return pa.concat_tables([open_parquet(p).read().cast(PLAN_SCHEMA) for p in files])
 
     def sample_dir(self, index: int) -> Path:
         return self.root / SAMPLES_DIR / bucket_name(index)
